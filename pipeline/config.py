@@ -1,0 +1,334 @@
+"""Experiment configuration: one YAML file describes a run.
+
+Schema (every key optional unless marked *; relative paths are relative to the YAML file)::
+
+    name: experiment                 # a label for tables and reports
+    data:                            # *
+      root: images/                  # an ImageFolder tree (class per sub-folder) ...
+      manifest: images.csv           # ... or a CSV with columns path,label[,gt]
+      gt_dir: gaze/                  # ground-truth maps matched by relative path and stem
+      image_size: [224, 224]         # or one int
+      mean: [0.485, 0.456, 0.406]    # normalization (ImageNet by default)
+      std: [0.229, 0.224, 0.225]
+      class_names: [...]             # names for integer labels of a manifest
+      subset: {split_file: val.txt, classes: [a, b], first_n: 100}
+    model:                           # *
+      arch: resnet50                 # a torchvision architecture ...
+      factory: my_pkg.models:build   # ... or a `module:callable`
+      kwargs: {}                     # extra arguments of the factory / architecture
+      num_classes: 10
+      checkpoint: model.pt           # a state_dict, loaded with weights_only=True
+      weights: IMAGENET1K_V2         # torchvision weights (needs a download)
+    methods:                         # * a list of
+      - name: gradcam                # one of pipeline.methods.METHODS
+        id: gradcam                  # its label in tables (default: the name; unique)
+        layers: [layer3, layer4]     # CAM methods only
+        params: {}                   # the method's parameters
+    metrics:                         # default: insertion and deletion
+      - name: insertion
+        params: {step: 224}
+    target: predicted                # or `label`: the class that is explained and scored
+    sharding: {images_per_shard: 16, samples_per_shard: 1000}
+    device: auto                     # auto (CUDA when there is one), cpu, cuda, cuda:1
+    seed: 0                          # default seed of stochastic methods
+
+:func:`load_config` validates everything at once and raises :class:`ConfigError`
+listing every problem with its field path; a misspelled key lists the valid keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "SubsetConfig",
+    "ModelConfig",
+    "MethodConfig",
+    "MetricConfig",
+    "ShardingConfig",
+    "ExperimentConfig",
+    "load_config",
+    "parse_config",
+    "config_hash",
+    "save_config",
+    "config_dict",
+    "format_validation_error",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubsetConfig(_Strict):
+    split_file: Path | None = None
+    classes: list[str] | None = None
+    first_n: int | None = Field(default=None, ge=1)
+
+
+class DataConfig(_Strict):
+    root: Path | None = None
+    manifest: Path | None = None
+    gt_dir: Path | None = None
+    image_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    class_names: list[str] | None = None
+    subset: SubsetConfig = SubsetConfig()
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return (value, value) if isinstance(value, int) else value
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8:
+            raise ValueError(f"image size must be at least 8x8, got {list(value)}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _nonzero(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("every std must be > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.root is None) == (self.manifest is None):
+            raise ValueError("give exactly one of `root` (an ImageFolder tree) or `manifest` (a CSV file)")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = {}
+    num_classes: int | None = Field(default=None, ge=1)
+    checkpoint: Path | None = None
+    weights: str | None = None
+
+    @model_validator(mode="after")
+    def _one_builder(self) -> "ModelConfig":
+        if (self.arch is None) == (self.factory is None):
+            raise ValueError("give exactly one of `arch` (a torchvision architecture) or `factory` (module:callable)")
+        if self.factory is not None and self.factory.count(":") != 1:
+            raise ValueError(f"factory must look like 'package.module:callable', got {self.factory!r}")
+        return self
+
+
+class MethodConfig(_Strict):
+    name: str
+    id: str | None = None
+    layers: list[str] | None = None
+    params: dict[str, Any] = {}
+
+    @property
+    def label(self) -> str:
+        """The method entry's name in tables and in the results file."""
+        return self.id or self.name
+
+    @model_validator(mode="after")
+    def _known(self) -> "MethodConfig":
+        from .methods import METHODS, CamExplainer, method_class, method_parameters
+
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; known methods: {', '.join(METHODS)}")
+        valid = method_parameters(self.name)
+        reserved = {"layer"}
+        unknown = sorted(set(self.params) - (set(valid) - reserved))
+        if unknown:
+            choices = ", ".join(k for k in valid if k not in reserved)
+            raise ValueError(f"method {self.name!r} has no parameter {', '.join(unknown)}; valid parameters: {choices}")
+        is_cam = issubclass(method_class(self.name), CamExplainer)
+        if is_cam and not self.layers:
+            raise ValueError(f"method {self.name!r} needs `layers` (module names such as layer4)")
+        if not is_cam and self.layers:
+            raise ValueError(f"method {self.name!r} takes no `layers`: it is not a CAM method")
+        if self.id is not None and ("/" in self.id or not self.id.strip()):
+            raise ValueError(f"id {self.id!r} must be non-empty and contain no '/'")
+        return self
+
+
+class MetricConfig(_Strict):
+    name: str
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known(self) -> "MetricConfig":
+        from .metrics import METRICS
+
+        if self.name not in METRICS:
+            raise ValueError(f"unknown metric {self.name!r}; known metrics: {', '.join(METRICS)}")
+        valid = METRICS[self.name].parameters
+        unknown = sorted(set(self.params) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"metric {self.name!r} has no parameter {', '.join(unknown)}; valid parameters: {', '.join(valid)}"
+            )
+        return self
+
+
+class ShardingConfig(_Strict):
+    images_per_shard: int = Field(default=16, ge=1)
+    samples_per_shard: int = Field(default=1000, ge=1)
+
+
+def _default_metrics() -> list[MetricConfig]:
+    return [MetricConfig(name="insertion"), MetricConfig(name="deletion")]
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    data: DataConfig
+    model: ModelConfig
+    methods: list[MethodConfig] = Field(min_length=1)
+    metrics: list[MetricConfig] = Field(default_factory=_default_metrics)
+    target: Literal["predicted", "label"] = "predicted"
+    sharding: ShardingConfig = ShardingConfig()
+    device: str = "auto"
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "ExperimentConfig":
+        duplicated = sorted(k for k, n in Counter(m.label for m in self.methods).items() if n > 1)
+        if duplicated:
+            raise ValueError(f"methods share the label(s) {', '.join(duplicated)}: give each entry a distinct `id`")
+        repeated = sorted(k for k, n in Counter(m.name for m in self.metrics).items() if n > 1)
+        if repeated:
+            raise ValueError(f"metric(s) listed twice: {', '.join(repeated)}")
+        return self
+
+    def method(self, label: str) -> MethodConfig:
+        """The method entry whose label is ``label``."""
+        for entry in self.methods:
+            if entry.label == label:
+                return entry
+        raise KeyError(f"no method entry {label!r}; entries: {', '.join(m.label for m in self.methods)}")
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for listing valid keys)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return current
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            nested = [a for c in args for a in getattr(c, "__args__", ())]
+            current = next((c for c in nested if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> str:
+    """Every problem of ``error`` on its own line, with its field path."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            valid = ", ".join(owner.model_fields) if owner else "?"
+            lines.append(f"{_path(loc)}: unknown key {loc[-1]!r}; valid keys: {valid}")
+        elif item["type"] == "missing":
+            lines.append(f"{_path(loc)}: missing (required)")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            given = item.get("input")
+            shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+            lines.append(f"{_path(loc)}: {message}{shown}")
+    count = len(lines)
+    return f"{source}: {count} problem{'s' if count > 1 else ''}\n  " + "\n  ".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the raw mapping with relative data/model paths made absolute against ``base``."""
+    resolved = json.loads(json.dumps(raw, default=str))
+    for section, keys in (("data", ("root", "manifest", "gt_dir")), ("model", ("checkpoint",))):
+        block = resolved.get(section)
+        if isinstance(block, dict):
+            for key in keys:
+                if isinstance(block.get(key), str):
+                    block[key] = str((base / block[key]).expanduser().resolve())
+    subset = (resolved.get("data") or {}).get("subset") if isinstance(resolved.get("data"), dict) else None
+    if isinstance(subset, dict) and isinstance(subset.get("split_file"), str):
+        subset["split_file"] = str((base / subset["split_file"]).expanduser().resolve())
+    return resolved
+
+
+def parse_config(raw: Any, *, source: str = "config", base: Path | None = None) -> ExperimentConfig:
+    """Validate a mapping; relative paths are taken relative to ``base`` (default: the current folder)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(_resolve_paths(raw, base or Path.cwd()))
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, ExperimentConfig, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(raw, source=str(path), base=path.resolve().parent)
+
+
+def config_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain JSON-compatible data (paths as strings)."""
+    return config.model_dump(mode="json")
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """A digest of the whole resolved config."""
+    canonical = json.dumps(config_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def save_config(config: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML (it loads back to an equal config)."""
+    path.write_text(yaml.safe_dump(config_dict(config), sort_keys=False))

@@ -1,0 +1,215 @@
+"""Images, labels and ground-truth maps of an experiment.
+
+An image's *key* is its path relative to the data root (ImageFolder) or to the
+manifest's folder, in POSIX form and without extension: ``crab/img_0001``.
+Keys are unique, sorted, and name the image everywhere (shards, results, tables).
+
+Ground-truth maps (e.g. gaze fixation density maps) are found in ``gt_dir`` by the
+image's relative path and stem (``gt_dir/crab/img_0001.png``), else by stem alone
+(``gt_dir/img_0001.png``); a manifest's ``gt`` column takes precedence. PNG/JPEG
+maps are read as grayscale and divided by 255; ``.npy`` maps are used as they are.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.nn import functional as F
+
+from .config import DataConfig
+
+__all__ = [
+    "ImageRecord",
+    "ImageSet",
+    "DataError",
+    "discover_images",
+    "load_image",
+    "load_gt",
+    "load_batch",
+    "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+GT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
+
+
+class DataError(ValueError):
+    """The data description cannot be used; the message names the file or entry."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    key: str
+    path: Path
+    label: int
+    gt_path: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    records: tuple[ImageRecord, ...]
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _key(path: Path, base: Path) -> str:
+    return path.relative_to(base).with_suffix("").as_posix()
+
+
+def _index_gt(gt_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Ground-truth files by relative stem and by bare stem."""
+    by_key: dict[str, Path] = {}
+    by_stem: dict[str, Path] = {}
+    if not gt_dir.is_dir():
+        raise DataError(f"data.gt_dir: {gt_dir} is not a folder")
+    for path in sorted(gt_dir.rglob("*")):
+        if path.is_file() and path.suffix.lower() in GT_EXTENSIONS:
+            by_key.setdefault(_key(path, gt_dir), path)
+            by_stem.setdefault(path.stem, path)
+    return by_key, by_stem
+
+
+def _image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"data.root: {root} has no class sub-folders (expected root/<class>/<image>)")
+    items = [
+        (path, index)
+        for index, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    return items, classes
+
+
+def _manifest(path: Path, class_names: Sequence[str] | None) -> tuple[list[tuple[Path, int, Path | None]], list[str]]:
+    if not path.is_file():
+        raise DataError(f"data.manifest: {path} does not exist")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise DataError(f"{path}: a manifest needs a header with columns path,label[,gt]")
+    labels = [row["label"].strip() for row in rows]
+    numeric = all(label.lstrip("-").isdigit() for label in labels)
+    names = list(class_names) if class_names else (
+        [str(i) for i in range(max(map(int, labels)) + 1)] if numeric else sorted(set(labels))
+    )
+    items = []
+    for line, row in enumerate(rows, start=2):
+        label = row["label"].strip()
+        if numeric:
+            index = int(label)
+            if not 0 <= index < len(names):
+                raise DataError(f"{path}:{line}: label {index} is outside 0..{len(names) - 1}")
+        elif label in names:
+            index = names.index(label)
+        else:
+            raise DataError(f"{path}:{line}: unknown class {label!r}; classes: {', '.join(names)}")
+        gt = (row.get("gt") or "").strip()
+        items.append((path.parent / row["path"].strip(), index, path.parent / gt if gt else None))
+    return items, names
+
+
+def _read_split(path: Path) -> set[str]:
+    if not path.is_file():
+        raise DataError(f"data.subset.split_file: {path} does not exist")
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return {str(Path(line).with_suffix("").as_posix()) for line in lines if line and not line.startswith("#")}
+
+
+def discover_images(config: DataConfig) -> ImageSet:
+    """Every image the config describes, with labels and ground truth, sorted by key.
+
+    Files are listed, not opened: an unreadable image fails later, in its shard.
+    """
+    if config.root is not None:
+        base = config.root
+        folder_items, names = _image_folder(base)
+        items = [(path, label, None) for path, label in folder_items]
+    else:
+        assert config.manifest is not None
+        base = config.manifest.parent
+        items, names = _manifest(config.manifest, config.class_names)
+    if config.class_names and config.root is not None:
+        if len(config.class_names) != len(names):
+            raise DataError(f"data.class_names has {len(config.class_names)} names but {base} has {len(names)} classes")
+        names = list(config.class_names)
+    gt_by_key, gt_by_stem = _index_gt(config.gt_dir) if config.gt_dir else ({}, {})
+    records = []
+    for path, label, gt in items:
+        key = _key(path, base) if path.is_relative_to(base) else path.with_suffix("").as_posix()
+        gt = gt or gt_by_key.get(key) or gt_by_stem.get(path.stem)
+        records.append(ImageRecord(key, path, label, gt))
+    records.sort(key=lambda r: r.key)
+    duplicates = sorted(k for k, n in Counter(r.key for r in records).items() if n > 1)
+    if duplicates:
+        raise DataError(f"image keys are not unique: {', '.join(duplicates[:5])}")
+    subset = config.subset
+    if subset.classes is not None:
+        unknown = sorted(set(subset.classes) - set(names))
+        if unknown:
+            raise DataError(f"data.subset.classes: unknown class(es) {', '.join(unknown)}; classes: {', '.join(names)}")
+        wanted = {names.index(c) for c in subset.classes}
+        records = [r for r in records if r.label in wanted]
+    if subset.split_file is not None:
+        split = _read_split(subset.split_file)
+        records = [r for r in records if r.key in split]
+    if subset.first_n is not None:
+        records = records[: subset.first_n]
+    if not records:
+        raise DataError(f"no images found for data at {base} (after the subset)")
+    return ImageSet(tuple(records), tuple(names))
+
+
+def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """A normalized float tensor ``[3, H, W]``; raises :class:`DataError` naming the file."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+    array = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (array - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def load_gt(path: Path, size: tuple[int, int]) -> Tensor:
+    """A ground-truth map ``[H, W]`` (float32) resized bilinearly to ``size``."""
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path).astype(np.float32)
+        else:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read ground-truth map {path}: {error}") from None
+    if array.ndim != 2:
+        raise DataError(f"ground-truth map {path} must be 2-D, got shape {array.shape}")
+    tensor = torch.from_numpy(array)[None, None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def load_batch(
+    records: Sequence[ImageRecord], config: DataConfig
+) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
+    """The images that load, stacked ``[n, 3, H, W]``, and an error message for each that does not."""
+    loaded, tensors, failures = [], [], {}
+    for record in records:
+        try:
+            tensors.append(load_image(record.path, config.image_size, config.mean, config.std))
+            loaded.append(record)
+        except DataError as error:
+            failures[record.key] = str(error)
+    height, width = config.image_size
+    stacked = torch.stack(tensors) if tensors else torch.empty(0, 3, height, width)
+    return loaded, stacked, failures

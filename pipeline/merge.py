@@ -1,0 +1,68 @@
+"""Merging the explain shards of one image chunk into saliency maps.
+
+Direct methods (CAM, extremal) store maps; sampled methods (RISE, LIME) store
+partial sums over a sample range. Partials are added in float64 in the order of
+their sample ranges and then finalized, so the merged maps do not depend on how the
+sample range was split (up to float rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .methods import Partial, SampledExplainer, build_method
+from .config import ExperimentConfig
+from .planning import Shard, method_params
+from .store import ShardOutput, read_shard, shard_path
+
+__all__ = ["ChunkMaps", "merge_chunk", "MissingShardError"]
+
+
+class MissingShardError(RuntimeError):
+    """An explain shard needed for merging is not committed."""
+
+
+@dataclasses.dataclass
+class ChunkMaps:
+    """The merged maps of one method entry on one image chunk."""
+
+    images: ShardOutput  # keys, labels, targets, predicted, target_prob, failures (no arrays)
+    maps: dict[str, np.ndarray]  # layer -> [n, H, W] float32
+
+
+def _read(run_dir: Path, shard: Shard) -> ShardOutput:
+    path = shard_path(run_dir, shard.id)
+    if not path.is_file():
+        raise MissingShardError(f"shard {shard.describe()} is not committed ({path} is missing)")
+    return read_shard(path)
+
+
+def merge_chunk(
+    run_dir: Path, config: ExperimentConfig, shards: Sequence[Shard], model: nn.Module
+) -> ChunkMaps:
+    """Merged maps of the explain ``shards`` (one method entry, one image chunk)."""
+    ordered = sorted(shards, key=lambda s: s.samples or (0, 0))
+    outputs = [_read(run_dir, s) for s in ordered]
+    first = outputs[0]
+    for shard, output in zip(ordered[1:], outputs[1:]):
+        if output.keys != first.keys or not np.array_equal(output.targets, first.targets):
+            raise ValueError(f"shard {shard.describe()} disagrees with {ordered[0].id} on its images or targets")
+    images = dataclasses.replace(first, maps={}, sums={}, constants={}, values={}, curves={})
+    if first.maps or not first.sums:
+        return ChunkMaps(images, {layer: m.astype(np.float32) for layer, m in first.maps.items()})
+    entry = config.method(ordered[0].method)
+    explainer = build_method(entry.name, model, **method_params(config, entry))
+    assert isinstance(explainer, SampledExplainer)
+    partials = [
+        Partial({k: torch.from_numpy(v) for k, v in o.sums.items()},
+                {k: torch.from_numpy(v) for k, v in o.constants.items()})
+        for o in outputs
+    ]
+    merged = explainer.merge(partials) if len(partials) > 1 else partials[0]
+    maps = explainer.finalize(merged).float().numpy() if first.keys else np.zeros((0, *config.data.image_size), np.float32)
+    return ChunkMaps(images, {ordered[0].layers[0]: maps})

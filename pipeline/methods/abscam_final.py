@@ -1,0 +1,71 @@
+"""Abs-CAM, second phase ("Final"): absolute-gradient channel maps re-weighted by the
+scores of the inputs they mask (Zeng et al., 2022)."""
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .abscam_init import abs_gradient_weights
+from .base import CamExplainer
+from .scorecam import ScoreFunction, channel_mask_scores, target_logit, target_probability, varying_channels
+
+__all__ = ["AbsCamFinal"]
+
+
+def _abs_target_logit(logits: Tensor, targets: Tensor) -> Tensor:
+    """The absolute value of each row's target logit."""
+    return target_logit(logits, targets).abs()
+
+
+class AbsCamFinal(CamExplainer):
+    """Abs-CAM final map of the target class.
+
+    With ``w_k = mean(|dy_c/dA_k|)`` over space (as in :class:`~pipeline.methods.abscam_init.AbsCamInit`), each
+    channel map ``w_k A_k`` is upsampled bilinearly to the input size and min-max
+    normalized to [0, 1], giving ``M_k`` (a constant channel gives a zero map and is
+    not forwarded). ``s_k`` is the model's score for the target class on the input
+    multiplied elementwise by ``M_k``, and ``map = ReLU(sum_k s_k M_k)`` at input
+    resolution. Masked inputs go through the model ``batch_size`` at a time under
+    ``torch.no_grad``.
+
+    Parameters:
+        layer: a module name or a list of them.
+        score: ``"probability"`` (default), the softmax probability of the target class;
+            or ``"abs_logit"``, the absolute value of its logit, which reproduces the
+            users' notebook.
+        batch_size: masked inputs per forward pass.
+    """
+
+    name = "abscam-final"
+    needs_gradients = True
+    SCORES: ClassVar[dict[str, ScoreFunction]] = {"probability": target_probability, "abs_logit": _abs_target_logit}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | Sequence[str],
+        score: str = "probability",
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__(model, layer)
+        if score not in self.SCORES:
+            raise ValueError(f"{self.name}: unknown score {score!r}; valid: {', '.join(self.SCORES)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size must be an int >= 1, got {batch_size!r}")
+        self.score = score
+        self.batch_size = batch_size
+
+    def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:
+        assert gradients is not None
+        channel_maps = abs_gradient_weights(gradients) * activations
+        varying = varying_channels(channel_maps)
+        total = torch.zeros(
+            (images.shape[0], images.shape[-2], images.shape[-1]), dtype=torch.float32, device=images.device
+        )
+        for rows, _channels, masks, scores in channel_mask_scores(
+            self.model, images, targets, channel_maps, varying, self.SCORES[self.score], self.batch_size
+        ):
+            total.index_add_(0, rows, scores[:, None, None] * masks)
+        return torch.relu(total)

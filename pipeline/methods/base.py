@@ -1,0 +1,233 @@
+"""Shared machinery of the explanation methods.
+
+Every method maps normalized images ``[B, 3, H, W]`` and target classes ``[B]`` to
+float32 saliency maps ``[B, H, W]`` on the images' device. Three small bases cover them:
+
+- :class:`Explainer`: the interface (``explain``).
+- :class:`CamExplainer`: a template method for class-activation maps. It hooks the
+  requested layers, runs one forward (and one backward when the method needs
+  gradients) for all of them, and upsamples each layer's map to the input size;
+  a method only overrides :meth:`CamExplainer.layer_map`.
+- :class:`SampledExplainer`: methods that average over random samples (RISE, LIME).
+  Sample ``i`` is a pure function of ``(seed, i)``, so a sample range can be computed
+  anywhere (:meth:`~SampledExplainer.accumulate`), partial results add up
+  (:meth:`~SampledExplainer.merge`) and :meth:`~SampledExplainer.finalize` turns
+  the total into maps: the result does not depend on how the range was split.
+
+Methods never change the model's mode, always remove their hooks, and take
+gradients with :func:`torch.autograd.grad`, so no ``.grad`` is left on parameters.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from typing import ClassVar, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Explainer",
+    "CamExplainer",
+    "SampledExplainer",
+    "Partial",
+    "capture_outputs",
+    "resolve_module",
+    "upsample",
+    "minmax_normalize",
+    "check_targets",
+    "batched",
+]
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; an unknown name lists the model's module names."""
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        known = ", ".join(n for n in modules if n)
+        raise ValueError(f"unknown layer {name!r}; the model's modules are: {known}")
+    return modules[name]
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Record the output of each named layer during forwards inside the block.
+
+    The dictionary maps layer name to its latest output; hooks are removed on exit,
+    also when the block raises.
+    """
+    captured: dict[str, Tensor] = {}
+    handles = []
+    try:
+        for name in layers:
+            module = resolve_module(model, name)
+
+            def hook(_module: nn.Module, _inputs: object, output: Tensor, name: str = name) -> None:
+                captured[name] = output
+
+            handles.append(module.register_forward_hook(hook))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``[B, h, w]`` maps to ``[B, *size]`` (no-op when equal)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Scale each map of ``[..., h, w]`` to [0, 1]; a constant map becomes zeros."""
+    flat = maps.flatten(-2)
+    low = flat.min(dim=-1, keepdim=True).values
+    high = flat.max(dim=-1, keepdim=True).values
+    span = high - low
+    scaled = torch.where(span > eps, (flat - low) / span.clamp_min(eps), torch.zeros_like(flat))
+    return scaled.view_as(maps)
+
+
+class Explainer(abc.ABC):
+    """An explanation method bound to a model."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @abc.abstractmethod
+    def explain(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Saliency maps ``[B, H, W]`` (float32) for ``images`` ``[B, 3, H, W]`` and ``targets`` ``[B]``."""
+
+
+class CamExplainer(Explainer):
+    """Template for class-activation-map methods on one or several layers.
+
+    Subclasses set :attr:`needs_gradients` and implement :meth:`layer_map`.
+    ``layer`` is a module name (``"layer4"``) or a list of them: all are fed by the
+    same forward/backward pass in :meth:`explain_layers`.
+    """
+
+    needs_gradients: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, layer: str | Sequence[str]) -> None:
+        super().__init__(model)
+        self.layers: list[str] = [layer] if isinstance(layer, str) else list(layer)
+        if not self.layers:
+            raise ValueError(f"{self.name}: at least one layer is needed")
+        for name in self.layers:
+            resolve_module(model, name)
+
+    def explain(self, images: Tensor, targets: Tensor) -> Tensor:
+        if len(self.layers) != 1:
+            raise ValueError(f"{self.name}: explain() needs one layer, got {self.layers}; use explain_layers()")
+        return self.explain_layers(images, targets)[self.layers[0]]
+
+    def explain_layers(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Maps ``[B, H, W]`` for every layer, from one forward (and backward) pass."""
+        size = (images.shape[-2], images.shape[-1])
+        with capture_outputs(self.model, self.layers) as captured, torch.enable_grad() if self.needs_gradients else torch.no_grad():
+            inputs = images.detach().requires_grad_(self.needs_gradients)
+            logits = self.model(inputs)
+            activations = [captured[name] for name in self.layers]
+            for name, act in zip(self.layers, activations):
+                if act.dim() != 4:
+                    raise ValueError(
+                        f"{self.name}: layer {name!r} has output shape {tuple(act.shape)}; "
+                        "a CAM method needs a convolutional layer with output [B, C, h, w]"
+                    )
+            if self.needs_gradients:
+                score = logits.gather(1, targets.view(-1, 1)).sum()
+                gradients: list[Tensor | None] = list(torch.autograd.grad(score, activations))
+            else:
+                gradients = [None] * len(activations)
+        maps = {}
+        for name, act, grad in zip(self.layers, activations, gradients):
+            with torch.no_grad():
+                layer_map = self.layer_map(act.detach(), None if grad is None else grad.detach(), images, targets)
+                maps[name] = upsample(layer_map.float(), size).float()
+        return maps
+
+    @abc.abstractmethod
+    def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:
+        """One layer's map ``[B, h, w]`` (or already ``[B, H, W]``) from its activations ``[B, C, h, w]``
+        and, when :attr:`needs_gradients`, the gradients of the target logits with respect to them."""
+
+
+@dataclasses.dataclass
+class Partial:
+    """Partial result of a :class:`SampledExplainer` over a range of samples.
+
+    ``sums`` add up across ranges; ``constants`` (e.g. a segmentation) are the same
+    for every range of the same images. Every tensor's first dimension is the image.
+    """
+
+    sums: dict[str, Tensor]
+    constants: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "Partial":
+        return Partial(
+            {k: v.to(device) for k, v in self.sums.items()},
+            {k: v.to(device) for k, v in self.constants.items()},
+        )
+
+
+class SampledExplainer(Explainer):
+    """Methods averaging over ``n_samples`` random samples, shardable by sample index."""
+
+    def __init__(self, model: nn.Module, n_samples: int, seed: int = 0, batch_size: int = 64) -> None:
+        super().__init__(model)
+        if n_samples < 1:
+            raise ValueError(f"{self.name}: n_samples must be >= 1, got {n_samples}")
+        if batch_size < 1:
+            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
+        self.n_samples = n_samples
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def explain(self, images: Tensor, targets: Tensor) -> Tensor:
+        return self.finalize(self.accumulate(images, targets, 0, self.n_samples))
+
+    @abc.abstractmethod
+    def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
+        """Partial sums over samples ``start .. stop-1``."""
+
+    @abc.abstractmethod
+    def finalize(self, partial: Partial) -> Tensor:
+        """Saliency maps ``[B, H, W]`` (float32) from the total over all samples."""
+
+    @staticmethod
+    def merge(partials: Sequence[Partial]) -> Partial:
+        """Sum of partial results over disjoint sample ranges of the same images."""
+        if not partials:
+            raise ValueError("nothing to merge")
+        first = partials[0]
+        sums = {k: v.clone() for k, v in first.sums.items()}
+        for other in partials[1:]:
+            if other.sums.keys() != sums.keys() or other.constants.keys() != first.constants.keys():
+                raise ValueError("partials of different methods cannot be merged")
+            for key, value in other.sums.items():
+                sums[key] += value.to(sums[key].device)
+            for key, value in other.constants.items():
+                if not torch.equal(value.to(first.constants[key].device), first.constants[key]):
+                    raise ValueError(f"partials disagree on {key!r}: they are not of the same images")
+        return Partial(sums, dict(first.constants))
+
+
+def check_targets(images: Tensor, targets: Tensor) -> None:
+    """Raise when images and targets do not describe the same batch."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    if targets.shape != (images.shape[0],):
+        raise ValueError(f"targets must be [B]={images.shape[0]}, got shape {tuple(targets.shape)}")
+
+
+def batched(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` ranges of at most ``size`` covering ``range(total)``."""
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+

@@ -1,0 +1,47 @@
+"""FEM, the Feature Explanation Method (Ayyar, Benois-Pineau, Zemmari; after Fuad et al., IPTA 2020)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import CamExplainer
+
+__all__ = ["Fem"]
+
+
+class Fem(CamExplainer):
+    """FEM map of one or several layers; gradient-free.
+
+    For each channel ``A_k``, ``mu_k`` and ``sigma_k`` are its spatial mean and
+    *population* standard deviation (divisor ``h*w``, NumPy's default ``ddof=0``).
+    The binary map ``B_k = [A_k >= mu_k + k * sigma_k]`` keeps the channel's unusually
+    strong responses; ``map = sum_k mu_k B_k``, divided by its maximum and upsampled
+    bilinearly to the input size. A map whose maximum is not positive (zero, or only
+    possible with negative activations) is left unscaled, so a zero map stays zero.
+
+    FEM is class-agnostic: ``targets`` are ignored and every class gets the same map.
+
+    Parameters:
+        layer: a module name or a list of them.
+        k: the threshold in standard deviations above the mean (2 in the paper).
+    """
+
+    name = "fem"
+    needs_gradients = False
+
+    def __init__(self, model: nn.Module, layer: str | Sequence[str], k: float = 2.0) -> None:
+        super().__init__(model, layer)
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise TypeError(f"{self.name}: k must be a number, got {k!r}")
+        self.k = float(k)
+
+    def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:
+        acts = activations.float()
+        mean = acts.mean(dim=(2, 3), keepdim=True)
+        std = acts.std(dim=(2, 3), keepdim=True, correction=0)
+        binary = acts >= mean + self.k * std
+        maps = (mean * binary).sum(dim=1)
+        peak = maps.flatten(1).amax(dim=1).view(-1, 1, 1)
+        return torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny), maps)

@@ -1,0 +1,281 @@
+"""LIME (Ribeiro et al., 2016) on superpixels.
+
+Each image is segmented once into superpixels (scikit-image quickshift or SLIC on
+the de-normalized RGB image, or a user callable). Sample ``i`` is an on/off vector
+over the superpixels: sample 0 is all on (the original image, as in LIME); sample
+``i > 0`` switches superpixel ``k`` on where ``default_rng([seed, i]).random(K)[k] < 0.5``
+(:func:`lime_samples`), a pure function of ``(seed, i)`` and the number ``K`` of
+superpixels. Hidden superpixels are filled with ``hide_color``. The model's softmax
+probability of the target class is regressed on the on/off vectors by weighted ridge
+regression with an unpenalized intercept (the same fit as scikit-learn's
+``Ridge(alpha, fit_intercept=True)`` with ``sample_weight``), and every superpixel is
+painted with its coefficient.
+
+Partials hold the weighted normal-equation sums per image, padded to the largest
+number of superpixels in the batch (all float64): ``sum_w`` ``[B]``, ``sum_wx``
+``[B, K]``, ``sum_wy`` ``[B]``, ``sum_wxx`` ``[B, K, K]`` and ``sum_wxy`` ``[B, K]``;
+the segmentation is the constant ``segments`` (int64 ``[B, H, W]``, labels ``0 .. K_b - 1``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from skimage.segmentation import quickshift, slic
+from torch import Tensor, nn
+
+from .base import Partial, SampledExplainer, batched, check_targets
+
+__all__ = ["Lime", "lime_samples", "Segmenter", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: maps a de-normalized RGB image ``[H, W, 3]`` (float64 in [0, 1]) to integer labels ``[H, W]``
+Segmenter = Callable[[np.ndarray], np.ndarray]
+
+_SEGMENTATIONS = ("quickshift", "slic")
+_HIDE_COLORS = ("mean", "segment_mean")
+
+
+def lime_samples(seed: int, start: int, stop: int, n_features: int) -> np.ndarray:
+    """On/off vectors of samples ``start .. stop-1`` over ``n_features`` superpixels, bool ``[n, n_features]``.
+
+    Sample 0 is all on; sample ``i > 0`` is ``default_rng([seed, i]).random(n_features) < 0.5``,
+    so a vector over fewer superpixels is a prefix of one over more.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0 <= start <= stop:
+        raise ValueError(f"sample range must satisfy 0 <= start <= stop, got start={start}, stop={stop}")
+    if n_features < 1:
+        raise ValueError(f"n_features must be >= 1, got {n_features}")
+    samples = np.empty((stop - start, n_features), dtype=bool)
+    for row, index in enumerate(range(start, stop)):
+        if index == 0:
+            samples[row] = True
+        else:
+            samples[row] = np.random.default_rng([seed, index]).random(n_features) < 0.5
+    return samples
+
+
+class Lime(SampledExplainer):
+    """LIME on superpixels: ridge coefficients of the target probability on superpixel on/off vectors.
+
+    - ``segmentation``: ``"quickshift"`` (kernel_size=4, max_dist=200, ratio=0.2, LIME's
+      default), ``"slic"`` (``n_segments``) or a callable mapping the de-normalized RGB
+      image ``[H, W, 3]`` (float64 in [0, 1]) to integer labels ``[H, W]``. Images are
+      de-normalized with ``mean`` and ``std`` (ImageNet by default).
+    - ``hide_color``: fill of hidden superpixels in normalized space: ``"mean"`` (the
+      image's per-channel mean, the default here), ``"segment_mean"`` (each superpixel's
+      own per-channel mean, what the lime package does with ``hide_color=None``) or a
+      color given per channel.
+    - Sample weights use lime's kernel ``sqrt(exp(-d**2 / kernel_width**2))`` of the
+      cosine distance ``d`` between the on/off vector and the all-on vector (an all-off
+      vector is at distance 1, as in scikit-learn).
+    - ``alpha``: ridge penalty (the intercept is not penalized).
+    - ``num_features``: keep only the ``num_features`` superpixels with the largest
+      ``|coefficient|`` in a fit with ``selection_alpha`` (lime's "highest_weights",
+      which uses 0.01) and refit on them with ``alpha``; the others are painted 0.
+    - ``positive_only``: paint negative coefficients as 0.
+    - ``batch_size``: perturbed images per model forward (several images share a
+      forward, at least one image and one sample each).
+    """
+
+    name = "lime"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_samples: int = 1000,
+        segmentation: str | Segmenter = "quickshift",
+        n_segments: int = 50,
+        hide_color: str | Sequence[float] = "mean",
+        kernel_width: float = 0.25,
+        alpha: float = 1.0,
+        num_features: int | None = None,
+        selection_alpha: float = 0.01,
+        positive_only: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__(model, n_samples, seed, batch_size)
+        if not callable(segmentation) and segmentation not in _SEGMENTATIONS:
+            raise ValueError(
+                f"{self.name}: segmentation must be one of {', '.join(_SEGMENTATIONS)} or a callable, "
+                f"got {segmentation!r}"
+            )
+        if n_segments < 1:
+            raise ValueError(f"{self.name}: n_segments must be >= 1, got {n_segments}")
+        if isinstance(hide_color, str):
+            if hide_color not in _HIDE_COLORS:
+                raise ValueError(
+                    f"{self.name}: hide_color must be one of {', '.join(_HIDE_COLORS)} or a color per channel, "
+                    f"got {hide_color!r}"
+                )
+            self.hide_color: str | tuple[float, ...] = hide_color
+        else:
+            self.hide_color = tuple(float(value) for value in hide_color)
+        if kernel_width <= 0:
+            raise ValueError(f"{self.name}: kernel_width must be > 0, got {kernel_width}")
+        if alpha < 0:
+            raise ValueError(f"{self.name}: alpha must be >= 0, got {alpha}")
+        if selection_alpha < 0:
+            raise ValueError(f"{self.name}: selection_alpha must be >= 0, got {selection_alpha}")
+        if num_features is not None and num_features < 1:
+            raise ValueError(f"{self.name}: num_features must be >= 1 or None, got {num_features}")
+        if len(mean) != len(std) or any(value <= 0 for value in std):
+            raise ValueError(f"{self.name}: mean and std need one value per channel and std > 0, got {mean}, {std}")
+        if seed < 0:
+            raise ValueError(f"{self.name}: seed must be >= 0, got {seed}")
+        self.segmentation = segmentation
+        self.n_segments = n_segments
+        self.kernel_width = kernel_width
+        self.alpha = alpha
+        self.num_features = num_features
+        self.selection_alpha = selection_alpha
+        self.positive_only = positive_only
+        self.mean = tuple(float(value) for value in mean)
+        self.std = tuple(float(value) for value in std)
+
+    def segment(self, images: Tensor) -> Tensor:
+        """Superpixel labels ``0 .. K_b - 1`` of each image, int64 ``[B, H, W]`` on the images' device."""
+        if images.shape[1] != len(self.mean):
+            raise ValueError(
+                f"{self.name}: images have {images.shape[1]} channels but mean/std have {len(self.mean)} values"
+            )
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        rgb = (images.detach().float().cpu() * std + mean).clamp(0.0, 1.0).permute(0, 2, 3, 1).double().numpy()
+        labels = []
+        for index, image in enumerate(rgb):
+            raw = np.asarray(self._segment_one(image))
+            if raw.shape != image.shape[:2]:
+                raise ValueError(
+                    f"{self.name}: segmentation of image {index} has shape {raw.shape}, expected {image.shape[:2]}"
+                )
+            _, contiguous = np.unique(raw, return_inverse=True)
+            labels.append(contiguous.reshape(raw.shape).astype(np.int64))
+        return torch.from_numpy(np.stack(labels)).to(images.device)
+
+    def _segment_one(self, image: np.ndarray) -> np.ndarray:
+        if callable(self.segmentation):
+            return self.segmentation(image)
+        if self.segmentation == "quickshift":
+            return quickshift(image, kernel_size=4, max_dist=200, ratio=0.2)
+        return slic(image, n_segments=self.n_segments, start_label=0)
+
+    def fill(self, images: Tensor, segments: Tensor) -> Tensor:
+        """The value of every pixel when its superpixel is hidden, ``[B, C, H, W]``."""
+        if self.hide_color == "mean":
+            return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+        if self.hide_color == "segment_mean":
+            n_images, channels = images.shape[:2]
+            flat_segments = segments.flatten(1)
+            n_labels = int(flat_segments.max()) + 1
+            index = flat_segments.unsqueeze(1).expand(-1, channels, -1)
+            totals = images.new_zeros((n_images, channels, n_labels)).scatter_add_(2, index, images.flatten(2))
+            sizes = images.new_zeros((n_images, 1, n_labels)).scatter_add_(
+                2, flat_segments.unsqueeze(1), images.new_ones((n_images, 1, flat_segments.shape[1]))
+            )
+            return (totals / sizes.clamp_min(1)).gather(2, index).view_as(images)
+        if len(self.hide_color) != images.shape[1]:
+            raise ValueError(
+                f"{self.name}: hide_color has {len(self.hide_color)} values but images have {images.shape[1]} channels"
+            )
+        color = torch.tensor(self.hide_color, dtype=images.dtype, device=images.device)
+        return color.view(1, -1, 1, 1).expand_as(images)
+
+    def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
+        check_targets(images, targets)
+        if not 0 <= start <= stop <= self.n_samples:
+            raise ValueError(
+                f"{self.name}: sample range must satisfy 0 <= start <= stop <= n_samples={self.n_samples}, "
+                f"got start={start}, stop={stop}"
+            )
+        n_images = images.shape[0]
+        device = images.device
+        targets = targets.to(device=device, dtype=torch.long)
+        segments = self.segment(images)
+        fill = self.fill(images, segments)
+        n_features = segments.flatten(1).max(dim=1).values + 1
+        max_features = int(n_features.max())
+        in_image = (torch.arange(max_features, device=device) < n_features.unsqueeze(1)).double()
+        sums = {
+            "sum_w": torch.zeros((n_images,), dtype=torch.float64, device=device),
+            "sum_wx": torch.zeros((n_images, max_features), dtype=torch.float64, device=device),
+            "sum_wy": torch.zeros((n_images,), dtype=torch.float64, device=device),
+            "sum_wxx": torch.zeros((n_images, max_features, max_features), dtype=torch.float64, device=device),
+            "sum_wxy": torch.zeros((n_images, max_features), dtype=torch.float64, device=device),
+        }
+        images_per_forward = min(n_images, self.batch_size)
+        samples_per_forward = max(1, self.batch_size // images_per_forward)
+        with torch.no_grad():
+            for sample_start, sample_stop in batched(stop - start, samples_per_forward):
+                on = torch.from_numpy(
+                    lime_samples(self.seed, start + sample_start, start + sample_stop, max_features)
+                ).to(device)
+                for image_start, image_stop in batched(n_images, images_per_forward):
+                    chunk = slice(image_start, image_stop)
+                    keep = on[:, segments[chunk]].transpose(0, 1).unsqueeze(2)
+                    perturbed = torch.where(keep, images[chunk].unsqueeze(1), fill[chunk].unsqueeze(1))
+                    logits = self.model(perturbed.flatten(0, 1))
+                    probabilities = logits.float().softmax(dim=1).view(keep.shape[0], keep.shape[1], -1)
+                    chunk_targets = targets[chunk].view(-1, 1, 1).expand(-1, keep.shape[1], 1)
+                    responses = probabilities.gather(2, chunk_targets).squeeze(2).double()
+                    features = on.double().unsqueeze(0) * in_image[chunk].unsqueeze(1)
+                    weights = self._kernel(features.sum(dim=2) / n_features[chunk].unsqueeze(1).double())
+                    weighted_features = features * weights.unsqueeze(2)
+                    sums["sum_w"][chunk] += weights.sum(dim=1)
+                    sums["sum_wx"][chunk] += weighted_features.sum(dim=1)
+                    sums["sum_wy"][chunk] += (weights * responses).sum(dim=1)
+                    sums["sum_wxx"][chunk] += weighted_features.transpose(1, 2) @ features
+                    sums["sum_wxy"][chunk] += (weighted_features * responses.unsqueeze(2)).sum(dim=1)
+        return Partial(sums, {"segments": segments})
+
+    def _kernel(self, fraction_on: Tensor) -> Tensor:
+        """lime's kernel ``sqrt(exp(-d**2 / width**2))`` of the cosine distance ``d = 1 - sqrt(fraction_on)``
+        between an on/off vector and the all-on vector."""
+        distance = 1.0 - fraction_on.sqrt()
+        return torch.exp(-(distance**2) / self.kernel_width**2).sqrt()
+
+    def coefficients(self, partial: Partial) -> list[Tensor]:
+        """Each image's ridge coefficients ``[K_b]`` (float64, CPU); unselected superpixels are 0."""
+        segments = partial.constants["segments"]
+        n_features = (segments.flatten(1).max(dim=1).values + 1).cpu().tolist()
+        sums = {key: value.detach().cpu() for key, value in partial.sums.items()}
+        if not bool((sums["sum_w"] > 0).all()):
+            raise ValueError(f"{self.name}: the partial covers no samples; accumulate a non-empty range first")
+        results = []
+        for index, size in enumerate(n_features):
+            total = sums["sum_w"][index]
+            feature_mean = sums["sum_wx"][index, :size] / total
+            response_mean = sums["sum_wy"][index] / total
+            covariance = sums["sum_wxx"][index, :size, :size] - total * torch.outer(feature_mean, feature_mean)
+            cross = sums["sum_wxy"][index, :size] - total * feature_mean * response_mean
+            selected = torch.arange(size)
+            if self.num_features is not None and self.num_features < size:
+                ranking = _ridge(covariance, cross, self.selection_alpha).abs()
+                selected = torch.argsort(ranking, descending=True, stable=True)[: self.num_features]
+            coefficients = torch.zeros(size, dtype=torch.float64)
+            coefficients[selected] = _ridge(covariance[selected][:, selected], cross[selected], self.alpha)
+            results.append(coefficients)
+        return results
+
+    def finalize(self, partial: Partial) -> Tensor:
+        segments = partial.constants["segments"]
+        maps = []
+        for coefficients, image_segments in zip(self.coefficients(partial), segments):
+            if self.positive_only:
+                coefficients = coefficients.clamp_min(0.0)
+            maps.append(coefficients.to(segments.device)[image_segments])
+        return torch.stack(maps).float()
+
+
+def _ridge(covariance: Tensor, cross: Tensor, alpha: float) -> Tensor:
+    """Solution of ``(covariance + alpha I) beta = cross`` (least-norm where singular)."""
+    system = covariance + alpha * torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    return torch.linalg.lstsq(system, cross.unsqueeze(1), driver="gelsd").solution.squeeze(1)

@@ -1,0 +1,106 @@
+"""Similarity of saliency maps to ground-truth maps: Pearson correlation and SSIM.
+
+Both functions take ``maps`` and ``gt`` ``[B, H, W]`` torch tensors (``gt`` may have
+another size and device), resize ``gt`` to the maps' size (bilinear,
+``align_corners=False``, no antialiasing), scale each map to [0, 1] per image
+(min-max; a constant map becomes zeros) and compute in float64 on the maps' device.
+They return float64 ``[B]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..methods.base import minmax_normalize, upsample
+from ._filters import filter_2d, gaussian_taps, uniform_taps
+
+__all__ = ["pcc", "ssim", "prepare_pair"]
+
+#: SSIM constants of Wang et al. (2004), as in scikit-image
+_K1 = 0.01
+_K2 = 0.03
+#: scikit-image's Gaussian window reaches int(3.5 * sigma + 0.5) pixels
+_GAUSSIAN_TRUNCATE = 3.5
+
+
+def prepare_pair(maps: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """``maps`` and ``gt`` resized to the maps' size and min-max scaled, float64 on the maps' device."""
+    for name, value in (("maps", maps), ("gt", gt)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(value).__name__}")
+        if value.dim() != 3:
+            raise ValueError(f"{name} must be [B, H, W], got shape {tuple(value.shape)}")
+    if gt.shape[0] != maps.shape[0]:
+        raise ValueError(f"gt has {gt.shape[0]} maps but maps has {maps.shape[0]}")
+    x = maps.to(torch.float64)
+    y = upsample(gt.to(device=maps.device, dtype=torch.float64), (maps.shape[-2], maps.shape[-1]))
+    return minmax_normalize(x), minmax_normalize(y)
+
+
+def pcc(maps: Tensor, gt: Tensor) -> Tensor:
+    """Pearson correlation ``[B]`` between each map and its ground truth (see the module docstring).
+
+    A constant map (either one) has no correlation: its entry is NaN.
+    """
+    x, y = prepare_pair(maps, gt)
+    x = x.flatten(1)
+    y = y.flatten(1)
+    x = x - x.mean(dim=1, keepdim=True)
+    y = y - y.mean(dim=1, keepdim=True)
+    return (x * y).sum(dim=1) / torch.sqrt((x * x).sum(dim=1) * (y * y).sum(dim=1))
+
+
+def ssim(
+    maps: Tensor,
+    gt: Tensor,
+    *,
+    gaussian_weights: bool = True,
+    sigma: float = 1.5,
+    win_size: int | None = None,
+    use_sample_covariance: bool = False,
+) -> Tensor:
+    """Mean structural similarity ``[B]`` between each map and its ground truth.
+
+    Equals ``skimage.metrics.structural_similarity(a, b, data_range=1,
+    gaussian_weights=..., sigma=..., win_size=..., use_sample_covariance=...)`` on the
+    prepared maps ``a, b`` (:func:`prepare_pair`). The defaults are those of Wang et al.
+    (2004): a Gaussian window (sigma 1.5, reaching ``int(3.5 * sigma + 0.5)`` pixels, so
+    11 x 11) and population covariances; scikit-image's own defaults differ (uniform
+    window, sample covariance). ``win_size`` (odd, default ``2 * radius + 1`` for the
+    Gaussian window and 7 for the uniform one) sets the uniform window, the border of
+    ``(win_size - 1) // 2`` pixels left out of the mean, and the sample-covariance
+    factor; the local statistics use reflecting borders, as scikit-image does.
+    """
+    x, y = prepare_pair(maps, gt)
+    if gaussian_weights and sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    radius = int(_GAUSSIAN_TRUNCATE * sigma + 0.5)
+    if win_size is None:
+        win_size = 2 * radius + 1 if gaussian_weights else 7
+    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
+        raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
+    if win_size > min(x.shape[-2:]):
+        raise ValueError(f"win_size {win_size} exceeds the map size {tuple(x.shape[-2:])}")
+    if use_sample_covariance and win_size == 1:
+        raise ValueError("use_sample_covariance needs win_size > 1")
+    if gaussian_weights:
+        taps = gaussian_taps(sigma, radius, device=x.device)
+    else:
+        taps = uniform_taps(win_size, device=x.device)
+
+    def local_mean(values: Tensor) -> Tensor:
+        return filter_2d(values, taps, "symmetric")
+
+    n_window = win_size**2
+    cov_norm = n_window / (n_window - 1) if use_sample_covariance else 1.0
+    mean_x, mean_y = local_mean(x), local_mean(y)
+    var_x = cov_norm * (local_mean(x * x) - mean_x * mean_x)
+    var_y = cov_norm * (local_mean(y * y) - mean_y * mean_y)
+    cov_xy = cov_norm * (local_mean(x * y) - mean_x * mean_y)
+    c1, c2 = _K1**2, _K2**2
+    similarity = ((2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)) / (
+        (mean_x * mean_x + mean_y * mean_y + c1) * (var_x + var_y + c2)
+    )
+    border = (win_size - 1) // 2
+    height, width = similarity.shape[-2:]
+    return similarity[:, border : height - border, border : width - border].mean(dim=(1, 2))

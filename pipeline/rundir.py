@@ -1,0 +1,120 @@
+"""A run folder: planning into it, guarding it, and checking a run before it starts.
+
+:func:`plan_run` writes ``config.yaml`` (the resolved config) and ``plan.json``.
+A folder that holds another config's run is refused (the message lists what
+changed) unless ``overwrite`` is given, which clears its shards and results.
+:func:`preflight` checks on the submitting machine what would otherwise fail on
+every node: the model and checkpoint load, the layers exist and are spatial, the
+data is readable, the folder is writable.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
+from .data import discover_images, load_image
+from .methods import CamExplainer, method_class
+from .methods.base import capture_outputs
+from .models import build_model, model_digest
+from .planning import PLAN_FILE, Plan, make_plan
+from .store import SHARDS_DIR
+from .worker import CONFIG_FILE
+
+__all__ = ["RunDirError", "plan_run", "preflight", "config_changes", "load_run_plan"]
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used as asked."""
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
+        out = {}
+        for index, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}[{index}]"))
+        return out
+    return {prefix: data}
+
+
+def config_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """Human-readable differences between two configs, one per changed field."""
+    before, after = _flatten(config_dict(old)), _flatten(config_dict(new))
+    return [
+        f"{key}: {before.get(key, '(absent)')!r} -> {after.get(key, '(absent)')!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+
+
+def preflight(config: ExperimentConfig, run_dir: Path) -> None:
+    """Fail early, naming the item, if the run cannot work (see module docstring)."""
+    images = discover_images(config.data)
+    load_image(images.records[0].path, config.data.image_size, config.data.mean, config.data.std)
+    model = build_model(config.model)
+    cam_layers = sorted({
+        layer for entry in config.methods if entry.layers and issubclass(method_class(entry.name), CamExplainer)
+        for layer in entry.layers
+    })
+    if cam_layers:
+        probe = torch.zeros(1, 3, *config.data.image_size)
+        with capture_outputs(model, cam_layers) as captured, torch.no_grad():
+            model(probe)
+        for layer in cam_layers:
+            shape = tuple(captured[layer].shape) if layer in captured else None
+            if shape is None or len(shape) != 4:
+                raise ValueError(f"layer {layer!r} has output shape {shape}; CAM methods need [B, C, h, w]")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe_file = run_dir / f".write-test-{os.getpid()}"
+    try:
+        probe_file.write_text("ok")
+        probe_file.unlink()
+    except OSError as error:
+        raise RunDirError(f"run folder {run_dir} is not writable: {error.strerror}") from None
+
+
+def load_run_plan(run_dir: Path) -> tuple[ExperimentConfig, Plan]:
+    """The config and plan saved in a run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / PLAN_FILE).is_file():
+        raise RunDirError(f"{run_dir} holds no planned run (no {PLAN_FILE}); run `xai-pipeline plan` first")
+    return load_config(run_dir / CONFIG_FILE), Plan.read(run_dir / PLAN_FILE)
+
+
+def _clear(run_dir: Path) -> None:
+    shutil.rmtree(run_dir / SHARDS_DIR, ignore_errors=True)
+    for name in (PLAN_FILE, CONFIG_FILE, "results.h5", "metrics.csv", "summary.csv", "summary.md",
+                 "summary.tex", "failures.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, check: bool = True) -> Plan:
+    """Plan ``config`` into ``run_dir`` (after the pre-flight checks unless ``check=False``)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).is_file():
+        previous = load_config(run_dir / CONFIG_FILE)
+        if config_hash(previous) != config_hash(config):
+            if not overwrite:
+                changes = "\n  ".join(config_changes(previous, config))
+                raise RunDirError(
+                    f"{run_dir} holds the run of another config; use a new folder or --overwrite "
+                    f"(which deletes its results). Changes:\n  {changes}"
+                )
+            _clear(run_dir)
+    if check:
+        preflight(config, run_dir)
+    images = discover_images(config.data)
+    plan = make_plan(config, images, model_digest(config.model))
+    (run_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    plan.write(run_dir / PLAN_FILE)
+    return plan
