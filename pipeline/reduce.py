@@ -142,11 +142,20 @@ def reduce_run(run_dir: Path, *, progress: bool | None = None) -> ReduceResult:
         group.create_dataset("keys", data=np.array(list(failures), dtype=object), dtype=_STR)
         group.create_dataset("messages", data=np.array(list(failures.values()), dtype=object), dtype=_STR)
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
+    metrics = _config_order(metrics, [m.label for m in config.methods], [m.name for m in config.metrics])
     summary = write_tables(metrics, run_dir)
     pd.DataFrame({"key": list(failures), "error": list(failures.values())}).to_csv(
         run_dir / "failures.csv", index=False
     )
     return ReduceResult(run_dir / RESULTS_FILE, metrics, summary, failures)
+
+
+def _config_order(metrics: pd.DataFrame, methods: list[str], names: list[str]) -> pd.DataFrame:
+    """Rows in the config's order of methods and metrics, then by layer and image key."""
+    rank_method = metrics["method"].map({m: i for i, m in enumerate(methods)})
+    rank_metric = metrics["metric"].map({m: i for i, m in enumerate(names)})
+    order = metrics.assign(_m=rank_method, _k=rank_metric).sort_values(["_m", "layer", "_k", "key"], kind="stable")
+    return order.drop(columns=["_m", "_k"]).reset_index(drop=True)
 
 
 def _quiet(progress: bool | None) -> bool | None:

@@ -3,9 +3,10 @@
 ``metrics.csv`` has one row per (image, method, layer, metric). The summary has,
 for every (method, layer, metric): mean, variance (ddof=1), std, a 95% confidence
 interval of the mean (Student t) and the count of images it covers. It is written as
-``summary.csv`` (long form) and as ``summary.md`` / ``summary.tex`` (one row per
-method and layer, one column group per metric, with arrows saying whether higher
-or lower is better, e.g. "Deletion ↓", "Insertion ↑").
+``summary.csv`` (long form) and as ``summary.md`` / ``summary.tex``: tables of the
+means, variances and image counts with one row per method and layer and one column
+per metric, titled with an arrow saying whether higher or lower is better
+("Deletion ↓", "Insertion ↑"), as in the users' reports.
 """
 from __future__ import annotations
 
@@ -44,20 +45,13 @@ def summarize(metrics: pd.DataFrame, by: Sequence[str] = ("method", "layer"), gr
     return summary
 
 
-def wide_summary(summary: pd.DataFrame, by: Sequence[str] = ("method", "layer")) -> pd.DataFrame:
-    """One row per group; for every metric, its mean, variance and count (as the users' tables)."""
-    rows = []
+def wide_summary(summary: pd.DataFrame, statistic: str = "mean", by: Sequence[str] = ("method", "layer")) -> pd.DataFrame:
+    """One row per group, one column per metric (titled with its arrow), holding ``statistic``."""
     order = list(dict.fromkeys(summary["metric"]))
-    for group, part in summary.groupby(list(by), sort=False):
-        row = dict(zip(by, group if isinstance(group, tuple) else (group,)))
-        for record in part.itertuples():
-            title = metric_title(record.metric)
-            row[f"{title} mean"] = record.mean
-            row[f"{title} var"] = record.var
-            row[f"{title} n"] = record.count
-        rows.append(row)
-    columns = list(by) + [f"{metric_title(m)} {s}" for m in order for s in ("mean", "var", "n")]
-    return pd.DataFrame(rows).reindex(columns=columns)
+    wide = summary.pivot_table(index=list(by), columns="metric", values=statistic, sort=False)
+    wide = wide.reindex(columns=order)
+    wide.columns = [metric_title(m) for m in order]
+    return wide.reset_index()
 
 
 def write_tables(metrics: pd.DataFrame, out_dir: Path, *, group_by_class: bool = False) -> pd.DataFrame:
@@ -66,9 +60,14 @@ def write_tables(metrics: pd.DataFrame, out_dir: Path, *, group_by_class: bool =
     metrics.to_csv(out_dir / "metrics.csv", index=False)
     summary = summarize(metrics, group_by_class=group_by_class)
     summary.to_csv(out_dir / "summary.csv", index=False)
-    wide = wide_summary(summary, by=["method", "layer"] + (["class_name"] if group_by_class else []))
-    (out_dir / "summary.md").write_text(wide.to_markdown(index=False, floatfmt=".4f") + "\n")
-    (out_dir / "summary.tex").write_text(
-        wide.to_latex(index=False, float_format="%.4f", escape=True, na_rep="--")
-    )
+    by = ["method", "layer"] + (["class_name"] if group_by_class else [])
+    sections = {name: wide_summary(summary, statistic, by) for name, statistic in
+                (("Mean", "mean"), ("Variance", "var"), ("Images", "count"))}
+    (out_dir / "summary.md").write_text("".join(
+        f"## {name}\n\n{table.to_markdown(index=False, floatfmt='.4f')}\n\n" for name, table in sections.items()
+    ))
+    (out_dir / "summary.tex").write_text("\n".join(
+        table.to_latex(index=False, float_format="%.4f", na_rep="--", caption=name)
+        for name, table in sections.items()
+    ))
     return summary

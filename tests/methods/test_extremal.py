@@ -12,12 +12,13 @@ from torch import nn
 
 from pipeline.methods import build_method
 from pipeline.methods.extremal import (
+    AREA_MODES,
     SMOOTH_MAX_COLDNESS,
     ExtremalPerturbation,
     SmoothMaskGenerator,
+    area_profile,
     area_ranking_loss,
     blur_pyramid,
-    gaussian_blur,
     perturb,
 )
 
@@ -85,7 +86,13 @@ def test_masks_find_the_patch_at_their_area() -> None:
     region[PATCH] = True
     area = float(region.float().mean())
     explainer = ExtremalPerturbation(
-        PatchModel(), areas=(area / 2, area, 2 * area), step=4, sigma=8.0, iterations=100, area_growth=1.03, jitter=False
+        PatchModel(),
+        areas=(area / 2, area, 2 * area),
+        step=4,
+        sigma=8.0,
+        iterations=100,
+        area_growth=1.03,
+        jitter=False,
     )
     masks = explainer.explain_masks(patch_image(), torch.tensor([1]))[0]
     assert masks.shape == (3, SIZE, SIZE)
@@ -99,9 +106,10 @@ def test_masks_find_the_patch_at_their_area() -> None:
     assert int(small.sum()) < int(matching.sum()) < int(large.sum())
 
 
-def test_output_shape_dtype_range_and_determinism() -> None:
+@pytest.mark.parametrize("area_mode", AREA_MODES)
+def test_output_shape_dtype_range_and_determinism(area_mode: str) -> None:
     images, targets = small_batch()
-    explainer = ExtremalPerturbation(tiny_net(), **FAST)
+    explainer = ExtremalPerturbation(tiny_net(), area_mode=area_mode, **FAST)
     first = explainer.explain(images, targets)
     second = explainer.explain(images, targets)
     assert first.shape == (2, 32, 32) and first.dtype == torch.float32
@@ -117,7 +125,8 @@ def test_model_mode_gradients_hooks_and_weights_untouched(training: bool) -> Non
     model = tiny_net().train(training)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, targets = small_batch()
-    ExtremalPerturbation(model, **FAST).explain(images.requires_grad_(), targets)
+    with torch.no_grad():
+        ExtremalPerturbation(model, **FAST).explain(images.requires_grad_(), targets)
     assert all(m.training == training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert images.grad is None
@@ -179,7 +188,9 @@ def test_area_ranking_loss_matches_a_plain_computation() -> None:
     rng = np.random.default_rng(0)
     masks = rng.random((3, 5, 7)).astype(np.float32)
     areas = [0.1, 0.5, 0.93]
-    loss = area_ranking_loss(torch.from_numpy(masks), torch.tensor(areas)).numpy()
+    profile = area_profile(35, areas)
+    assert profile.shape == (3, 35)
+    loss = area_ranking_loss(torch.from_numpy(masks), profile).numpy()
     for i, area in enumerate(areas):
         values = sorted(masks[i].ravel().tolist())
         zeros = int(math.floor(35 * (1 - area)))
@@ -312,3 +323,5 @@ def test_bad_inputs_are_rejected() -> None:
         explainer.explain(images, targets[:1])
     with pytest.raises(ValueError, match="targets"):
         explainer.explain(images, torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match="targets"):
+        explainer.explain(images, targets.float())
