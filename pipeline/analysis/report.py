@@ -1,0 +1,367 @@
+"""The report of a finished run: ``RUN_DIR/report/index.html`` and ``RUN_DIR/report/report.md``.
+
+Both hold the same content: the run's overview and config, the summary tables (mean
+with its 95% confidence interval, variance, image counts, means per class), the figures
+of :mod:`pipeline.analysis.plots` and the failures the run recorded. Figures are PNG
+files in ``report/figures/`` (PDF beside them on request), referenced by relative
+paths, so the page opens from disk in any browser, with no server and no script.
+
+Images are chosen by one metric (``metric``, default insertion when the run has it):
+the overview and ground-truth figures show a sample spread over the classes, and each
+view (method and layer) gets its best, typical (nearest the median) and worst images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import html
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from ..config import config_dict
+from ..metrics import METRICS
+from ..tables import metric_title, summarize, wide_summary
+from .plots import (
+    DPI,
+    curve_plot,
+    ground_truth_comparison,
+    metric_distributions,
+    metric_heatmap,
+    overlay_grid,
+    save_figure,
+)
+from .run import Run, View, load_run, view_label
+
+__all__ = ["ReportError", "write_report", "select_images", "sample_images", "default_metric", "REPORT_DIR"]
+
+REPORT_DIR = "report"
+_FIGURES = "figures"
+
+
+class ReportError(ValueError):
+    """The report cannot be made as asked (e.g. an unknown metric)."""
+
+
+def default_metric(run: Run) -> str | None:
+    """The metric images are chosen by when none is given: insertion, else the run's first metric."""
+    names = run.metric_names
+    return "insertion" if "insertion" in names else (names[0] if names else None)
+
+
+def sample_images(run: Run, count: int, *, with_ground_truth: bool = False) -> list[str]:
+    """Up to ``count`` keys of images that did not fail, taken in turn from each class (key order).
+
+    ``with_ground_truth`` keeps only images that have a ground-truth map.
+    """
+    usable = run.images[~run.images["failed"] & (run.images["has_gt"] | (not with_ground_truth))]
+    by_class = [list(group["key"]) for _, group in usable.groupby("label", sort=True)]
+    chosen: list[str] = []
+    for position in range(max((len(keys) for keys in by_class), default=0)):
+        chosen.extend(keys[position] for keys in by_class if position < len(keys))
+    return chosen[:count]
+
+
+def select_images(run: Run, metric: str, method: str, layer: str | None = None,
+                  count: int = 3) -> dict[str, list[tuple[str, float]]]:
+    """The ``count`` best, typical and worst images of one view by ``metric``, as (key, value) pairs.
+
+    Best and worst follow the metric's direction (higher is better for insertion, lower
+    for deletion); typical images are those nearest the median. The three groups do not
+    overlap; with few images the later groups (worst, then typical) get fewer. Ties are
+    broken by key order.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    values = run.values(metric, method, layer).dropna()
+    spec = METRICS.get(metric)
+    higher_is_better = spec is None or spec.higher_is_better
+    ranked = values.sort_values(ascending=not higher_is_better, kind="stable")
+    best = list(ranked.index[:count])
+    rest = ranked.drop(best)
+    worst = list(rest.index[::-1][:count])
+    rest = rest.drop(worst)
+    distance = (rest - values.median()).abs().sort_values(kind="stable")
+    rank = {key: position for position, key in enumerate(ranked.index)}
+    typical = sorted(distance.index[:count], key=rank.__getitem__)
+    return {group: [(key, float(values[key])) for key in keys]
+            for group, keys in (("best", best), ("typical", typical), ("worst", worst))}
+
+
+# -- content blocks, rendered to HTML and Markdown -------------------------------------------
+
+@dataclasses.dataclass
+class _Table:
+    frame: pd.DataFrame
+    caption: str = ""
+
+
+@dataclasses.dataclass
+class _Figure:
+    name: str
+    caption: str
+    make: Callable[[], Figure]
+    files: list[Path] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Section:
+    title: str
+    anchor: str
+    blocks: list[object] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Text:
+    text: str
+    preformatted: bool = False
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def _mean_ci_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per view, one column per metric: ``mean ± half-width of the 95% CI``."""
+    cells = summary.assign(
+        cell=[f"{m:.4f} ± {(h - l) / 2:.4f}" if np.isfinite(h - l) else f"{m:.4f}"
+              for m, l, h in zip(summary["mean"], summary["ci95_low"], summary["ci95_high"])]
+    )
+    order = list(dict.fromkeys(summary["metric"]))
+    wide = cells.pivot(index=["method", "layer"], columns="metric", values="cell").reindex(columns=order)
+    views = list(dict.fromkeys(zip(summary["method"], summary["layer"])))
+    wide = wide.reindex(pd.MultiIndex.from_tuples(views, names=["method", "layer"]))
+    wide.columns = [metric_title(m) for m in order]
+    return wide.reset_index()
+
+
+def _count_table(summary: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    table = wide_summary(summary, statistic="count", by=by)
+    for column in table.columns[len(by):]:
+        table[column] = table[column].astype("Int64")
+    return table
+
+
+def _overview(run: Run) -> pd.DataFrame:
+    images = run.images
+    usable = images[~images["failed"]]
+    accuracy = float((usable["predicted"] == usable["label"]).mean()) if len(usable) else float("nan")
+    rows = [
+        ("run folder", str(run.path.resolve())),
+        ("experiment", run.config.name),
+        ("images", f"{len(images)} ({int(images['failed'].sum())} failed, {int(images['has_gt'].sum())} "
+                   f"with a ground-truth map)"),
+        ("classes", ", ".join(run.class_names)),
+        ("explained class", run.config.target),
+        ("model accuracy on these images", f"{accuracy:.3f}"),
+        ("methods (layers)", "; ".join(f"{m} ({', '.join(run.layers(m))})" for m in run.methods)),
+        ("metrics", ", ".join(metric_title(m) for m in run.metric_names) or "(none)"),
+    ]
+    return pd.DataFrame(rows, columns=["", "value"])
+
+
+def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
+    sample = sample_images(run, count)
+    views = run.views()
+    sections = [
+        _Section("Run", "run", [_Table(_overview(run))]),
+        _Section("Configuration", "config", [
+            _Text(yaml.safe_dump(config_dict(run.config), sort_keys=False, allow_unicode=True), preformatted=True)
+        ]),
+    ]
+    if run.metric_names:
+        summary = run.summary()
+        by_class = summarize(run.metrics, group_by_class=True)
+        class_by = ["method", "layer", "class_name"]
+        sections.append(_Section("Summary", "summary", [
+            _Table(_mean_ci_table(summary), "Mean ± half-width of the 95% confidence interval (Student t)"),
+            _Table(wide_summary(summary, statistic="var", by=["method", "layer"]), "Variance (ddof = 1)"),
+            _Table(_count_table(summary, ["method", "layer"]), "Images with a value"),
+            _Table(wide_summary(by_class, statistic="mean", by=class_by), "Mean per class"),
+        ]))
+    figures = _Section("Figures", "figures")
+    if sample:
+        figures.blocks.append(_Figure(
+            "overview", f"Saliency maps of {len(sample)} images (one per class in turn) for every method and layer; "
+                        "titles give the explained class and its probability.",
+            lambda: overlay_grid(run, sample)))
+    curve_metrics = [m for m in ("insertion", "deletion") if m in run.curve_metrics]
+    if curve_metrics:
+        figures.blocks.append(_Figure(
+            "curves", "Mean " + " and ".join(metric_title(m) for m in curve_metrics)
+                      + " curves with their 95% confidence band; the legend gives the area under the mean curve.",
+            lambda: curve_plot(run, curve_metrics)))
+    if run.metric_names:
+        figures.blocks.append(_Figure(
+            "distributions", "Per-image metric values (box: quartiles and median; points: images).",
+            lambda: metric_distributions(run)))
+        for name in run.metric_names:
+            figures.blocks.append(_Figure(
+                f"heatmap_{_safe(name)}", f"{metric_title(name)}: mean per method (rows) and layer (columns).",
+                lambda name=name: metric_heatmap(run, name)))
+    with_gt = sample_images(run, count, with_ground_truth=True)
+    if with_gt:
+        figures.blocks.append(_Figure(
+            "ground_truth", "Images, their ground-truth maps and every method's map (PCC in the titles when scored).",
+            lambda: ground_truth_comparison(run, with_gt)))
+    sections.append(figures)
+    if metric is not None:
+        selection = _Section(f"Best, typical and worst images by {metric_title(metric)}", "selection")
+        for index, view in enumerate(views):
+            _add_selection(selection, run, metric, view, index, count)
+        sections.append(selection)
+    sections.append(_failures(run))
+    return sections
+
+
+def _add_selection(section: _Section, run: Run, metric: str, view: View, index: int, count: int) -> None:
+    groups = select_images(run, metric, *view, count=count)
+    chosen = [(group, position, key, value) for group, items in groups.items()
+              for position, (key, value) in enumerate(items, start=1)]
+    label = view_label(*view)
+    if not chosen:
+        section.blocks.append(_Text(f"{label}: no image has a {metric_title(metric)} value."))
+        return
+    keys = [key for _, _, key, _ in chosen]
+    row_labels = [f"{group} {position}: {value:.3f}" for group, position, _, value in chosen]
+    section.blocks.append(_Figure(
+        f"selection_{index:02d}_{_safe(view[0])}_{_safe(view[1])}",
+        f"{label}: the best, typical and worst images by {metric_title(metric)} (value beside each row).",
+        lambda: overlay_grid(run, keys, [view], row_labels=row_labels)))
+
+
+def _failures(run: Run) -> _Section:
+    section = _Section("Failures", "failures")
+    if run.failures.empty:
+        section.blocks.append(_Text("The run recorded no failures."))
+    else:
+        section.blocks.append(_Table(run.failures, f"{len(run.failures)} image(s) could not be explained or scored "
+                                                   "(results.h5 failures, also in failures.csv)."))
+    return section
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
+       max-width: 1400px; padding: 0 1.5rem; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.4rem; border-bottom: 1px solid #ddd; }
+nav a { margin-right: 1rem; } .meta { color: #666; font-size: .9rem; }
+table { border-collapse: collapse; margin: .6rem 0 1.4rem; font-size: .85rem; }
+th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
+caption { caption-side: top; text-align: left; font-weight: 600; padding: .3rem 0; }
+pre { background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: .8rem; }
+figure { margin: 1.2rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: .85rem; color: #444; }
+"""
+
+
+def _html_table(table: _Table) -> str:
+    body = table.frame.to_html(index=False, border=0, escape=True, na_rep="–", float_format=lambda v: f"{v:.4f}")
+    if table.caption:
+        body = body.replace(">\n", f">\n<caption>{html.escape(table.caption)}</caption>\n", 1)
+    return body
+
+
+def _md_cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(table: _Table) -> str:
+    frame = table.frame.astype(object)
+    frame = frame.where(frame.notna(), None).map(lambda v: v if v is None or isinstance(v, float) else _md_cell(v))
+    text = frame.to_markdown(index=False, floatfmt=".4f", missingval="–")
+    return (f"**{table.caption}**\n\n" if table.caption else "") + text + "\n"
+
+
+def _render_html(run: Run, sections: list[_Section], created: str) -> str:
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Report: {html.escape(run.config.name)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+        f"<h1>Saliency report: {html.escape(run.config.name)}</h1>",
+        f'<p class="meta">{html.escape(str(run.path.resolve()))} · made {created}</p>',
+        "<nav>" + "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections) + "</nav>",
+    ]
+    for section in sections:
+        parts.append(f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>')
+        for block in section.blocks:
+            if isinstance(block, _Table):
+                parts.append(_html_table(block))
+            elif isinstance(block, _Text):
+                text = html.escape(block.text)
+                parts.append(f"<pre>{text}</pre>" if block.preformatted else f"<p>{text}</p>")
+            elif isinstance(block, _Figure) and block.files:
+                png = block.files[0].relative_to(block.files[0].parent.parent).as_posix()
+                links = "".join(f' · <a href="{f.relative_to(f.parent.parent).as_posix()}">PDF</a>'
+                                for f in block.files[1:])
+                parts.append(
+                    f'<figure id="{block.name}"><a href="{png}"><img src="{png}" alt="{html.escape(block.caption)}">'
+                    f"</a><figcaption>{html.escape(block.caption)}{links}</figcaption></figure>"
+                )
+        parts.append("</section>")
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _render_markdown(run: Run, sections: list[_Section], created: str) -> str:
+    parts = [f"# Saliency report: {run.config.name}", "", f"`{run.path.resolve()}` · made {created}", ""]
+    for section in sections:
+        parts += [f"## {section.title}", ""]
+        for block in section.blocks:
+            if isinstance(block, _Table):
+                parts.append(_md_table(block))
+            elif isinstance(block, _Text):
+                parts += (["```yaml", block.text.rstrip(), "```"] if block.preformatted else [block.text])
+                parts.append("")
+            elif isinstance(block, _Figure) and block.files:
+                png = block.files[0].relative_to(block.files[0].parent.parent).as_posix()
+                pdfs = "".join(f" ([PDF]({f.relative_to(f.parent.parent).as_posix()}))" for f in block.files[1:])
+                parts += [f"![{block.caption}]({png})", "", f"*{block.caption}*{pdfs}", ""]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    metric: str | None = None,
+    images: int = 3,
+    pdf: bool = False,
+    dpi: int = DPI,
+    progress: bool | None = None,
+) -> Path:
+    """Write ``RUN_DIR/report/index.html`` and ``report.md`` (see the module docstring); returns the HTML path.
+
+    ``metric`` chooses the best/typical/worst images (default :func:`default_metric`),
+    ``images`` is how many images per group (and in the overview sample), ``pdf`` also
+    saves every figure as PDF. ``progress``: None shows a bar only on a terminal.
+    Figures of an earlier report in ``report/figures`` are replaced.
+    """
+    from tqdm.auto import tqdm
+
+    if images < 1:
+        raise ReportError(f"images must be >= 1, got {images}")
+    run = load_run(run_dir)
+    if metric is None:
+        metric = default_metric(run)
+    elif metric not in run.metric_names:
+        raise ReportError(f"metric {metric!r} is not in this run; its metrics: {', '.join(run.metric_names) or '(none)'}")
+    out = run.path / REPORT_DIR
+    shutil.rmtree(out / _FIGURES, ignore_errors=True)
+    (out / _FIGURES).mkdir(parents=True)
+    sections = _sections(run, metric, images)
+    figures = [block for section in sections for block in section.blocks if isinstance(block, _Figure)]
+    for figure in tqdm(figures, desc="report", unit="figure", disable=None if progress is None else not progress):
+        figure.files = save_figure(figure.make(), out / _FIGURES / figure.name, pdf=pdf, dpi=dpi)
+    created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    (out / "report.md").write_text(_render_markdown(run, sections, created), encoding="utf-8")
+    index = out / "index.html"
+    index.write_text(_render_html(run, sections, created), encoding="utf-8")
+    return index

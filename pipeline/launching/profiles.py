@@ -1,0 +1,113 @@
+"""Cluster profiles: where the jobs of a run go, one YAML file each (``jobs/clusters/NAME.yaml``).
+
+Schema (every key optional)::
+
+    executor: slurm            # local (the default: shards run in this process) or slurm
+    partition: gpu             # SLURM partition (--partition)
+    gpus_per_node: 1           # GPUs per job (--gpus-per-node); 0 asks for none
+    cpus_per_task: 8           # --cpus-per-task
+    mem: 32G                   # memory per job (--mem), a number with an optional K/M/G/T suffix
+    time: 120                  # time limit per job in minutes (--time)
+    account: my-project        # --account
+    qos: normal                # --qos
+    constraint: a100           # --constraint (node features)
+    array_parallelism: 64      # array tasks of one array that may run at the same time
+    shards_per_task: 4         # shards run one after the other by one array task
+    max_array_size: 1000       # the most tasks in one array (the cluster's MaxArraySize - 1)
+    setup:                     # shell lines run in the job before python starts
+      - module load cuda/12.1
+    max_requeues: 3            # times a job may be requeued after a timeout or preemption
+    signal_delay_s: 120        # the job is told to checkpoint this long before its time limit
+    checkpoint_every_s: 300    # a sampled shard also saves its progress this often
+    job_name: xai              # the jobs' name in the queue
+    sbatch: {exclude: node7}   # further sbatch options, passed as they are
+
+:func:`load_profile` validates everything at once and raises :class:`ProfileError`
+listing every problem; a misspelled key lists the valid keys.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..config import ConfigError, format_validation_error
+
+__all__ = ["ClusterProfile", "ProfileError", "load_profile", "parse_profile", "DEFAULT_PROFILE"]
+
+_MEMORY = re.compile(r"^[1-9][0-9]*[KMGT]?$")
+
+
+class ProfileError(ConfigError):
+    """A cluster profile that cannot be used; the message lists every problem."""
+
+
+class ClusterProfile(BaseModel):
+    """Where and how the shards of a run are computed (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "local"
+    executor: Literal["local", "slurm"] = "local"
+    partition: str | None = None
+    gpus_per_node: int = Field(default=0, ge=0)
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem: str | None = None
+    time: int = Field(default=60, ge=1)
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    array_parallelism: int = Field(default=64, ge=1)
+    shards_per_task: int = Field(default=1, ge=1)
+    max_array_size: int = Field(default=1000, ge=1)
+    setup: list[str] = []
+    max_requeues: int = Field(default=3, ge=0)
+    signal_delay_s: int = Field(default=120, ge=0, le=65535)
+    checkpoint_every_s: float = Field(default=300.0, gt=0)
+    job_name: str = "xai"
+    sbatch: dict[str, str | int | bool] = {}
+
+    @field_validator("mem")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY.match(value):
+            raise ValueError(f"mem must be a positive number with an optional K, M, G or T suffix (e.g. 32G), got {value!r}")
+        return value
+
+    @field_validator("job_name")
+    @classmethod
+    def _job_name(cls, value: str) -> str:
+        if not value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"job_name must be a non-empty word without spaces, got {value!r}")
+        return value
+
+
+#: the profile used when none is given: every shard runs in this process
+DEFAULT_PROFILE = ClusterProfile()
+
+
+def parse_profile(raw: object, *, source: str = "profile", name: str = "profile") -> ClusterProfile:
+    """Validate a mapping; ``name`` is used when the mapping has no ``name`` key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return ClusterProfile.model_validate({"name": name, **raw})
+    except ValidationError as error:
+        raise ProfileError(format_validation_error(error, ClusterProfile, source)) from None
+
+
+def load_profile(path: str | Path) -> ClusterProfile:
+    """Read and validate a cluster profile YAML file; its name defaults to the file's stem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ProfileError(f"{path}: cannot read the cluster profile: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ProfileError(f"{path}: not valid YAML: {error}") from None
+    return parse_profile(raw, source=str(path), name=path.stem)
