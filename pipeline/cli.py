@@ -2,9 +2,14 @@
 
     xai-pipeline plan CONFIG --out RUN_DIR      plan shards into a run folder
     xai-pipeline run CONFIG --out RUN_DIR       plan, run pending shards locally, reduce
+                 [--profile jobs/clusters/NAME.yaml] [--executor slurm]   ... or submit them to SLURM
+    xai-pipeline launch RUN_DIR --profile P     pre-flight checks, then run or submit the pending shards
+    xai-pipeline resume RUN_DIR [--profile P]   run or submit again what is not committed
+    xai-pipeline cancel RUN_DIR                 cancel the run's SLURM jobs
     xai-pipeline reduce RUN_DIR                 merge shards into results.h5 and tables
     xai-pipeline status RUN_DIR                 what is done, pending, failed
     xai-pipeline demo [--out runs/demo]         self-made data and model, then `run`
+    xai-pipeline report RUN_DIR                 figures and tables in RUN_DIR/report/index.html
 """
 from __future__ import annotations
 
@@ -54,7 +59,44 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _cmd_plan(args)
+    if getattr(args, "profile", None) or getattr(args, "executor", None):
+        return _launch(Path(args.out), args, check=False)
     return _finish(Path(args.out), args.progress)
+
+
+def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
+    from .launching.launch import launch_run, resolve_profile
+    from .reduce import reduce_run
+
+    profile = resolve_profile(run_dir, args.profile, args.executor)
+    force = getattr(args, "force", False)
+    result = launch_run(run_dir, profile, force=force, check=check, progress=args.progress)
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
+    print(result.describe())
+    if profile.executor == "slurm":
+        return 0
+    if result.failures:
+        _print_failures(result.failures)
+        print(f"see `xai-pipeline status {run_dir}`; fix the cause, then `xai-pipeline resume {run_dir}` "
+              "(committed shards are kept)", file=sys.stderr)
+        return 1
+    reduced = reduce_run(run_dir, progress=args.progress)
+    print((run_dir / "summary.md").read_text())
+    print(f"results: {reduced.results}")
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    return _launch(Path(args.run_dir), args, check=True)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from .launching.launch import cancel_run
+
+    cancelled = cancel_run(Path(args.run_dir))
+    print(f"cancelled job(s) {', '.join(cancelled)}" if cancelled else "no job of this run is queued or running")
+    return 0
 
 
 def _cmd_reduce(args: argparse.Namespace) -> int:
@@ -84,6 +126,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _cmd_run(args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .analysis import ReportError, write_report
+
+    try:
+        index = write_report(args.run_dir, metric=args.metric, images=args.images, pdf=args.pdf,
+                             progress=args.progress)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {index}\n        {index.with_name('report.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xai-pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
@@ -96,14 +151,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="progress bars (default: only on a terminal)")
         return p
 
+    def launch_options(p: argparse.ArgumentParser, profile_help: str) -> None:
+        p.add_argument("--profile", type=Path, help=profile_help)
+        p.add_argument("--executor", choices=("local", "slurm"), help="override the profile's executor")
+
     for name, handler, text in (
         ("plan", _cmd_plan, "plan the shards of CONFIG into a run folder"),
-        ("run", _cmd_run, "plan, run pending shards locally, and reduce"),
+        ("run", _cmd_run, "plan, run pending shards locally (or submit them with a slurm profile), and reduce"),
     ):
         p = command(name, handler, text)
         p.add_argument("config", type=Path, help="experiment YAML")
         p.add_argument("--out", type=Path, required=True, help="run folder")
         p.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
+        if name == "run":
+            launch_options(p, "cluster profile (jobs/clusters/NAME.yaml); default: run locally")
+    for name, handler, text in (
+        ("launch", _cmd_launch, "pre-flight checks, then run the pending shards locally or submit them to SLURM"),
+        ("resume", _cmd_launch, "run or submit again exactly the shards that are not committed"),
+    ):
+        p = command(name, handler, text)
+        p.add_argument("run_dir", type=Path)
+        launch_options(p, "cluster profile (jobs/clusters/NAME.yaml); default: the run's last profile, else local")
+        p.add_argument("--force", action="store_true", help="recompute committed shards too")
+    p = command("cancel", _cmd_cancel, "cancel the run's queued and running SLURM jobs")
+    p.add_argument("run_dir", type=Path)
     p = command("reduce", _cmd_reduce, "merge committed shards into results.h5 and tables")
     p.add_argument("run_dir", type=Path)
     p = command("status", _cmd_status, "shards done, running, pending and failed")
@@ -111,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", _cmd_demo, "generate shapes data, train a small CNN, run the pipeline on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
     p.add_argument("--images-per-class", type=int, default=10)
+    p = command("report", _cmd_report, "write an HTML and Markdown report of a finished run into RUN_DIR/report")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--metric", default=None,
+                   help="metric that picks each method's best, typical and worst images (default: insertion)")
+    p.add_argument("--images", type=int, default=3, metavar="N",
+                   help="images per group (best, typical, worst) and in the overview sample (default 3)")
+    p.add_argument("--pdf", action="store_true", help="also save every figure as PDF")
     return parser
 
 

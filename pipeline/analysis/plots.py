@@ -87,7 +87,8 @@ def _image_title(run: Run, key: str) -> str:
     row = run.images.iloc[int(run.rows(keys=[key])[0])]
     if row["failed"] or row["target_name"] is None:
         return "failed"
-    return f"{row['target_name']} ({row['target_prob']:.2f})"
+    title = f"{row['target_name']} ({row['target_prob']:.2f})"
+    return title if row["target"] == row["label"] else f"{title}\ntrue: {row['class_name']}"
 
 
 def overlay_grid(
@@ -105,8 +106,9 @@ def overlay_grid(
     """Images as rows, views as columns: each map over its image, with a colorbar.
 
     The first column (``show_image``) shows the image, titled with the explained class
-    and its probability; each map column is titled with its view in the first row.
-    ``row_labels`` (one per key) are written beside the rows, under the key.
+    and its probability (and the true class when it differs); each map column is titled
+    with its view in the first row. Beside each row: the key (and, without the image
+    column, the class and probability), then the row's entry of ``row_labels``.
     With ``normalize`` every map is scaled to [0, 1] and one colorbar serves them all;
     otherwise each map has its own colorbar in its own units.
     """
@@ -123,23 +125,20 @@ def overlay_grid(
     norm = colors.Normalize(0.0, 1.0)
     for row, key in enumerate(keys):
         image = _image_or_none(run, key)
-        label = key if row_labels is None else f"{key}\n{row_labels[row]}"
         for ax in axes[row]:
             _clean(ax)
         if show_image:
-            ax = axes[row, 0]
             if image is None:
-                _blank(ax, "unreadable")
+                _blank(axes[row, 0], "unreadable")
             else:
-                ax.imshow(image)
-            ax.set_title(_image_title(run, key), fontsize=8)
-        else:
-            axes[row, 0].set_title(_image_title(run, key), fontsize=8, loc="left")
-        axes[row, 0].set_ylabel(label, fontsize=7)
+                axes[row, 0].imshow(image)
+            axes[row, 0].set_title(_image_title(run, key), fontsize=8)
+        label = [key] + ([] if show_image else [_image_title(run, key)])
+        axes[row, 0].set_ylabel("\n".join(label + ([row_labels[row]] if row_labels else [])), fontsize=7)
         for column, view in enumerate(views, start=int(show_image)):
             ax = axes[row, column]
             if row == 0:
-                ax.set_title(view_label(*view) if show_image else f"{view_label(*view)}\n{ax.get_title()}", fontsize=8)
+                ax.set_title(view_label(*view), fontsize=8)
             saliency = maps[view][row]
             if np.isnan(saliency).all():
                 _blank(ax, "failed")
@@ -194,7 +193,10 @@ def curve_plot(
         raise ValueError(f"metrics: none has curves in this run; curves: {', '.join(run.curve_metrics) or '(none)'}")
     views = run.views(methods)
     palette = _palette(len(views))
-    figure = _figure(panel_size[0] * len(metrics), panel_size[1])
+    band_alpha = 0.2 if len(views) <= 3 else 0.08
+    legend_below = len(views) > 4
+    height = panel_size[1] + (0.17 * math.ceil(len(views) / 2) + 0.4 if legend_below else 0.0)
+    figure = _figure(panel_size[0] * len(metrics), height)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         for color, view in zip(palette, views):
@@ -205,15 +207,16 @@ def curve_plot(
             mean, low, high = _mean_and_band(curves, band)
             x = np.linspace(0.0, 1.0, curves.shape[1])
             ax.plot(x, mean, color=color, lw=1.6, label=f"{view_label(*view)} (AUC {curve_area(mean):.3f})")
-            ax.fill_between(x, low, high, color=color, alpha=0.18, lw=0)
+            ax.fill_between(x, low, high, color=color, alpha=band_alpha, lw=0)
         ax.set_title(metric_title(metric), fontsize=10)
         ax.set_xlabel(_CURVE_X_LABELS.get(metric, "fraction of pixels"), fontsize=9)
         ax.set_ylabel("probability of the target class", fontsize=9)
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
+        placement = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "ncols": 2} if legend_below else {}
         ax.legend(fontsize=7, frameon=False, title=f"band: {'95% CI' if band == 'ci' else '± 1 std'}",
-                  title_fontsize=7)
+                  title_fontsize=7, **placement)
     return figure
 
 
@@ -240,7 +243,8 @@ def metric_distributions(
     metrics = list(run.metric_names if metrics is None else metrics)
     unknown = [m for m in metrics if m not in run.metric_names]
     if unknown or not metrics:
-        raise ValueError(f"metrics: unknown {', '.join(unknown) or '(none given)'}; run has {', '.join(run.metric_names)}")
+        known = ", ".join(run.metric_names)
+        raise ValueError(f"metrics: unknown {', '.join(unknown) or '(none given)'}; run has {known}")
     views = run.views(methods)
     columns = min(columns, len(metrics))
     rows = math.ceil(len(metrics) / columns)

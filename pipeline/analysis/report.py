@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from PIL import Image
 
 from ..config import config_dict
 from ..metrics import METRICS
@@ -43,6 +44,11 @@ __all__ = ["ReportError", "write_report", "select_images", "sample_images", "def
 
 REPORT_DIR = "report"
 _FIGURES = "figures"
+#: above this many classes the per-class table is left out of the report
+_MAX_CLASS_ROWS = 20
+_MAX_FAILURE_ROWS = 200
+#: figures are shown at this many CSS pixels per inch (the PNG keeps its full resolution for zooming)
+_SCREEN_DPI = 100
 
 
 class ReportError(ValueError):
@@ -100,6 +106,7 @@ def select_images(run: Run, metric: str, method: str, layer: str | None = None,
 class _Table:
     frame: pd.DataFrame
     caption: str = ""
+    header: bool = True
 
 
 @dataclasses.dataclass
@@ -107,7 +114,9 @@ class _Figure:
     name: str
     caption: str
     make: Callable[[], Figure]
+    small: bool = False
     files: list[Path] = dataclasses.field(default_factory=list)
+    width: int = 0
 
 
 @dataclasses.dataclass
@@ -141,6 +150,16 @@ def _mean_ci_table(summary: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index()
 
 
+def _ordered(run: Run, summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with its rows in the run's view order, then its metric order (the config's)."""
+    view_rank = {view: rank for rank, view in enumerate(run.views())}
+    metric_rank = {metric: rank for rank, metric in enumerate(run.metric_names)}
+    ranks = [(view_rank.get((m, l), len(view_rank)), metric_rank.get(x, len(metric_rank)))
+             for m, l, x in zip(summary["method"], summary["layer"], summary["metric"])]
+    order = sorted(range(len(summary)), key=ranks.__getitem__)
+    return summary.iloc[order].reset_index(drop=True)
+
+
 def _count_table(summary: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     table = wide_summary(summary, statistic="count", by=by)
     for column in table.columns[len(by):]:
@@ -170,21 +189,26 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
     sample = sample_images(run, count)
     views = run.views()
     sections = [
-        _Section("Run", "run", [_Table(_overview(run))]),
-        _Section("Configuration", "config", [
+        _Section("Run", "run", [_Table(_overview(run), header=False)]),
+        _Section("Configuration (config.yaml)", "config", [
             _Text(yaml.safe_dump(config_dict(run.config), sort_keys=False, allow_unicode=True), preformatted=True)
         ]),
     ]
     if run.metric_names:
-        summary = run.summary()
-        by_class = summarize(run.metrics, group_by_class=True)
-        class_by = ["method", "layer", "class_name"]
-        sections.append(_Section("Summary", "summary", [
+        summary = _ordered(run, run.summary())
+        tables: list[object] = [
             _Table(_mean_ci_table(summary), "Mean ± half-width of the 95% confidence interval (Student t)"),
             _Table(wide_summary(summary, statistic="var", by=["method", "layer"]), "Variance (ddof = 1)"),
             _Table(_count_table(summary, ["method", "layer"]), "Images with a value"),
-            _Table(wide_summary(by_class, statistic="mean", by=class_by), "Mean per class"),
-        ]))
+        ]
+        if len(run.class_names) <= _MAX_CLASS_ROWS:
+            by_class = _ordered(run, summarize(run.metrics, group_by_class=True))
+            tables.append(_Table(wide_summary(by_class, statistic="mean", by=["method", "layer", "class_name"]),
+                                 "Mean per class"))
+        else:
+            tables.append(_Text(f"{len(run.class_names)} classes: the means per class are left out here; "
+                                "see `load_run(RUN_DIR).summary(group_by_class=True)`."))
+        sections.append(_Section("Summary", "summary", tables))
     figures = _Section("Figures", "figures")
     if sample:
         figures.blocks.append(_Figure(
@@ -204,7 +228,7 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
         for name in run.metric_names:
             figures.blocks.append(_Figure(
                 f"heatmap_{_safe(name)}", f"{metric_title(name)}: mean per method (rows) and layer (columns).",
-                lambda name=name: metric_heatmap(run, name)))
+                lambda name=name: metric_heatmap(run, name), small=True))
     with_gt = sample_images(run, count, with_ground_truth=True)
     if with_gt:
         figures.blocks.append(_Figure(
@@ -231,18 +255,21 @@ def _add_selection(section: _Section, run: Run, metric: str, view: View, index: 
     keys = [key for _, _, key, _ in chosen]
     row_labels = [f"{group} {position}: {value:.3f}" for group, position, _, value in chosen]
     section.blocks.append(_Figure(
-        f"selection_{index:02d}_{_safe(view[0])}_{_safe(view[1])}",
+        f"selection_{index:02d}_{_safe(label)}",
         f"{label}: the best, typical and worst images by {metric_title(metric)} (value beside each row).",
         lambda: overlay_grid(run, keys, [view], row_labels=row_labels)))
 
 
 def _failures(run: Run) -> _Section:
     section = _Section("Failures", "failures")
-    if run.failures.empty:
+    failures = run.failures
+    if failures.empty:
         section.blocks.append(_Text("The run recorded no failures."))
-    else:
-        section.blocks.append(_Table(run.failures, f"{len(run.failures)} image(s) could not be explained or scored "
-                                                   "(results.h5 failures, also in failures.csv)."))
+        return section
+    shown = f"; the first {_MAX_FAILURE_ROWS} are listed" if len(failures) > _MAX_FAILURE_ROWS else ""
+    section.blocks.append(_Table(failures.head(_MAX_FAILURE_ROWS),
+                                 f"{len(failures)} image(s) could not be explained or scored{shown} "
+                                 f"(all of them are in {run.path / 'failures.csv'})."))
     return section
 
 
@@ -254,20 +281,43 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; ma
 h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.4rem; border-bottom: 1px solid #ddd; }
 nav a { margin-right: 1rem; } .meta { color: #666; font-size: .9rem; }
 table { border-collapse: collapse; margin: .6rem 0 1.4rem; font-size: .85rem; }
-th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: right; }
-th { background: #f4f4f4; } td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
+th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding: .3rem 0; }
 pre { background: #f7f7f7; padding: 1rem; overflow-x: auto; font-size: .8rem; }
 figure { margin: 1.2rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { font-size: .85rem; color: #444; }
+figure.small { display: inline-block; vertical-align: top; max-width: 48%; margin-right: 1.5rem; }
+figcaption { font-size: .85rem; color: #444; } summary { cursor: pointer; color: #0645ad; }
 """
 
 
+def _html_cell(value: object) -> str:
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9.]+ ± [0-9.]+", value):
+        return f'<td class="num">{value}</td>'
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return '<td class="num">–</td>'
+    if isinstance(value, (bool, np.bool_)):
+        return f"<td>{value}</td>"
+    if isinstance(value, (int, np.integer)):
+        return f'<td class="num">{value}</td>'
+    if isinstance(value, (float, np.floating)):
+        return f'<td class="num">{value:.4f}</td>'
+    return f"<td>{html.escape(str(value))}</td>"
+
+
 def _html_table(table: _Table) -> str:
-    body = table.frame.to_html(index=False, border=0, escape=True, na_rep="–", float_format=lambda v: f"{v:.4f}")
+    """A table with numbers right-aligned (class ``num``) and everything escaped."""
+    parts = ["<table>"]
     if table.caption:
-        body = body.replace(">\n", f">\n<caption>{html.escape(table.caption)}</caption>\n", 1)
-    return body
+        parts.append(f"<caption>{html.escape(table.caption)}</caption>")
+    if table.header:
+        parts.append("<thead><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in table.frame.columns)
+                     + "</tr></thead>")
+    parts.append("<tbody>")
+    for row in table.frame.itertuples(index=False):
+        parts.append("<tr>" + "".join(_html_cell(value) for value in row) + "</tr>")
+    parts.append("</tbody></table>")
+    return "\n".join(parts)
 
 
 def _md_cell(value: object) -> str:
@@ -297,14 +347,17 @@ def _render_html(run: Run, sections: list[_Section], created: str) -> str:
                 parts.append(_html_table(block))
             elif isinstance(block, _Text):
                 text = html.escape(block.text)
-                parts.append(f"<pre>{text}</pre>" if block.preformatted else f"<p>{text}</p>")
+                parts.append(f"<details><summary>show</summary><pre>{text}</pre></details>" if block.preformatted
+                             else f"<p>{text}</p>")
             elif isinstance(block, _Figure) and block.files:
                 png = block.files[0].relative_to(block.files[0].parent.parent).as_posix()
                 links = "".join(f' · <a href="{f.relative_to(f.parent.parent).as_posix()}">PDF</a>'
                                 for f in block.files[1:])
+                kind = ' class="small"' if block.small else ""
                 parts.append(
-                    f'<figure id="{block.name}"><a href="{png}"><img src="{png}" alt="{html.escape(block.caption)}">'
-                    f"</a><figcaption>{html.escape(block.caption)}{links}</figcaption></figure>"
+                    f'<figure id="{block.name}"{kind}><a href="{png}"><img src="{png}" width="{block.width}" '
+                    f'alt="{html.escape(block.caption)}"></a><figcaption>{html.escape(block.caption)}{links}'
+                    "</figcaption></figure>"
                 )
         parts.append("</section>")
     parts += ["</body>", "</html>"]
@@ -352,7 +405,8 @@ def write_report(
     if metric is None:
         metric = default_metric(run)
     elif metric not in run.metric_names:
-        raise ReportError(f"metric {metric!r} is not in this run; its metrics: {', '.join(run.metric_names) or '(none)'}")
+        known = ", ".join(run.metric_names) or "(none)"
+        raise ReportError(f"metric {metric!r} is not in this run; its metrics: {known}")
     out = run.path / REPORT_DIR
     shutil.rmtree(out / _FIGURES, ignore_errors=True)
     (out / _FIGURES).mkdir(parents=True)
@@ -360,6 +414,8 @@ def write_report(
     figures = [block for section in sections for block in section.blocks if isinstance(block, _Figure)]
     for figure in tqdm(figures, desc="report", unit="figure", disable=None if progress is None else not progress):
         figure.files = save_figure(figure.make(), out / _FIGURES / figure.name, pdf=pdf, dpi=dpi)
+        with Image.open(figure.files[0]) as png:
+            figure.width = round(png.width * _SCREEN_DPI / dpi)
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     (out / "report.md").write_text(_render_markdown(run, sections, created), encoding="utf-8")
     index = out / "index.html"

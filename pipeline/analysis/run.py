@@ -60,15 +60,14 @@ class Run:
         self._records = {record.key: record for record in plan.records}
         with h5py.File(self.results_path, "r") as f:
             self.class_names: list[str] = json.loads(f.attrs["class_names"])
-            self.image_size: tuple[int, int] = tuple(int(v) for v in f.attrs["image_size"])  # type: ignore[assignment]
+            height, width = (int(v) for v in f.attrs["image_size"])
+            self.image_size = (height, width)
             images = f["images"]
             keys = _names(images["keys"])
             columns = {name: images[name][()] for name in
                        ("labels", "targets", "predicted", "target_prob", "has_gt", "failed")}
-            self._structure = {
-                group: {name: list(f[group][name]) for name in f[group]} if group in f else {}
-                for group in ("maps", "curves")
-            }
+            datasets: list[str] = []
+            f.visititems(lambda name, item: datasets.append(name) if isinstance(item, h5py.Dataset) else None)
             failures = f["failures"]
             self.failures = pd.DataFrame({"key": _names(failures["keys"]), "error": _names(failures["messages"])})
         self.images = pd.DataFrame({
@@ -84,6 +83,14 @@ class Run:
             "failed": columns["failed"].astype(bool),
         })
         self._row = {key: row for row, key in enumerate(keys)}
+        self._maps: dict[str, list[str]] = {}
+        self._curves: dict[str, dict[str, list[str]]] = {}
+        for name in datasets:
+            parts = name.split("/")
+            if parts[0] == "maps" and len(parts) == 3:
+                self._maps.setdefault(parts[1], []).append(parts[2])
+            elif parts[0] == "curves" and len(parts) == 4:
+                self._curves.setdefault(parts[1], {}).setdefault(parts[2], []).append(parts[3])
 
     def __repr__(self) -> str:
         return (f"Run({str(self.path)!r}: {len(self.images)} images ({int(self.images['failed'].sum())} failed), "
@@ -97,15 +104,16 @@ class Run:
     @property
     def methods(self) -> list[str]:
         """Method labels that have maps, in the config's order."""
-        present = self._structure["maps"]
+        present = self._maps
         ordered = [entry.label for entry in self.config.methods if entry.label in present]
         return ordered + [name for name in present if name not in ordered]
 
     def layers(self, method: str) -> list[str]:
         """The layers of ``method`` that have maps (``["-"]`` for a method without layers)."""
-        if method not in self._structure["maps"]:
-            raise ValueError(f"method {method!r} has no maps in {self.results_path}; methods: {', '.join(self.methods)}")
-        present = self._structure["maps"][method]
+        if method not in self._maps:
+            known = ", ".join(self.methods)
+            raise ValueError(f"method {method!r} has no maps in {self.results_path}; methods: {known}")
+        present = self._maps[method]
         entry = next((e for e in self.config.methods if e.label == method), None)
         ordered = [layer for layer in (entry.layers or []) if layer in present] if entry else []
         return ordered + [layer for layer in present if layer not in ordered]
@@ -131,7 +139,7 @@ class Run:
     @property
     def curve_metrics(self) -> list[str]:
         """Metrics whose per-image curves are stored (insertion, deletion)."""
-        return list(self._structure["curves"])
+        return list(self._curves)
 
     @property
     def metric_names(self) -> list[str]:
@@ -195,10 +203,11 @@ class Run:
     def curves(self, metric: str, method: str, layer: str | None = None, *,
                keys: str | Sequence[str] | None = None, indices: int | Sequence[int] | None = None) -> np.ndarray:
         """Per-image ``metric`` curves ``[n, T]`` of one view (selection as in :meth:`maps`)."""
-        if metric not in self._structure["curves"]:
-            raise ValueError(f"no {metric!r} curves in {self.results_path}; curves: {', '.join(self.curve_metrics) or '(none)'}")
+        if metric not in self._curves:
+            known = ", ".join(self.curve_metrics) or "(none)"
+            raise ValueError(f"no {metric!r} curves in {self.results_path}; curves: {known}")
         layer = self._layer(method, layer)
-        if layer not in self._structure["curves"][metric].get(method, []):
+        if layer not in self._curves[metric].get(method, []):
             raise ValueError(f"no {metric!r} curves for method {method!r} layer {layer!r}")
         return self._read(f"curves/{metric}/{method}/{layer}", keys, indices)
 

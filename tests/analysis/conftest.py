@@ -67,3 +67,15 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert not failures, failures
     reduce_run(run_dir, progress=False)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def broken_key() -> str:
+    """The key of the tiny run's unreadable image (recorded as a failure)."""
+    return BROKEN_KEY
+
+
+@pytest.fixture(scope="session")
+def no_gt_key() -> str:
+    """The key of the tiny run's image that has no ground-truth map."""
+    return NO_GT_KEY

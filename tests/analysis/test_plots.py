@@ -1,0 +1,164 @@
+"""Each plot helper draws what it is given, checked against values read independently from the run's files."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline.analysis import (
+    Run,
+    curve_plot,
+    ground_truth_comparison,
+    load_run,
+    metric_distributions,
+    metric_heatmap,
+    overlay_grid,
+    save_figure,
+)
+
+KEYS = ["circle/circle_0000", "square/square_0001"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run: Path) -> Run:
+    return load_run(tiny_run)
+
+
+def _stored(tiny_run: Path, name: str) -> np.ndarray:
+    with h5py.File(tiny_run / "results.h5", "r") as f:
+        return f[name][()]
+
+
+def _row(tiny_run: Path, key: str) -> int:
+    with h5py.File(tiny_run / "results.h5", "r") as f:
+        return [k.decode() for k in f["images/keys"][()]].index(key)
+
+
+def _minmax(array: np.ndarray) -> np.ndarray:
+    low, high = float(array.min()), float(array.max())
+    return np.zeros_like(array) if high == low else (array - low) / (high - low)
+
+
+def _csv_values(tiny_run: Path, metric: str, method: str, layer: str) -> list[float]:
+    with open(tiny_run / "metrics.csv", newline="") as handle:
+        return [float(r["value"]) for r in csv.DictReader(handle)
+                if (r["metric"], r["method"], r["layer"]) == (metric, method, layer) and r["value"] not in ("", "nan")]
+
+
+def test_overlay_grid_draws_images_by_views(run: Run, tiny_run: Path) -> None:
+    figure = overlay_grid(run, KEYS, ["gradcam", ("rise", "-")])
+    assert isinstance(figure, Figure)
+    panels = [ax for ax in figure.axes if ax.get_images()]
+    assert len(panels) == len(KEYS) * 4
+    assert len(figure.axes) == len(panels) + 1  # one shared colorbar
+    top = figure.axes[:4]
+    assert [ax.get_title() for ax in top[1:]] == ["gradcam / layer2", "gradcam / layer3", "rise"]
+    class_names = json.loads((tiny_run / "plan.json").read_text())["class_names"]
+    row = _row(tiny_run, KEYS[1])
+    target = class_names[_stored(tiny_run, "images/targets")[row]]
+    probability = _stored(tiny_run, "images/target_prob")[row]
+    assert figure.axes[4].get_title().startswith(f"{target} ({probability:.2f})")
+    assert KEYS[1] in figure.axes[4].get_ylabel()
+    rise_panel = figure.axes[7]
+    image, overlay = rise_panel.get_images()
+    np.testing.assert_allclose(overlay.get_array(), _minmax(_stored(tiny_run, "maps/rise/-")[row]), atol=1e-6)
+    assert image.get_array().shape == (32, 32, 3)
+
+
+def test_overlay_grid_raw_maps_get_their_own_colorbars(run: Run, broken_key: str) -> None:
+    figure = overlay_grid(run, [KEYS[0], broken_key], ["rise"], normalize=False, show_image=False,
+                          row_labels=["first", "second"])
+    maps = [ax for ax in figure.axes if ax.get_images()]
+    assert len(maps) == 1  # the failed image has no map to draw
+    assert len(figure.axes) == 2 + 1  # two panels, one colorbar for the drawn map
+    texts = [t.get_text() for ax in figure.axes for t in ax.texts]
+    assert "failed" in texts
+    assert "second" in figure.axes[1].get_ylabel()
+    with pytest.raises(ValueError, match="row_labels"):
+        overlay_grid(run, KEYS, row_labels=["only one"])
+
+
+def test_curve_plot_means_and_legend(run: Run, tiny_run: Path) -> None:
+    figure = curve_plot(run, band="std")
+    assert [ax.get_title() for ax in figure.axes] == ["Insertion ↑", "Deletion ↓"]
+    for ax, metric in zip(figure.axes, ("insertion", "deletion")):
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert [label.split(" (AUC")[0] for label in labels] == ["gradcam / layer2", "gradcam / layer3", "rise"]
+        for line, label, name in zip(ax.get_lines(), labels, ("gradcam/layer2", "gradcam/layer3", "rise/-")):
+            curves = _stored(tiny_run, f"curves/{metric}/{name}")
+            curves = curves[~np.isnan(curves).any(axis=1)]
+            mean = curves.mean(axis=0)
+            np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-6)
+            per_image = _csv_values(tiny_run, metric, *name.split("/"))
+            assert label.endswith(f"(AUC {np.mean(per_image):.3f})")
+        band = next(c for c in ax.collections if isinstance(c, PolyCollection))
+        top = band.get_paths()[0].vertices[:, 1].max()
+        curves = _stored(tiny_run, f"curves/{metric}/gradcam/layer2")
+        curves = curves[~np.isnan(curves).any(axis=1)]
+        assert top == pytest.approx((curves.mean(axis=0) + curves.std(axis=0, ddof=1)).max(), rel=1e-5)
+    single = curve_plot(run, ["deletion"], ["rise"])
+    assert len(single.axes) == 1 and len(single.axes[0].get_lines()) == 1
+    with pytest.raises(ValueError, match="none has curves"):
+        curve_plot(run, ["pcc"])
+
+
+@pytest.mark.parametrize("kind", ["box", "violin"])
+def test_metric_distributions_one_panel_per_metric(run: Run, tiny_run: Path, kind: str) -> None:
+    figure = metric_distributions(run, kind=kind)
+    assert [ax.get_title() for ax in figure.axes] == ["Insertion ↑", "Deletion ↓", "PCC ↑", "Pointing Game ↑"]
+    for ax in figure.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["gradcam / layer2", "gradcam / layer3", "rise"]
+    points = figure.axes[2].collections[-1].get_offsets()[:, 1]
+    assert sorted(points) == pytest.approx(sorted(_csv_values(tiny_run, "pcc", "rise", "-")))
+    only = metric_distributions(run, ["deletion"], [("gradcam", "layer3")], kind=kind)
+    assert len(only.axes) == 1
+    assert [t.get_text() for t in only.axes[0].get_xticklabels()] == ["gradcam / layer3"]
+
+
+def test_metric_heatmap_cells_are_the_means(run: Run, tiny_run: Path) -> None:
+    figure = metric_heatmap(run, "deletion")
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["gradcam", "rise"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["layer2", "layer3", "(no layer)"]
+    grid = ax.get_images()[0].get_array()
+    for i, method in enumerate(("gradcam", "rise")):
+        for j, layer in enumerate(("layer2", "layer3", "-")):
+            values = _csv_values(tiny_run, "deletion", method, layer)
+            if values:
+                assert grid[i, j] == pytest.approx(np.mean(values))
+            else:
+                assert np.ma.is_masked(grid[i, j])
+    assert "Deletion ↓" in ax.get_title()
+    with pytest.raises(ValueError, match="unknown 'ssim'"):
+        metric_heatmap(run, "ssim")
+
+
+def test_ground_truth_comparison_skips_images_without_one(run: Run, tiny_run: Path, no_gt_key: str) -> None:
+    figure = ground_truth_comparison(run, [no_gt_key, "cross/cross_0000"], ["gradcam"])
+    panels = [ax for ax in figure.axes if ax.get_images()]
+    assert len(panels) == 1 * (2 + 2)
+    plan = json.loads((tiny_run / "plan.json").read_text())
+    gt_path = next(i["gt"] for i in plan["images"] if i["key"] == "cross/cross_0000")
+    gt = np.asarray(Image.open(gt_path).convert("L"), dtype=np.float64) / 255
+    np.testing.assert_allclose(panels[1].get_images()[0].get_array(), _minmax(gt), atol=1e-5)
+    assert [ax.get_title().split("\n")[0] for ax in panels[1:]] == ["ground truth", "gradcam / layer2",
+                                                                    "gradcam / layer3"]
+    with pytest.raises(ValueError, match="none of the given images has a ground-truth map"):
+        ground_truth_comparison(run, [no_gt_key])
+
+
+def test_save_figure_writes_png_at_the_dpi_and_pdf(run: Run, tmp_path: Path) -> None:
+    figure = metric_heatmap(run, "insertion")
+    files = save_figure(figure, tmp_path / "out" / "heat.map", pdf=True, dpi=50)
+    assert [f.name for f in files] == ["heat.map.png", "heat.map.pdf"]
+    width, height = figure.get_size_inches()
+    with Image.open(files[0]) as png:
+        assert png.size == (round(width * 50), round(height * 50))
+    assert files[1].read_bytes().startswith(b"%PDF")

@@ -1,0 +1,151 @@
+"""``xai-pipeline report``: the files it writes, their links, image selection, and the page in a browser."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from pipeline.analysis import ReportError, load_run, select_images, write_report
+from pipeline.cli import main
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Links(HTMLParser):
+    """Every src/href of a page, every table and the text of the table cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.tables = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "img":
+            self.images.append(values["src"] or "")
+        for name in ("src", "href"):
+            if values.get(name):
+                self.links.append(values[name] or "")
+        self.tables += tag == "table"
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run: Path) -> Path:
+    """The report folder written by the command line (quiet: stderr is not a terminal)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", str(tiny_run), "--images", "1", "--pdf", "--metric", "deletion"]) == 0
+    assert stderr.getvalue() == ""
+    return tiny_run / "report"
+
+
+def _page(report: Path) -> _Links:
+    parser = _Links()
+    parser.feed((report / "index.html").read_text(encoding="utf-8"))
+    return parser
+
+
+def test_report_files_and_links_exist(report: Path) -> None:
+    page = _page(report)
+    local = [link for link in page.links if not link.startswith("#")]
+    assert local, "the page links no files"
+    for link in local:
+        assert not re.match(r"^[a-z]+:", link) and not link.startswith("/"), f"not a relative link: {link}"
+        assert (report / link).is_file(), f"index.html links a missing file: {link}"
+    pngs = sorted(p.relative_to(report).as_posix() for p in (report / "figures").glob("*.png"))
+    assert sorted(page.images) == pngs
+    assert sorted(p.with_suffix(".pdf") for p in (report / "figures").glob("*.png")) == sorted(
+        (report / "figures").glob("*.pdf"))
+    markdown = (report / "report.md").read_text(encoding="utf-8")
+    md_images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert sorted(md_images) == pngs
+
+
+def test_report_holds_tables_config_and_failures(report: Path, tiny_run: Path, broken_key: str) -> None:
+    page = _page(report)
+    text = " ".join(page.text)
+    assert page.tables >= 6
+    for title in ("Insertion ↑", "Deletion ↓", "PCC ↑", "Pointing Game ↑"):
+        assert title in text
+    assert "tiny-analysis" in text and "pipeline.demo_model:ShapesNet" in text
+    assert broken_key in text and "cannot read image" in text
+    with open(tiny_run / "metrics.csv", newline="") as handle:
+        values = [float(r["value"]) for r in csv.DictReader(handle)
+                  if (r["metric"], r["method"], r["layer"]) == ("insertion", "rise", "-")]
+    assert f"{sum(values) / len(values):.4f} ±" in text
+    markdown = (report / "report.md").read_text(encoding="utf-8")
+    assert "| gradcam" in markdown and broken_key in markdown and "Deletion ↓" in markdown
+
+
+def test_selection_follows_the_metric_direction(tiny_run: Path) -> None:
+    run = load_run(tiny_run)
+    with open(tiny_run / "metrics.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if (r["method"], r["layer"]) == ("gradcam", "layer3")]
+    for metric, higher_is_better in (("insertion", True), ("deletion", False)):
+        values = {r["key"]: float(r["value"]) for r in rows if r["metric"] == metric}
+        ordered = sorted(values, key=lambda k: -values[k] if higher_is_better else values[k])
+        groups = select_images(run, metric, "gradcam", "layer3", count=2)
+        assert [k for k, _ in groups["best"]] == ordered[:2]
+        assert [k for k, _ in groups["worst"]] == ordered[::-1][:2]
+        median = sorted(values.values())[len(values) // 2 - 1: len(values) // 2 + 1]
+        middle = sum(median) / 2
+        rest = ordered[2:-2]
+        expected = sorted(sorted(rest, key=lambda k: abs(values[k] - middle))[:2], key=ordered.index)
+        assert [k for k, _ in groups["typical"]] == expected
+        chosen = [k for items in groups.values() for k, _ in items]
+        assert len(set(chosen)) == len(chosen) == 6
+
+
+def test_bad_report_requests(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ReportError, match="'ssim' is not in this run"):
+        write_report(tiny_run, metric="ssim")
+    assert main(["report", str(tiny_run), "--images", "0"]) == 2
+    assert "images must be >= 1" in capsys.readouterr().err
+
+
+_PROBE = """<script>
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  document.title = "PROBE images=" + images.length + " broken=" + broken.length +
+    " tables=" + document.querySelectorAll("table").length +
+    " missing=" + broken.map(function (i) { return i.getAttribute("src"); }).join(",") + " END";
+});
+</script>"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_report_opens_in_a_browser_without_a_server(report: Path, tmp_path: Path) -> None:
+    """Every <img> of the page loads from disk; a deliberately missing one shows the probe can fail."""
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    page = (copy / "index.html").read_text(encoding="utf-8")
+    expected_images = len(_page(report).images)
+    canary = '<img src="figures/__missing__.png" alt="canary">'
+    (copy / "probe.html").write_text(page.replace("</body>", f"{canary}{_PROBE}</body>"), encoding="utf-8")
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+        "--dump-dom", (copy / "probe.html").as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    found = re.search(r"PROBE images=(\d+) broken=(\d+) tables=(\d+) missing=(.*?) END", result.stdout)
+    assert found, f"no probe result in the DOM; chromium said: {result.stderr[-2000:]}"
+    images, broken, tables, missing = int(found[1]), int(found[2]), int(found[3]), found[4]
+    assert images == expected_images + 1
+    assert (broken, missing) == (1, "figures/__missing__.png")
+    assert tables >= 6
