@@ -21,6 +21,7 @@ digest, the images (key, path, label, ground truth) and the shards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -99,11 +100,15 @@ class Plan:
     def keys(self) -> list[str]:
         return [r.key for r in self.records]
 
+    @functools.cached_property
+    def _by_id(self) -> dict[str, Shard]:
+        return {s.id: s for s in self.shards}
+
     def shard(self, shard_id: str) -> Shard:
-        for shard in self.shards:
-            if shard.id == shard_id:
-                return shard
-        raise KeyError(f"shard {shard_id} is not in this plan")
+        try:
+            return self._by_id[shard_id]
+        except KeyError:
+            raise KeyError(f"shard {shard_id} is not in this plan") from None
 
     def stage(self, stage: Stage) -> list[Shard]:
         return [s for s in self.shards if s.stage == stage]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -108,14 +109,11 @@ class ShardRunner:
     def _records(self, shard: Shard) -> list[ImageRecord]:
         return list(self.plan.records[shard.images[0] : shard.images[1]])
 
-    def _images(self, shard: Shard) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
-        loaded, images, failures = load_batch(self._records(shard), self.config.data)
-        if not loaded:
-            raise DataError(f"no image of the shard could be read: {'; '.join(failures.values())}")
-        return loaded, images.to(self.device), failures
-
     @torch.no_grad()
     def _targets(self, loaded: list[ImageRecord], images: Tensor) -> ShardOutput:
+        if not loaded:
+            empty = np.zeros(0, np.int64)
+            return ShardOutput([], empty, empty, empty, np.zeros(0, np.float32))
         probs = torch.softmax(self.model(images).float(), dim=1)
         predicted = probs.argmax(dim=1)
         labels = torch.tensor([r.label for r in loaded], device=self.device)
@@ -133,9 +131,12 @@ class ShardRunner:
 
     # ----------------------------------------------------------------- explain
     def _explain(self, shard: Shard) -> ShardOutput:
-        loaded, images, failures = self._images(shard)
+        loaded, images, failures = load_batch(self._records(shard), self.config.data)
+        images = images.to(self.device)
         output = self._targets(loaded, images)
         output.failures = failures
+        if not loaded:  # every image failed: commit the failures, the other shards go on
+            return output
         targets = torch.from_numpy(output.targets).to(self.device)
         entry = self.config.method(shard.method)
         params = method_params(self.config, entry)
@@ -191,6 +192,8 @@ class ShardRunner:
         explain = [self.plan.shard(i) for i in shard.after]
         merged = merge_chunk(self.run_dir, self.config, explain, self.model)
         output = merged.images
+        if not output.keys:
+            return output
         layer = shard.layers[0]
         keys = set(output.keys)
         records = [r for r in self._records(shard) if r.key in keys]
