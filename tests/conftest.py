@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import yaml
 
 from pipeline.config import parse_config
 from tests.tiny_experiment import (
+    ConfigFactory,
     FinishedRun,
     ImageTree,
     add_broken_image,
@@ -22,6 +23,7 @@ from tests.tiny_experiment import (
     tiny_config,
     write_checkpoint,
     write_image_tree,
+    YamlWriter,
 )
 
 
@@ -48,7 +50,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_config(image_tree: ImageTree, checkpoint: Path) -> Callable[..., dict[str, Any]]:
+def make_config(image_tree: ImageTree, checkpoint: Path) -> ConfigFactory:
     """``make_config(root=None, gt_dir=..., checkpoint_path=None)``: a fresh config dict of the tiny experiment."""
 
     def build(root: Path | None = None, gt_dir: Path | None = image_tree.gt_dir,
@@ -59,7 +61,7 @@ def make_config(image_tree: ImageTree, checkpoint: Path) -> Callable[..., dict[s
 
 
 @pytest.fixture
-def write_yaml(tmp_path: Path) -> Callable[..., Path]:
+def write_yaml(tmp_path: Path) -> YamlWriter:
     """``write_yaml(config_dict, name="experiment.yaml")``: the dict as a YAML file in the test's folder."""
 
     def write(raw: dict[str, Any], name: str = "experiment.yaml") -> Path:

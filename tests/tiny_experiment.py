@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,12 +32,19 @@ __all__ = [
     "tiny_config",
     "add_broken_image",
     "one_thread",
+    "ConfigFactory",
+    "YamlWriter",
 ]
 
 IMAGE_SIZE = 32
 CLASSES = ("alpha", "beta", "gamma")
 IMAGES_PER_CLASS = 4
 BROKEN_KEY = "beta/beta_zz_broken"
+
+#: the ``make_config`` fixture: ``(root=None, gt_dir=<the tree's>, checkpoint_path=None) -> config dict``
+ConfigFactory = Callable[..., dict[str, Any]]
+#: the ``write_yaml`` fixture: ``(config dict, name="experiment.yaml") -> path``
+YamlWriter = Callable[..., Path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +111,7 @@ def write_image_tree(base: Path, seed: int = 0) -> ImageTree:
 def write_checkpoint(
     path: Path, *, num_classes: int = len(CLASSES), width: int = 4, seed: int = 0, head_scale: float = 10.0
 ) -> Path:
-    """Save the state_dict of an untrained ``ShapesNet`` initialized from ``seed``, ``fc`` weights times ``head_scale``."""
+    """Save the state_dict of an untrained ``ShapesNet`` seeded with ``seed``, ``fc`` weights times ``head_scale``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ShapesNet(num_classes=num_classes, width=width)

@@ -1,0 +1,152 @@
+"""pipeline.rundir: planning into a folder, guarding another config's run, pre-flight checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config, parse_config
+from pipeline.data import DataError
+from pipeline.demo_model import ShapesNet
+from pipeline.models import ModelError
+from pipeline.planning import Plan
+from pipeline.rundir import RunDirError, config_changes, load_run_plan, plan_run
+from pipeline.store import committed_ids, shard_path, write_error
+from tests.tiny_experiment import ConfigFactory, ImageTree, write_checkpoint
+
+MODULES = [name for name, _ in ShapesNet(num_classes=3, width=4).named_modules() if name]
+#: what a bad layer raises today (ValueError) or once the CLI reports it cleanly (RunDirError)
+LAYER_ERRORS = (ValueError, RunDirError)
+
+
+def test_plan_run_writes_config_and_plan(make_config: ConfigFactory, tmp_path: Path) -> None:
+    raw = make_config()
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(raw), run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "plan.json", "shards"]
+    assert list((run_dir / "shards").iterdir()) == []
+    assert load_config(run_dir / "config.yaml") == parse_config(raw)
+    config, read = load_run_plan(run_dir)
+    assert read == plan == Plan.read(run_dir / "plan.json")
+    assert config == parse_config(raw)
+
+
+def test_planning_the_same_config_again_keeps_the_run(make_config: ConfigFactory, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(make_config()), run_dir)
+    marker = shard_path(run_dir, plan.shards[0].id)
+    marker.write_bytes(b"committed")
+    assert plan_run(parse_config(make_config()), run_dir) == plan
+    assert marker.read_bytes() == b"committed"
+
+
+def test_another_configs_run_is_refused_listing_the_changes(make_config: ConfigFactory, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(make_config()), run_dir)
+    marker = shard_path(run_dir, plan.shards[0].id)
+    marker.write_bytes(b"committed")
+    plan_text = (run_dir / "plan.json").read_text()
+    raw = make_config()
+    raw["methods"][0]["layers"] = ["layer3"]
+    raw["seed"] = 3
+    raw["sharding"]["images_per_shard"] = 4
+    with pytest.raises(RunDirError) as error:
+        plan_run(parse_config(raw), run_dir)
+    message = str(error.value)
+    assert "holds the run of another config" in message and "--overwrite" in message
+    changes = message.split("Changes:\n")[1].splitlines()
+    assert [line.strip() for line in changes] == [
+        "methods[0].layers: ['layer2', 'layer3'] -> ['layer3']",
+        "seed: 0 -> 3",
+        "sharding.images_per_shard: 5 -> 4",
+    ]
+    assert (run_dir / "plan.json").read_text() == plan_text  # nothing touched
+    assert marker.read_bytes() == b"committed"
+
+
+def test_overwrite_replaces_the_run(make_config: ConfigFactory, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    old = plan_run(parse_config(make_config()), run_dir)
+    shard_path(run_dir, old.shards[0].id).write_bytes(b"committed")
+    write_error(run_dir, old.shards[1].id, "boom", kind="error")
+    for name in ("results.h5", "metrics.csv", "summary.csv", "summary.md", "summary.tex", "failures.csv"):
+        (run_dir / name).write_text("old")
+    (run_dir / "notes.txt").write_text("the user's own file")
+    raw = make_config()
+    raw["methods"] = raw["methods"][:1]
+    new = plan_run(parse_config(raw), run_dir, overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt", "plan.json", "shards"]
+    assert list((run_dir / "shards").iterdir()) == []
+    assert committed_ids(run_dir) == set()
+    assert load_config(run_dir / "config.yaml") == parse_config(raw)
+    assert Plan.read(run_dir / "plan.json") == new
+    assert {s.method for s in new.shards} == {"gradcam"}
+
+
+def test_config_changes_lists_added_and_removed_fields(make_config: ConfigFactory) -> None:
+    old = make_config()
+    new = make_config()
+    new["methods"].append({"name": "rise", "id": "rise-2", "params": {"n_masks": 8}})
+    new["data"]["subset"] = {"first_n": 4}
+    changes = config_changes(parse_config(old), parse_config(new))
+    assert "data.subset.first_n: None -> 4" in changes
+    assert "methods[2].name: '(absent)' -> 'rise'" in changes
+    assert "methods[2].params.n_masks: '(absent)' -> 8" in changes
+    assert config_changes(parse_config(old), parse_config(make_config())) == []
+
+
+def _assert_nothing_written(run_dir: Path) -> None:
+    assert not (run_dir / "shards").exists()
+    assert not (run_dir / "plan.json").exists()
+    assert not (run_dir / "config.yaml").exists()
+
+
+def test_an_unknown_layer_fails_listing_the_modules_before_anything_is_written(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    raw = make_config()
+    raw["methods"][0]["layers"] = ["layer2", "layer9"]
+    run_dir = tmp_path / "run"
+    with pytest.raises(LAYER_ERRORS) as error:
+        plan_run(parse_config(raw), run_dir)
+    message = str(error.value)
+    assert "unknown layer 'layer9'" in message
+    listed = message.split("the model's modules are: ")[1].split(", ")
+    assert listed == MODULES
+    _assert_nothing_written(run_dir)
+
+
+def test_a_non_spatial_layer_fails_naming_it(make_config: ConfigFactory, tmp_path: Path) -> None:
+    raw = make_config()
+    raw["methods"][0]["layers"] = ["layer3", "fc"]
+    run_dir = tmp_path / "run"
+    with pytest.raises(LAYER_ERRORS, match=r"layer 'fc' has output shape \(1, 3\); CAM methods need \[B, C, h, w\]"):
+        plan_run(parse_config(raw), run_dir)
+    _assert_nothing_written(run_dir)
+
+
+def test_a_checkpoint_mismatch_fails_before_any_shard(make_config: ConfigFactory, tmp_path: Path) -> None:
+    wrong = write_checkpoint(tmp_path / "five.pt", num_classes=5)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ModelError, match=f"checkpoint {wrong} does not fit the model") as error:
+        plan_run(parse_config(make_config(checkpoint_path=wrong)), run_dir)
+    assert "fc.weight: checkpoint (5, 16) vs model (3, 16)" in str(error.value)
+    _assert_nothing_written(run_dir)
+
+
+def test_an_unreadable_first_image_fails_the_preflight(
+    make_config: ConfigFactory, tree_copy: ImageTree, tmp_path: Path
+) -> None:
+    first = tree_copy.root / f"{sorted(tree_copy.keys)[0]}.png"
+    first.write_bytes(b"garbage")
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=f"cannot read image {first}"):
+        plan_run(parse_config(make_config(root=tree_copy.root)), run_dir)
+    _assert_nothing_written(run_dir)
+    plan_run(parse_config(make_config(root=tree_copy.root)), run_dir, check=False)  # planning itself opens nothing
+    assert (run_dir / "plan.json").is_file()
+
+
+def test_load_run_plan_of_an_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="holds no planned run .*xai-pipeline plan"):
+        load_run_plan(tmp_path)

@@ -1,0 +1,73 @@
+"""pipeline.status: done, pending and failed shards read from the run folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.rundir import plan_run
+from pipeline.status import run_status
+from pipeline.store import shard_path, write_error
+from pipeline.worker import run_shards
+from tests.tiny_experiment import ConfigFactory, FinishedRun, ImageTree
+
+
+@pytest.mark.parametrize("scheduler", [False, True])
+def test_a_finished_run(finished_run: FinishedRun, scheduler: bool) -> None:
+    status = run_status(finished_run.run_dir, scheduler=scheduler)
+    planned = {s.id for s in status.plan.shards}
+    assert status.done == planned and status.total == len(planned) == 27
+    assert (status.pending, status.failed, status.running, status.scheduler_note) == (set(), {}, set(), None)
+    assert status.finished
+    text = status.describe()
+    assert f"13 images, {len(planned)} shards" in text
+    assert "explain  done      9  running      0  pending      0  failed      0" in text
+    assert "score    done     18  running      0  pending      0  failed      0" in text
+    assert f"finished: results in {finished_run.run_dir / 'results.h5'}" in text
+
+
+def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(make_config()), run_dir)
+    status = run_status(run_dir)
+    assert status.pending == {s.id for s in plan.shards}
+    assert status.done == set() and status.failed == {} and not status.finished
+    shard_path(run_dir, plan.shards[0].id).write_bytes(b"")  # committed files are the truth
+    write_error(run_dir, plan.shards[0].id, "an old failure", kind="error")  # ... over an older error record
+    write_error(run_dir, "not-in-the-plan", "from another run", kind="error")
+    status = run_status(run_dir, scheduler=False)
+    assert status.done == {plan.shards[0].id}
+    assert status.failed == {}
+    assert len(status.pending) == len(plan.shards) - 1
+
+
+@pytest.mark.parametrize("scheduler", [False, True])
+def test_done_pending_and_failed_shards(
+    make_config: ConfigFactory, tree_copy: ImageTree, tmp_path: Path, scheduler: bool
+) -> None:
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(make_config(root=tree_copy.root, gt_dir=tree_copy.gt_dir)), run_dir)
+    assert run_shards(run_dir, [s.id for s in plan.stage("explain")], progress=False) == {}
+    damaged = plan.records[1]
+    damaged.path.write_bytes(b"garbage")  # explained, but no longer readable for scoring
+    chunk_scores = {c: [s.id for s in plan.stage("score") if s.images == c] for c in plan.chunks()}
+    failures = run_shards(run_dir, chunk_scores[(0, 5)] + chunk_scores[(5, 10)], progress=False)
+    assert set(failures) == set(chunk_scores[(0, 5)])
+
+    status = run_status(run_dir, scheduler=scheduler)
+    assert set(status.failed) == set(chunk_scores[(0, 5)]) and len(status.failed) == 6
+    for record in status.failed.values():
+        assert record["kind"] == "data"
+        assert "images that were explained can no longer be read" in record["message"]
+        assert str(damaged.path) in record["message"]
+    assert status.pending == set(chunk_scores[(10, 12)])  # never attempted
+    assert status.done == {s.id for s in plan.stage("explain")} | set(chunk_scores[(5, 10)])
+    assert not status.finished and status.running == set() and status.scheduler_note is None
+    text = status.describe()
+    assert "explain  done      9  running      0  pending      0  failed      0" in text
+    assert "score    done      6  running      0  pending      6  failed      6" in text
+    for shard_id in status.failed:
+        line = next(line for line in text.splitlines() if shard_id in line)
+        assert line.strip().startswith(f"failed {plan.shard(shard_id).describe()}: [data] ")
+        assert "images that were explained can no longer be read" in line

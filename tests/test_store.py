@@ -1,0 +1,198 @@
+"""pipeline.store: shard files round-trip, atomic commits, error records."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import pipeline.store as store
+from pipeline.store import (
+    ShardOutput,
+    checkpoint_path,
+    clear_error,
+    committed_ids,
+    error_path,
+    library_versions,
+    read_errors,
+    read_shard,
+    shard_path,
+    write_error,
+    write_shard,
+)
+
+
+def _output(seed: int = 0) -> ShardOutput:
+    rng = np.random.default_rng(seed)
+    return ShardOutput(
+        keys=["a/x", "b/y", "c/z"],
+        labels=np.array([0, 1, 2]),
+        targets=np.array([2, 1, 0], dtype=np.int32),
+        predicted=np.array([2, 2, 0]),
+        target_prob=np.array([0.5, 0.25, 0.125], dtype=np.float64),
+        failures={"a/broken": "cannot read image a/broken.png: bad", "c/ü": "ünïcode message"},
+        maps={"layer3": rng.random((3, 4, 5)).astype(np.float32), "-": rng.random((3, 4, 5)).astype(np.float32)},
+        sums={"weighted": rng.random((3, 4, 5)), "count": np.full(3, 7.0)},
+        constants={"segments": rng.integers(0, 9, size=(3, 4, 5))},
+        values={"insertion": rng.random(3), "pcc": np.array([0.5, np.nan, -0.25])},
+        curves={"insertion": rng.random((3, 6)).astype(np.float32)},
+        attrs={"shard_id": "abc", "stage": "explain", "next_sample": 64, "wall_time_s": 1.5, "resumed": True,
+               "versions": {"torch": "2.x"}, "layers": ["layer3", "-"]},
+    )
+
+
+def test_every_field_round_trips(tmp_path: Path) -> None:
+    output = _output()
+    path = shard_path(tmp_path, "abc")
+    write_shard(path, output)
+    back = read_shard(path)
+    assert back.keys == output.keys
+    for name, dtype in (("labels", np.int64), ("targets", np.int64), ("predicted", np.int64),
+                        ("target_prob", np.float32)):
+        array = getattr(back, name)
+        assert array.dtype == dtype, name
+        np.testing.assert_array_equal(array, getattr(output, name).astype(dtype))
+    assert back.failures == output.failures
+    for group in ("maps", "sums", "constants", "values", "curves"):
+        written, read = getattr(output, group), getattr(back, group)
+        assert read.keys() == written.keys(), group
+        for name, array in written.items():
+            assert read[name].dtype == array.dtype, (group, name)
+            np.testing.assert_array_equal(read[name], array)
+    attrs = back.attrs
+    assert (attrs["shard_id"], attrs["stage"], attrs["next_sample"], attrs["wall_time_s"], attrs["resumed"]) == (
+        "abc", "explain", 64, 1.5, True)
+    assert type(attrs["next_sample"]) is int and type(attrs["wall_time_s"]) is float
+    assert json.loads(attrs["versions"]) == {"torch": "2.x"}  # dicts and lists are stored as JSON text
+    assert json.loads(attrs["layers"]) == ["layer3", "-"]
+
+
+def test_an_empty_output_round_trips(tmp_path: Path) -> None:
+    empty = ShardOutput(keys=[], labels=np.zeros(0, int), targets=np.zeros(0, int), predicted=np.zeros(0, int),
+                        target_prob=np.zeros(0, np.float32))
+    write_shard(tmp_path / "e.h5", empty)
+    back = read_shard(tmp_path / "e.h5")
+    assert back.keys == [] and back.failures == {} and back.maps == {} and back.values == {}
+    assert back.labels.shape == (0,)
+
+
+def test_file_layout_matches_the_documentation(tmp_path: Path) -> None:
+    write_shard(tmp_path / "s.h5", _output())
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        names: list[str] = []
+        f.visit(names.append)
+    assert {"images/keys", "images/labels", "images/targets", "images/predicted", "images/target_prob",
+            "failures/keys", "failures/messages", "maps/layer3", "maps/-", "partial/sums/weighted",
+            "partial/sums/count", "partial/constants/segments", "values/insertion", "values/pcc",
+            "curves/insertion"} <= set(names)
+
+
+def test_a_write_that_fails_midway_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = shard_path(tmp_path, "abc")
+    original = store._put_group
+
+    def failing(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
+        if group.name == "/values":
+            raise RuntimeError("disk on fire")
+        original(group, arrays)
+
+    monkeypatch.setattr(store, "_put_group", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_shard(path, _output())
+    assert not path.exists()
+    assert os.listdir(path.parent) == []  # no temporary file left either
+    assert committed_ids(tmp_path) == set()
+
+    monkeypatch.setattr(store, "_put_group", original)
+    write_shard(path, _output(seed=1))
+    monkeypatch.setattr(store, "_put_group", failing)
+    with pytest.raises(RuntimeError):
+        write_shard(path, _output(seed=2))  # a failed rewrite keeps the committed file whole
+    np.testing.assert_array_equal(read_shard(path).maps["layer3"], _output(seed=1).maps["layer3"])
+    assert os.listdir(path.parent) == [path.name]
+    assert committed_ids(tmp_path) == {"abc"}
+
+
+def test_a_writer_killed_midway_leaves_no_committed_file(tmp_path: Path) -> None:
+    path = shard_path(tmp_path, "killed")
+    script = textwrap.dedent(f"""
+        import sys, time
+        import numpy as np
+        import pipeline.store as store
+
+        original = store._put_group
+
+        def slow(group, arrays):
+            original(group, arrays)
+            if group.name == "/maps":
+                print("maps written", flush=True)
+                time.sleep(60)
+
+        store._put_group = slow
+        output = store.ShardOutput(
+            keys=["k"] * 64, labels=np.zeros(64), targets=np.zeros(64), predicted=np.zeros(64),
+            target_prob=np.zeros(64), maps={{"layer": np.ones((64, 128, 128), np.float32)}},
+        )
+        store.write_shard(store.Path({str(path)!r}), output)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "maps written"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        process.kill()
+        process.wait()
+    assert not path.exists()
+    assert committed_ids(tmp_path) == set()
+    leftovers = os.listdir(path.parent)
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".{path.name}.tmp-")  # hidden, never counted
+
+
+def test_committed_ids_count_only_whole_shards(tmp_path: Path) -> None:
+    assert committed_ids(tmp_path) == set()  # no shards folder yet
+    write_shard(shard_path(tmp_path, "done1"), _output())
+    write_shard(shard_path(tmp_path, "done2"), _output())
+    write_shard(checkpoint_path(tmp_path, "half"), _output())
+    write_error(tmp_path, "broken", "boom", kind="error")
+    folder = tmp_path / "shards"
+    (folder / ".done3.h5.tmp-1-2").write_bytes(b"partial")
+    (folder / ".hidden.h5").write_bytes(b"")
+    (folder / "notes.txt").write_text("x")
+    assert committed_ids(tmp_path) == {"done1", "done2"}
+    assert checkpoint_path(tmp_path, "half") == folder / "half.partial.h5"
+    assert error_path(tmp_path, "broken") == folder / "broken.error.json"
+
+
+def test_error_records(tmp_path: Path) -> None:
+    assert read_errors(tmp_path) == {}
+    write_error(tmp_path, "s1", "cannot read image x.png", kind="data")
+    write_error(tmp_path, "s2", "RuntimeError: out of memory", kind="error", log="/logs/s2.err")
+    (tmp_path / "shards" / "s3.error.json").write_text("{not json")  # a torn record is skipped
+    errors = read_errors(tmp_path)
+    assert set(errors) == {"s1", "s2"}
+    assert (errors["s1"]["kind"], errors["s1"]["message"], errors["s1"]["log"]) == (
+        "data", "cannot read image x.png", None)
+    assert (errors["s2"]["kind"], errors["s2"]["log"], errors["s2"]["shard"]) == ("error", "/logs/s2.err", "s2")
+    assert isinstance(errors["s2"]["time"], float)
+    write_error(tmp_path, "s1", "second attempt", kind="error")
+    assert read_errors(tmp_path)["s1"]["message"] == "second attempt"
+    clear_error(tmp_path, "s1")
+    clear_error(tmp_path, "never-failed")
+    assert set(read_errors(tmp_path)) == {"s2"}
+    assert committed_ids(tmp_path) == set()
+    assert sorted(os.listdir(tmp_path / "shards")) == ["s2.error.json", "s3.error.json"]
+
+
+def test_library_versions_name_the_stack() -> None:
+    versions = library_versions()
+    assert {"xai_pipeline", "torch", "torchvision", "numpy", "h5py", "python"} <= versions.keys()
+    assert versions["numpy"] == np.__version__
