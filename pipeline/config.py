@@ -289,10 +289,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(block, dict):
             for key in keys:
                 if isinstance(block.get(key), str):
-                    block[key] = str((base / block[key]).expanduser().resolve())
+                    block[key] = str((base / Path(block[key]).expanduser()).resolve())
     subset = (resolved.get("data") or {}).get("subset") if isinstance(resolved.get("data"), dict) else None
     if isinstance(subset, dict) and isinstance(subset.get("split_file"), str):
-        subset["split_file"] = str((base / subset["split_file"]).expanduser().resolve())
+        subset["split_file"] = str((base / Path(subset["split_file"]).expanduser()).resolve())
     return resolved
 
 

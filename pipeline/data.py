@@ -5,8 +5,8 @@ manifest's folder, in POSIX form and without extension: ``crab/img_0001``.
 Keys are unique, sorted, and name the image everywhere (shards, results, tables).
 
 Ground-truth maps (e.g. gaze fixation density maps) are found in ``gt_dir`` by the
-image's relative path and stem (``gt_dir/crab/img_0001.png``), else by stem alone
-(``gt_dir/img_0001.png``); a manifest's ``gt`` column takes precedence. PNG/JPEG
+image's relative path and stem (``gt_dir/crab/img_0001.png``), else by stem among the files directly in
+``gt_dir`` (``gt_dir/img_0001.png``); a manifest's ``gt`` column takes precedence. PNG/JPEG
 maps are read as grayscale and divided by 255; ``.npy`` maps are used as they are.
 """
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _index_gt(gt_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     for path in sorted(gt_dir.rglob("*")):
         if path.is_file() and path.suffix.lower() in GT_EXTENSIONS:
             by_key.setdefault(_key(path, gt_dir), path)
-            by_stem.setdefault(path.stem, path)
+            if path.parent == gt_dir:
+                by_stem.setdefault(path.stem, path)
     return by_key, by_stem
 
 

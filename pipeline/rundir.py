@@ -25,11 +25,15 @@ from .planning import PLAN_FILE, Plan, make_plan
 from .store import SHARDS_DIR
 from .worker import CONFIG_FILE
 
-__all__ = ["RunDirError", "plan_run", "preflight", "config_changes", "load_run_plan"]
+__all__ = ["RunDirError", "PreflightError", "plan_run", "preflight", "config_changes", "load_run_plan"]
 
 
 class RunDirError(RuntimeError):
     """The run folder cannot be used as asked."""
+
+
+class PreflightError(RunDirError, ValueError):
+    """A check before the run failed; the message names the item."""
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,12 +71,15 @@ def preflight(config: ExperimentConfig, run_dir: Path) -> None:
     })
     if cam_layers:
         probe = torch.zeros(1, 3, *config.data.image_size)
-        with capture_outputs(model, cam_layers) as captured, torch.no_grad():
-            model(probe)
+        try:
+            with capture_outputs(model, cam_layers) as captured, torch.no_grad():
+                model(probe)
+        except ValueError as error:  # an unknown layer: the message lists the model's modules
+            raise PreflightError(str(error)) from None
         for layer in cam_layers:
             shape = tuple(captured[layer].shape) if layer in captured else None
             if shape is None or len(shape) != 4:
-                raise ValueError(f"layer {layer!r} has output shape {shape}; CAM methods need [B, C, h, w]")
+                raise PreflightError(f"layer {layer!r} has output shape {shape}; CAM methods need [B, C, h, w]")
     run_dir.mkdir(parents=True, exist_ok=True)
     probe_file = run_dir / f".write-test-{os.getpid()}"
     try:

@@ -23,13 +23,11 @@ METRIC_COLUMNS = ["key", "label", "class_name", "target", "predicted", "method",
 
 
 def metric_title(name: str) -> str:
-    """A metric's column title with its arrow: ``Insertion ↑``."""
+    """A metric's column title with its arrow: ``Insertion ↑`` (the name itself if unknown)."""
     from .metrics import METRICS
 
     spec = METRICS.get(name)
-    arrow = "" if spec is None else (" ↑" if spec.higher_is_better else " ↓")
-    titles = {"pcc": "PCC", "ssim": "SSIM"}
-    return titles.get(name, name.replace("_", " ").title()) + arrow
+    return name if spec is None else spec.label
 
 
 def summarize(metrics: pd.DataFrame, by: Sequence[str] = ("method", "layer"), group_by_class: bool = False) -> pd.DataFrame:
@@ -48,8 +46,10 @@ def summarize(metrics: pd.DataFrame, by: Sequence[str] = ("method", "layer"), gr
 def wide_summary(summary: pd.DataFrame, statistic: str = "mean", by: Sequence[str] = ("method", "layer")) -> pd.DataFrame:
     """One row per group, one column per metric (titled with its arrow), holding ``statistic``."""
     order = list(dict.fromkeys(summary["metric"]))
-    wide = summary.pivot_table(index=list(by), columns="metric", values=statistic, sort=False)
-    wide = wide.reindex(columns=order)
+    groups = pd.MultiIndex.from_frame(summary[list(by)].drop_duplicates())
+    wide = summary.set_index([*by, "metric"])[statistic].unstack("metric").reindex(index=groups, columns=order)
+    if statistic == "count":
+        wide = wide.astype("Int64")
     wide.columns = [metric_title(m) for m in order]
     return wide.reset_index()
 
@@ -67,7 +67,7 @@ def write_tables(metrics: pd.DataFrame, out_dir: Path, *, group_by_class: bool =
         f"## {name}\n\n{table.to_markdown(index=False, floatfmt='.4f')}\n\n" for name, table in sections.items()
     ))
     (out_dir / "summary.tex").write_text("\n".join(
-        table.to_latex(index=False, float_format="%.4f", na_rep="--", caption=name)
+        table.to_latex(index=False, float_format="%.4f", na_rep="--", caption=name, escape=True)
         for name, table in sections.items()
     ))
     return summary

@@ -10,6 +10,7 @@ the steps are fixed, the final shard is identical to an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import Tensor
 from .config import ExperimentConfig, load_config
 from .data import DataError, ImageRecord, load_batch, load_gt
 from .merge import merge_chunk
+from .metrics import METRICS
 from .methods import CamExplainer, Partial, SampledExplainer, build_method
 from .models import build_model, select_device
 from .planning import NO_LAYER, PLAN_FILE, Plan, Shard, method_params
@@ -60,7 +62,7 @@ class ShardRunner:
         self.device = select_device(device or self.config.device)
         self.model = build_model(self.config.model).to(self.device)
         self.checkpoint_every = checkpoint_every
-        self._progress: tuple[Shard, ShardOutput, int] | None = None
+        self._progress: tuple[Shard, ShardOutput, Partial, int] | None = None
 
     # ----------------------------------------------------------------- running
     def run(self, shard_id: str, *, force: bool = False) -> Path:
@@ -72,6 +74,19 @@ class ShardRunner:
         started = time.perf_counter()
         try:
             output = self._explain(shard) if shard.stage == "explain" else self._score(shard)
+            output.attrs.update(
+                shard_id=shard.id,
+                stage=shard.stage,
+                method=shard.method,
+                config_hash=self.plan.config_hash,
+                model_digest=self.plan.model_digest,
+                versions=library_versions(),
+                device=str(self.device),
+                host=socket.gethostname(),
+                wall_time_s=time.perf_counter() - started,
+                created=time.time(),
+            )
+            write_shard(path, output)
         except DataError as error:
             write_error(self.run_dir, shard.id, str(error), kind="data")
             raise ShardError(f"shard {shard.describe()}: {error}", kind="data") from error
@@ -80,19 +95,6 @@ class ShardRunner:
             raise
         finally:
             self._progress = None
-        output.attrs.update(
-            shard_id=shard.id,
-            stage=shard.stage,
-            method=shard.method,
-            config_hash=self.plan.config_hash,
-            model_digest=self.plan.model_digest,
-            versions=library_versions(),
-            device=str(self.device),
-            host=socket.gethostname(),
-            wall_time_s=time.perf_counter() - started,
-            created=time.time(),
-        )
-        write_shard(path, output)
         checkpoint_path(self.run_dir, shard.id).unlink(missing_ok=True)
         clear_error(self.run_dir, shard.id)
         return path
@@ -101,9 +103,10 @@ class ShardRunner:
         """Save the running sums of the sampled shard in progress, if any."""
         if self._progress is None:
             return
-        shard, output, next_sample = self._progress
-        output.attrs["next_sample"] = next_sample
-        write_shard(checkpoint_path(self.run_dir, shard.id), output)
+        shard, output, total, next_sample = self._progress
+        saved = _with_partial(output, total)
+        saved.attrs["next_sample"] = next_sample
+        write_shard(checkpoint_path(self.run_dir, shard.id), saved)
 
     # ----------------------------------------------------------------- helpers
     def _records(self, shard: Shard) -> list[ImageRecord]:
@@ -145,7 +148,7 @@ class ShardRunner:
         explainer = build_method(entry.name, self.model, **params)
         if isinstance(explainer, SampledExplainer):
             assert shard.samples is not None
-            self._accumulate(shard, explainer, images, targets, output)
+            return self._accumulate(shard, explainer, images, targets, output)
         elif isinstance(explainer, CamExplainer):
             maps = explainer.explain_layers(images, targets)
             output.maps = {layer: m.float().cpu().numpy() for layer, m in maps.items()}
@@ -155,7 +158,7 @@ class ShardRunner:
 
     def _accumulate(
         self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput
-    ) -> None:
+    ) -> ShardOutput:
         start, stop = shard.samples  # type: ignore[misc]
         total, position = self._resume(shard, output)
         step = max(explainer.batch_size, 1) * 4
@@ -164,12 +167,12 @@ class ShardRunner:
             hi = min(lo + step, stop)
             part = explainer.accumulate(images, targets, lo, hi)
             total = part if total is None else explainer.merge([total, part])
-            self._progress = (shard, _with_partial(output, total), hi)
+            self._progress = (shard, output, total, hi)
             if time.monotonic() - last_save > self.checkpoint_every and hi < stop:
                 self.save_progress()
                 last_save = time.monotonic()
         assert total is not None
-        _with_partial(output, total)
+        return _with_partial(output, total)
 
     def _resume(self, shard: Shard, output: ShardOutput) -> tuple[Partial | None, int]:
         path = checkpoint_path(self.run_dir, shard.id)
@@ -200,10 +203,12 @@ class ShardRunner:
         loaded, images, failures = load_batch(records, self.config.data)
         if failures:
             raise DataError(f"images that were explained can no longer be read: {'; '.join(failures.values())}")
-        gt = [load_gt(r.gt_path, self.config.data.image_size) if r.gt_path else None for r in loaded]
+        metrics = [m for m in self.config.metrics if m.name in shard.metrics]
+        needs_gt = any(METRICS[m.name].needs_ground_truth for m in metrics)
+        size = self.config.data.image_size
+        gt = [load_gt(r.gt_path, size) if needs_gt and r.gt_path else None for r in loaded]
         maps = torch.from_numpy(merged.maps[layer]).to(self.device)
         targets = torch.from_numpy(output.targets).to(self.device)
-        metrics = [m for m in self.config.metrics if m.name in shard.metrics]
         values, curves = score_maps(self.model, images.to(self.device), maps, targets, gt, metrics)
         output.values = values
         output.curves = curves
@@ -211,9 +216,13 @@ class ShardRunner:
 
 
 def _with_partial(output: ShardOutput, partial: Partial) -> ShardOutput:
-    output.sums = {k: v.cpu().numpy() for k, v in partial.sums.items()}
-    output.constants = {k: v.cpu().numpy() for k, v in partial.constants.items()}
-    return output
+    """A copy of ``output`` holding ``partial`` as NumPy arrays (one device-to-host copy)."""
+    return dataclasses.replace(
+        output,
+        sums={k: v.cpu().numpy() for k, v in partial.sums.items()},
+        constants={k: v.cpu().numpy() for k, v in partial.constants.items()},
+        attrs=dict(output.attrs),
+    )
 
 
 @contextlib.contextmanager

@@ -127,11 +127,6 @@ def test_status_and_reduce_commands(run_copy: Path, capsys: pytest.CaptureFixtur
     assert "plan the run first" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    reason="rundir.preflight raises a plain ValueError for an unknown or non-spatial layer, which "
-    "cli.main does not catch: a traceback instead of exit code 2",
-    strict=True,
-)
 def test_a_bad_layer_exits_with_2(
     make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

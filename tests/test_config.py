@@ -88,11 +88,6 @@ def test_relative_paths_resolve_against_the_yaml_folder(tmp_path: Path, monkeypa
     assert load_config(path).data.root == absolute
 
 
-@pytest.mark.xfail(
-    reason="config._resolve_paths joins '~/...' to the YAML folder before expanduser(), "
-    "so a home-relative path becomes <yaml folder>/~/...",
-    strict=True,
-)
 def test_home_relative_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     raw = {"data": {"root": "~/images"}, "model": {"arch": "resnet18"}, "methods": [{"name": "rise"}]}

@@ -117,11 +117,6 @@ def test_gt_matching_by_relative_path_then_by_stem(tmp_path: Path) -> None:
     }
 
 
-@pytest.mark.xfail(
-    reason="data._index_gt indexes the stems of files in every sub-folder of gt_dir, so an image "
-    "without a map takes the map of another class's image with the same file name",
-    strict=True,
-)
 def test_gt_of_another_class_is_not_matched_by_stem(tmp_path: Path) -> None:
     root, gt = tmp_path / "images", tmp_path / "gt"
     _rgb(root / "cat" / "0001.png", 0)

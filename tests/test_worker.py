@@ -301,11 +301,6 @@ def test_run_shards_commits_the_whole_plan(make_config: ConfigFactory, tmp_path:
     assert sorted(p.name for p in (run_dir / "shards").iterdir()) == sorted(f"{i}.h5" for i in ordered)
 
 
-@pytest.mark.xfail(
-    reason="worker._score loads every ground-truth map for every score shard, so one unreadable "
-    "map fails the insertion/deletion shard of its chunk too (and the run cannot be reduced)",
-    strict=True,
-)
 def test_an_unreadable_gt_map_does_not_fail_the_perturbation_metrics(
     make_config: ConfigFactory, tree_copy: ImageTree, tmp_path: Path
 ) -> None:
@@ -323,11 +318,6 @@ def test_an_unreadable_gt_map_does_not_fail_the_perturbation_metrics(
     assert key in output.keys
 
 
-@pytest.mark.xfail(
-    reason="ShardRunner.run writes the shard after its try block: a failing commit (disk full, "
-    "quota) leaves no error record, so `status` shows the shard as pending without a reason",
-    strict=True,
-)
 def test_a_failing_commit_is_recorded(
     make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
