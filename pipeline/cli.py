@@ -193,13 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError
     from .reduce import ReduceError
     from .rundir import RunDirError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ConfigError, DataError, ModelError, ReduceError, RunDirError, FileNotFoundError) as error:
