@@ -6,51 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipeline.methods import build_method
-
-
-class TinyNet(nn.Module):
-    """conv-ReLU-conv(stride 2)-ReLU features, an optional conv-ReLU, global average pooling, linear head."""
-
-    def __init__(self, mid: bool) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU()
-        )
-        self.mid = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU()) if mid else nn.Identity()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.mid(self.features(x))).flatten(1))
-
-
-def make_model(mid: bool) -> TinyNet:
-    torch.manual_seed(0)
-    return TinyNet(mid).eval()
+from tests.methods.helpers import activations_and_gradients, make_tiny_cam_net, seeded_batch, weighted_channel_sum
 
 
 def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    return torch.randn(3, 3, 32, 32, generator=generator), torch.tensor([4, 1, 1])
-
-
-def split_activations_and_gradients(model: TinyNet, images: torch.Tensor, targets: torch.Tensor, cut: int):
-    """Activations after ``model.features[:cut]`` and the gradients of the target logits w.r.t. them."""
-    activations = model.features[:cut](images).detach().requires_grad_(True)
-    logits = model.fc(model.pool(model.mid(model.features[cut:](activations))).flatten(1))
-    (gradients,) = torch.autograd.grad(logits[torch.arange(len(targets)), targets].sum(), activations)
-    return activations.detach().double().numpy(), gradients.double().numpy()
+    return seeded_batch(3, [4, 1, 1])
 
 
 def expected_maps(acts: np.ndarray, weights: np.ndarray, relu: bool) -> np.ndarray:
     """Plain Abs-CAM Init: sum_k w[b, k] A[b, k], upsampled, optional ReLU, min-max per image."""
-    combined = np.zeros((acts.shape[0], acts.shape[2], acts.shape[3]))
-    for b in range(acts.shape[0]):
-        for k in range(acts.shape[1]):
-            combined[b] += weights[b, k] * acts[b, k]
+    combined = weighted_channel_sum(weights, acts)
     upsampled = F.interpolate(torch.from_numpy(combined)[:, None], size=(32, 32), mode="bilinear", align_corners=False)
     upsampled = upsampled[:, 0].numpy()
     if relu:
@@ -66,7 +33,7 @@ def expected_maps(acts: np.ndarray, weights: np.ndarray, relu: bool) -> np.ndarr
 @pytest.mark.parametrize("relu", [False, True])
 def test_equals_formula_with_closed_form_gradients(relu: bool) -> None:
     # GAP + linear head on "features.3": dlogit_c/dA_k = W[c, k] / (h*w) everywhere.
-    model = make_model(mid=False)
+    model = make_tiny_cam_net(mid=False)
     images, targets = make_batch()
     with torch.no_grad():
         acts = model.features(images).double().numpy()
@@ -82,9 +49,9 @@ def test_equals_formula_with_closed_form_gradients(relu: bool) -> None:
 @pytest.mark.parametrize("relu", [False, True])
 def test_equals_formula_with_gradients_of_a_hand_split_model(relu: bool) -> None:
     # "features.2" is the pre-ReLU convolution: signed activations and spatially varying gradients.
-    model = make_model(mid=True)
+    model = make_tiny_cam_net(mid=True)
     images, targets = make_batch()
-    acts, grads = split_activations_and_gradients(model, images, targets, cut=3)
+    acts, grads = (t.double().numpy() for t in activations_and_gradients(model, images, targets, cut=3))
     weights = np.abs(grads).mean(axis=(2, 3))
     assert not np.allclose(weights, np.abs(grads.mean(axis=(2, 3))))
     expected = expected_maps(acts, weights, relu)
@@ -95,7 +62,7 @@ def test_equals_formula_with_gradients_of_a_hand_split_model(relu: bool) -> None
 
 
 def test_relu_option_changes_signed_maps() -> None:
-    model = make_model(mid=True)
+    model = make_tiny_cam_net(mid=True)
     images, targets = make_batch()
     plain = build_method("abscam-init", model, layer="features.2").explain(images, targets)
     rectified = build_method("abscam-init", model, layer="features.2", relu=True).explain(images, targets)
@@ -104,4 +71,4 @@ def test_relu_option_changes_signed_maps() -> None:
 
 def test_relu_must_be_bool() -> None:
     with pytest.raises(TypeError, match="relu"):
-        build_method("abscam-init", make_model(mid=False), layer="features.3", relu="yes")
+        build_method("abscam-init", make_tiny_cam_net(mid=False), layer="features.3", relu="yes")

@@ -4,38 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from pipeline.methods import CamExplainer, build_method, method_class, method_parameters
+from tests.methods.helpers import make_tiny_cam_net, seeded_batch
 
 CAM_METHODS = ["gradcam", "abscam-init", "abscam-final", "fem", "scorecam"]
 LAYER = "features.3"
 
 
-class TinyNet(nn.Module):
-    """Two convolutions (the second with stride 2), a third convolution, global average pooling, linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU()
-        )
-        self.mid = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.mid(self.features(x))).flatten(1))
-
-
-def make_model() -> TinyNet:
-    torch.manual_seed(0)
-    return TinyNet().eval()
-
-
 def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(2, 3, 32, 32, generator=generator), torch.tensor([1, 3])
+    return seeded_batch(1, [1, 3])
 
 
 @pytest.mark.parametrize("name", CAM_METHODS)
@@ -48,7 +26,7 @@ def test_registry_entry_is_a_cam_method_with_its_name(name: str) -> None:
 
 @pytest.mark.parametrize("name", CAM_METHODS)
 def test_output_shape_dtype_finite_and_images_untouched(name: str) -> None:
-    model = make_model()
+    model = make_tiny_cam_net()
     images, targets = make_batch()
     original = images.clone()
     maps = build_method(name, model, layer=LAYER).explain(images, targets)
@@ -62,18 +40,18 @@ def test_output_shape_dtype_finite_and_images_untouched(name: str) -> None:
 
 @pytest.mark.parametrize("name", CAM_METHODS)
 def test_deterministic(name: str) -> None:
-    model = make_model()
+    model = make_tiny_cam_net()
     images, targets = make_batch()
     method = build_method(name, model, layer=LAYER)
     first = method.explain(images, targets)
     assert torch.equal(first, method.explain(images, targets))
-    assert torch.equal(first, build_method(name, make_model(), layer=LAYER).explain(images, targets))
+    assert torch.equal(first, build_method(name, make_tiny_cam_net(), layer=LAYER).explain(images, targets))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", CAM_METHODS)
 def test_model_left_as_it_was(name: str, training: bool) -> None:
-    model = make_model().train(training)
+    model = make_tiny_cam_net().train(training)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, targets = make_batch()
     build_method(name, model, layer=[LAYER, "features.1"]).explain_layers(images, targets)
@@ -92,7 +70,7 @@ def test_model_left_as_it_was(name: str, training: bool) -> None:
 
 @pytest.mark.parametrize("name", CAM_METHODS)
 def test_two_layers_in_one_call_equal_two_single_layer_calls(name: str) -> None:
-    model = make_model()
+    model = make_tiny_cam_net()
     images, targets = make_batch()
     layers = ["features.1", LAYER]
     together = build_method(name, model, layer=layers).explain_layers(images, targets)
@@ -106,7 +84,7 @@ def test_two_layers_in_one_call_equal_two_single_layer_calls(name: str) -> None:
 @pytest.mark.parametrize("name", CAM_METHODS)
 def test_unknown_layer_lists_module_names(name: str) -> None:
     with pytest.raises(ValueError, match="'nope'") as error:
-        build_method(name, make_model(), layer="nope")
+        build_method(name, make_tiny_cam_net(), layer="nope")
     for module_name in ("features", "features.3", "mid.0", "pool", "fc"):
         assert module_name in str(error.value)
 
@@ -114,7 +92,7 @@ def test_unknown_layer_lists_module_names(name: str) -> None:
 @pytest.mark.parametrize("name", CAM_METHODS)
 def test_non_spatial_layer_names_layer_and_shape(name: str) -> None:
     images, targets = make_batch()
-    method = build_method(name, make_model(), layer="fc")
+    method = build_method(name, make_tiny_cam_net(), layer="fc")
     with pytest.raises(ValueError, match=r"'fc'.*\(2, 5\)"):
         method.explain(images, targets)
 
@@ -122,7 +100,7 @@ def test_non_spatial_layer_names_layer_and_shape(name: str) -> None:
 @pytest.mark.parametrize("name", CAM_METHODS)
 def test_unknown_parameter_lists_valid_parameters(name: str) -> None:
     with pytest.raises(TypeError, match="bogus") as error:
-        build_method(name, make_model(), layer="x", bogus=1)
+        build_method(name, make_tiny_cam_net(), layer="x", bogus=1)
     message = str(error.value)
     assert "valid parameters" in message
     for parameter in method_parameters(name):
@@ -131,7 +109,7 @@ def test_unknown_parameter_lists_valid_parameters(name: str) -> None:
 
 def test_gradcam_unknown_parameter_message() -> None:
     with pytest.raises(TypeError, match="valid parameters: layer$"):
-        build_method("gradcam", make_model(), layer="x", bogus=1)
+        build_method("gradcam", make_tiny_cam_net(), layer="x", bogus=1)
 
 
 @pytest.mark.gpu
@@ -140,7 +118,7 @@ def test_cuda_matches_cpu(name: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     images, targets = make_batch()
-    on_cpu = build_method(name, make_model(), layer=LAYER).explain(images, targets)
-    on_gpu = build_method(name, make_model().cuda(), layer=LAYER).explain(images.cuda(), targets.cuda())
+    on_cpu = build_method(name, make_tiny_cam_net(), layer=LAYER).explain(images, targets)
+    on_gpu = build_method(name, make_tiny_cam_net().cuda(), layer=LAYER).explain(images.cuda(), targets.cuda())
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-4)

@@ -21,6 +21,7 @@ from pipeline.methods.extremal import (
     blur_pyramid,
     perturb,
 )
+from tests.methods.helpers import recorded_batch_sizes, seeded_batch
 
 SIZE = 64
 PATCH = (slice(10, 30), slice(34, 54))
@@ -73,8 +74,7 @@ def tiny_net() -> nn.Module:
 
 
 def small_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(2, 3, 32, 32, generator=generator), torch.tensor([0, 2])
+    return seeded_batch(1, [0, 2])
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,12 +137,10 @@ def test_model_mode_gradients_hooks_and_weights_untouched(training: bool) -> Non
 
 
 def test_images_and_areas_share_one_forward_per_iteration() -> None:
-    batch_sizes: list[int] = []
     model = tiny_net()
-    handle = model.register_forward_pre_hook(lambda _m, inputs: batch_sizes.append(inputs[0].shape[0]))
     images, targets = small_batch()
-    ExtremalPerturbation(model, areas=(0.1, 0.2, 0.3), **FAST).explain(images, targets)
-    handle.remove()
+    with recorded_batch_sizes(model) as batch_sizes:
+        ExtremalPerturbation(model, areas=(0.1, 0.2, 0.3), **FAST).explain(images, targets)
     assert batch_sizes == [2 * 3] * FAST["iterations"]
 
 

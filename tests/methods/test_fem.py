@@ -7,48 +7,11 @@ import torch
 from torch import nn
 
 from pipeline.methods import build_method
-
-
-class TinyNet(nn.Module):
-    """conv-ReLU-conv(stride 2)-ReLU features, conv-ReLU, global average pooling, linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU()
-        )
-        self.mid = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.mid(self.features(x))).flatten(1))
-
-
-def make_model() -> TinyNet:
-    torch.manual_seed(0)
-    return TinyNet().eval()
+from tests.methods.helpers import bilinear_numpy, make_tiny_cam_net, seeded_batch
 
 
 def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(6)
-    return torch.randn(3, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2])
-
-
-def bilinear_numpy(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``[..., h, w]`` with half-pixel centres (``align_corners=False``)."""
-
-    def axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        source = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
-        low = np.floor(source).astype(int)
-        high = np.minimum(low + 1, n_in - 1)
-        return low, high, source - low
-
-    y0, y1, wy = axis(size[0], maps.shape[-2])
-    x0, x1, wx = axis(size[1], maps.shape[-1])
-    top = maps[..., y0, :][..., x0] * (1 - wx) + maps[..., y0, :][..., x1] * wx
-    bottom = maps[..., y1, :][..., x0] * (1 - wx) + maps[..., y1, :][..., x1] * wx
-    return top * (1 - wy)[:, None] + bottom * wy[:, None]
+    return seeded_batch(6, [0, 1, 2])
 
 
 def fem_numpy(acts: np.ndarray, k: float) -> np.ndarray:
@@ -66,7 +29,7 @@ def fem_numpy(acts: np.ndarray, k: float) -> np.ndarray:
 @pytest.mark.parametrize("k", [2.0, 1.0, 0.5])
 @pytest.mark.parametrize(("layer", "cut"), [("features.1", 2), ("features.2", 3), ("features.3", 4)])
 def test_equals_numpy_formula(k: float, layer: str, cut: int) -> None:
-    model = make_model()
+    model = make_tiny_cam_net()
     images, targets = make_batch()
     with torch.no_grad():
         acts = model.features[:cut](images).double().numpy()
@@ -89,7 +52,7 @@ def test_threshold_uses_population_std() -> None:
 
 
 def test_class_agnostic() -> None:
-    model = make_model()
+    model = make_tiny_cam_net()
     images, _ = make_batch()
     method = build_method("fem", model, layer="features.3")
     first = method.explain(images, torch.tensor([0, 1, 2]))
@@ -97,7 +60,7 @@ def test_class_agnostic() -> None:
 
 
 def test_maximum_is_one_and_zero_map_stays_zero() -> None:
-    model = make_model()
+    model = make_tiny_cam_net()
     images, targets = make_batch()
     maps = build_method("fem", model, layer="features.1").explain(images, targets)
     torch.testing.assert_close(maps.flatten(1).amax(1), torch.ones(3))
@@ -111,4 +74,4 @@ def test_maximum_is_one_and_zero_map_stays_zero() -> None:
 
 def test_k_must_be_a_number() -> None:
     with pytest.raises(TypeError, match="k must be a number"):
-        build_method("fem", make_model(), layer="features.3", k="2")
+        build_method("fem", make_tiny_cam_net(), layer="features.3", k="2")

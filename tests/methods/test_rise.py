@@ -12,6 +12,7 @@ from torch import nn
 
 from pipeline.methods import build_method
 from pipeline.methods.rise import GaussianRise, Rise, gaussian_rise_masks, rise_masks
+from tests.methods.helpers import bilinear_numpy
 
 RISE_METHODS = ["rise", "rise-gaussian"]
 
@@ -68,24 +69,6 @@ def all_masks(name: str, seed: int, count: int, size: tuple[int, int], grid_size
     return gaussian_rise_masks(seed, 0, count, size, grid_size, 0.5, 0.25)
 
 
-def plain_bilinear(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize with half-pixel centres and edge clamping (align_corners=False), loop by loop."""
-    in_h, in_w = grid.shape
-    result = np.zeros((out_h, out_w))
-    for y in range(out_h):
-        sy = max((y + 0.5) * in_h / out_h - 0.5, 0.0)
-        y0 = int(math.floor(sy))
-        y1, ly = min(y0 + 1, in_h - 1), sy - y0
-        for x in range(out_w):
-            sx = max((x + 0.5) * in_w / out_w - 0.5, 0.0)
-            x0 = int(math.floor(sx))
-            x1, lx = min(x0 + 1, in_w - 1), sx - x0
-            top = (1 - lx) * grid[y0, x0] + lx * grid[y0, x1]
-            bottom = (1 - lx) * grid[y1, x0] + lx * grid[y1, x1]
-            result[y, x] = (1 - ly) * top + ly * bottom
-    return result
-
-
 def test_rise_mask_follows_the_recipe() -> None:
     """Grid (keep-probability p1) then (row, column) shift from default_rng([seed, i]),
     upsampled to (s+1)*cell, shifted, cropped; non-square size exercises both cells."""
@@ -96,7 +79,7 @@ def test_rise_mask_follows_the_recipe() -> None:
         rng = np.random.default_rng([seed, index])
         grid = (rng.random((grid_size, grid_size)) < p1).astype(float)
         dy, dx = rng.integers(0, (cell_h, cell_w))
-        big = plain_bilinear(grid, (grid_size + 1) * cell_h, (grid_size + 1) * cell_w)
+        big = bilinear_numpy(grid, ((grid_size + 1) * cell_h, (grid_size + 1) * cell_w))
         expected = big[dy : dy + size[0], dx : dx + size[1]]
         np.testing.assert_allclose(masks[row].numpy(), expected, atol=1e-6)
 
