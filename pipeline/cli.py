@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p = command("demo", _cmd_demo, "generate shapes data, train a small CNN, run the pipeline on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
-    p.add_argument("--images-per-class", type=int, default=10)
+    p.add_argument("--images-per-class", type=int, default=8)
     p = command("report", _cmd_report, "write an HTML and Markdown report of a finished run into RUN_DIR/report")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--metric", default=None,

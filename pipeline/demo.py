@@ -28,14 +28,14 @@ def cache_dir() -> Path:
 
 def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
     """The demo experiment: every cheap method on the last two stages, every metric."""
-    step = IMAGE_SIZE * IMAGE_SIZE // 64
+    step = IMAGE_SIZE * IMAGE_SIZE // 32
     return {
         "name": "shapes-demo",
         "data": {"root": str(data_root / "images"), "gt_dir": str(data_root / "gt"), "image_size": IMAGE_SIZE},
         "model": {"factory": "pipeline.demo_model:ShapesNet", "num_classes": 4, "checkpoint": str(checkpoint)},
         "methods": [
-            {"name": "rise", "params": {"n_masks": 1000, "grid_size": 8, "batch_size": 250}},
-            {"name": "rise-gaussian", "params": {"n_masks": 1000, "grid_size": 8, "batch_size": 250}},
+            {"name": "rise", "params": {"n_masks": 500, "grid_size": 8, "batch_size": 250}},
+            {"name": "rise-gaussian", "params": {"n_masks": 500, "grid_size": 8, "batch_size": 250}},
             {"name": "gradcam", "layers": ["layer2", "layer3"]},
             {"name": "abscam-init", "layers": ["layer2", "layer3"]},
             {"name": "abscam-final", "layers": ["layer3"]},
@@ -51,11 +51,11 @@ def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
             {"name": "average_drop"},
             {"name": "average_increase"},
         ],
-        "sharding": {"images_per_shard": 16, "samples_per_shard": 500},
+        "sharding": {"images_per_shard": 16, "samples_per_shard": 250},
     }
 
 
-def prepare_demo(out: Path, *, images_per_class: int = 10) -> Path:
+def prepare_demo(out: Path, *, images_per_class: int = 8) -> Path:
     """Make the demo's data, model and config under ``out``; returns the config's path."""
     out = Path(out)
     checkpoint = ensure_shapes_checkpoint(cache_dir(), image_size=IMAGE_SIZE)
