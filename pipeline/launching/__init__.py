@@ -3,9 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .launch import LaunchError, cancel_run, launch_run, resolve_profile
 from .local import pending_shards, run_local
+from .profiles import ClusterProfile, ProfileError, load_profile
 
-__all__ = ["pending_shards", "run_local", "scheduler_running", "JOBS_FILE"]
+__all__ = [
+    "pending_shards",
+    "run_local",
+    "scheduler_running",
+    "JOBS_FILE",
+    "ClusterProfile",
+    "ProfileError",
+    "load_profile",
+    "LaunchError",
+    "launch_run",
+    "cancel_run",
+    "resolve_profile",
+]
 
 #: submitted jobs of a run, written by the SLURM launcher
 JOBS_FILE = "jobs.json"

@@ -74,7 +74,9 @@ class ClusterProfile(BaseModel):
     @classmethod
     def _memory(cls, value: str | None) -> str | None:
         if value is not None and not _MEMORY.match(value):
-            raise ValueError(f"mem must be a positive number with an optional K, M, G or T suffix (e.g. 32G), got {value!r}")
+            raise ValueError(
+                f"mem must be a positive number with an optional K, M, G or T suffix (e.g. 32G), got {value!r}"
+            )
         return value
 
     @field_validator("job_name")

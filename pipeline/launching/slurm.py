@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,10 +45,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import submitit
+from submitit.core.utils import UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from ..planning import Shard
 from ..store import checkpoint_path, error_path, shard_path, write_error
+from . import JOBS_FILE
 from .profiles import ClusterProfile
 
 __all__ = [
@@ -61,16 +64,19 @@ __all__ = [
     "submit_shards",
     "read_jobs",
     "read_submissions",
+    "parse_sacct",
     "job_states",
     "running_shards",
     "active_job_ids",
     "cancel_jobs",
     "LOG_DIR",
+    "ACTIVE_STATES",
+    "ACCOUNTING_GRACE_S",
+    "SCHEDULER_CALL_TIMEOUT_S",
 ]
 
 #: submitit's folder inside the run folder (sbatch scripts, pickles, logs)
 LOG_DIR = "slurm"
-_JOBS_FILE = "jobs.json"
 
 #: scheduler states of a job that is queued, running or about to run again
 ACTIVE_STATES = frozenset({
@@ -99,6 +105,12 @@ def _job_log() -> str | None:
         return str(submitit.JobEnvironment().paths.stderr)
     except RuntimeError:
         return None
+
+
+def _ignore_checkpoint_signal() -> None:
+    """Ignore SLURM's timeout/preemption signal from now on: the job has no shard left to save,
+    and the signal arriving while the process exits would otherwise kill it and fail the job."""
+    signal.signal(getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}"), signal.SIG_IGN)
 
 
 def _attach_log(run_dir: Path, shard_id: str, log: str | None) -> None:
@@ -171,27 +183,27 @@ class ShardJob(Checkpointable):
             started = time.perf_counter()
             try:
                 runner.run(shard_id, force=self.force)
-            except ShardError as error:
-                _attach_log(run_dir, shard_id, log)
-                if error.kind != "data":
-                    raise
-                print(f"bad data, not retried: {error}", file=sys.stderr, flush=True)
-                failed[shard_id] = "data"
-            except submitit.core.utils.UncompletedJobError:
+            except UncompletedJobError:  # out of requeues: the job ends here
                 _attach_log(run_dir, shard_id, log)
                 raise
-            except Exception:  # recorded; the job's other shards still run
-                traceback.print_exc()
-                sys.stderr.flush()
+            except Exception as error:  # recorded; the job's other shards still run
                 _attach_log(run_dir, shard_id, log)
-                failed[shard_id] = "error"
+                failed[shard_id] = error.kind if isinstance(error, ShardError) else "error"
+                if failed[shard_id] == "data":
+                    print(f"bad data, not retried: {error}", file=sys.stderr, flush=True)
+                else:
+                    traceback.print_exc()
+                    sys.stderr.flush()
             else:
                 print(f"committed {shard_id} in {time.perf_counter() - started:.1f} s", flush=True)
             self._finished.add(shard_id)
+        if log is not None:
+            _ignore_checkpoint_signal()
         errors = sorted(i for i, kind in failed.items() if kind != "data")
         if errors:
             raise ShardJobError(f"{len(errors)} shard(s) failed: {', '.join(errors)} (see {run_dir / 'shards'})")
-        return {"shards": len(self.shard_ids), "failed_data": sorted(failed), "skipped": skipped}
+        bad_data = sorted(i for i, kind in failed.items() if kind == "data")
+        return {"shards": len(self.shard_ids), "failed_data": bad_data, "skipped": skipped}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
         """Save the progress of the shard in progress; the job to requeue (None: give up)."""
@@ -259,7 +271,7 @@ class Submission:
 
 def read_jobs(run_dir: Path) -> dict[str, Any]:
     """The content of ``RUN_DIR/jobs.json`` (empty when nothing was submitted)."""
-    path = Path(run_dir) / _JOBS_FILE
+    path = Path(run_dir) / JOBS_FILE
     if not path.is_file():
         return {"submissions": []}
     return json.loads(path.read_text())
@@ -271,7 +283,7 @@ def read_submissions(run_dir: Path) -> list[Submission]:
 
 
 def _write_jobs(run_dir: Path, data: dict[str, Any]) -> None:
-    path = Path(run_dir) / _JOBS_FILE
+    path = Path(run_dir) / JOBS_FILE
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, separators=(",", ":")))
     os.replace(tmp, path)
@@ -375,7 +387,7 @@ def submit_shards(
 _ARRAY_RANGE = re.compile(r"^(?P<job>\d+)_\[(?P<ranges>[0-9,\-]+)(%\d+)?\]$")
 
 
-def _parse_sacct(text: str) -> dict[str, str]:
+def parse_sacct(text: str) -> dict[str, str]:
     """``{job id or <array>_<task>: state}`` from ``sacct -X -n -P -o JobID,State`` output."""
     states: dict[str, str] = {}
     for line in text.splitlines():
@@ -409,7 +421,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, str]:
     if done.returncode != 0:
         reason = (done.stderr or done.stdout).strip().splitlines()
         raise SchedulerError(f"sacct failed (exit {done.returncode}): {reason[0] if reason else 'no message'}")
-    return _parse_sacct(done.stdout)
+    return parse_sacct(done.stdout)
 
 
 def _is_active(state: str | None, submission: Submission, now: float) -> bool:
@@ -429,9 +441,11 @@ def _relevant(run_dir: Path, candidates: set[str]) -> list[Submission]:
 
 
 def _task_line(submission: Submission, state: str, indices: list[int], uncommitted: int) -> str:
-    what = f"job {submission.task_job_id(indices[0])}" if len(indices) == 1 else (
-        f"job {submission.job_id}: {len(indices)} tasks")
-    log = submission.log(indices[0]) if len(indices) == 1 else Path(submission.log_dir) / f"{submission.job_id}_*_0_log.err"
+    if len(indices) == 1:
+        what, log = f"job {submission.task_job_id(indices[0])}", submission.log(indices[0])
+    else:
+        what = f"job {submission.job_id}: {len(indices)} tasks"
+        log = Path(submission.log_dir) / f"{submission.job_id}_*_0_log.err"
     shards = f"; {uncommitted} shard(s) not committed" if submission.stage != "reduce" else ""
     return f"{what} ({submission.stage}) {state}{shards}; log {log}"
 

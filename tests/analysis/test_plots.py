@@ -112,7 +112,7 @@ def test_curve_plot_means_and_legend(run: Run, tiny_run: Path) -> None:
 @pytest.mark.parametrize("kind", ["box", "violin"])
 def test_metric_distributions_one_panel_per_metric(run: Run, tiny_run: Path, kind: str) -> None:
     figure = metric_distributions(run, kind=kind)
-    assert [ax.get_title() for ax in figure.axes] == ["Insertion ↑", "Deletion ↓", "PCC ↑", "Pointing Game ↑"]
+    assert [ax.get_title() for ax in figure.axes] == ["Insertion ↑", "Deletion ↓", "PCC ↑", "Pointing game ↑"]
     for ax in figure.axes:
         assert [t.get_text() for t in ax.get_xticklabels()] == ["gradcam / layer2", "gradcam / layer3", "rise"]
     points = figure.axes[2].collections[-1].get_offsets()[:, 1]

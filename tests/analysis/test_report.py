@@ -77,7 +77,7 @@ def test_report_holds_tables_config_and_failures(report: Path, tiny_run: Path, b
     page = _page(report)
     text = " ".join(page.text)
     assert page.tables >= 6
-    for title in ("Insertion ↑", "Deletion ↓", "PCC ↑", "Pointing Game ↑"):
+    for title in ("Insertion ↑", "Deletion ↓", "PCC ↑", "Pointing game ↑"):
         assert title in text
     assert "tiny-analysis" in text and "pipeline.demo_model:ShapesNet" in text
     assert broken_key in text and "cannot read image" in text

@@ -1,0 +1,1 @@
+"""Tests of pipeline.launching: cluster profiles, the SLURM executor (faked and real), launching."""

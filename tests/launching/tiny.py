@@ -1,0 +1,102 @@
+"""The tiny experiment of the launching tests, and switches that make a SLURM job slow or stall.
+
+:class:`SlowShapesNet` is :class:`pipeline.demo_model.ShapesNet` (same weights, same
+outputs) whose forward first sleeps as many seconds as the file named by
+``$XAI_TEST_SLOW_FILE`` says, while that file exists (a test removes it to make the
+jobs fast again).
+Importing this module with ``$XAI_TEST_STALL_SHARD`` set makes the commit of that
+shard stall forever once its data is written, before the file is renamed into place,
+after writing ``<run>/shards/<id>.stalled``: a test can then kill the job mid-write.
+Jobs import this module through the model factory ``tests.launching.tiny:SlowShapesNet``
+(``tests`` must be importable there: :func:`cluster_profile` puts the repository on
+``PYTHONPATH`` through the profile's setup lines).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from pipeline.demo_model import ShapesNet
+from pipeline.launching.profiles import ClusterProfile, load_profile
+from pipeline.store import atomic_h5
+from tests.tiny_experiment import CLASSES, IMAGE_SIZE
+
+__all__ = ["SlowShapesNet", "SLOW_ENV", "STALL_ENV", "REPO", "launch_config", "cluster_profile", "stall_marker"]
+
+SLOW_ENV = "XAI_TEST_SLOW_FILE"
+STALL_ENV = "XAI_TEST_STALL_SHARD"
+REPO = Path(__file__).resolve().parents[2]
+
+
+class SlowShapesNet(ShapesNet):
+    """ShapesNet whose forward first sleeps the seconds written in ``$XAI_TEST_SLOW_FILE``, if it exists."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        slow_file = os.environ.get(SLOW_ENV)
+        if slow_file:
+            try:
+                time.sleep(float(Path(slow_file).read_text()))
+            except (OSError, ValueError):
+                pass
+        return super().forward(x)
+
+
+def stall_marker(run_dir: Path, shard_id: str) -> Path:
+    """The file a stalled commit writes before it stalls."""
+    return Path(run_dir) / "shards" / f"{shard_id}.stalled"
+
+
+def _install_stall(shard_id: str) -> None:
+    original = atomic_h5.__exit__
+
+    def stalling_exit(self: atomic_h5, kind: object, error: object, trace: object) -> None:
+        if kind is None and self.path.name == f"{shard_id}.h5":
+            self.file.flush()
+            stall_marker(self.path.parent.parent, shard_id).write_text(str(os.getpid()))
+            while True:
+                time.sleep(60)
+        original(self, kind, error, trace)
+
+    atomic_h5.__exit__ = stalling_exit  # type: ignore[method-assign]
+
+
+if os.environ.get(STALL_ENV):
+    _install_stall(os.environ[STALL_ENV])
+
+
+def launch_config(root: Path, checkpoint: Path, *, rise_masks: int = 32, rise_batch: int = 8,
+                  samples_per_shard: int = 16, images_per_shard: int = 6, gradcam: bool = True,
+                  layer: str = "layer3", first_n: int | None = None) -> dict[str, Any]:
+    """Grad-CAM (one layer) and RISE scored with insertion and deletion, on the tiny model
+    (on the first ``first_n`` images only, when given)."""
+    methods: list[dict[str, Any]] = []
+    if gradcam:
+        methods.append({"name": "gradcam", "layers": [layer]})
+    methods.append({"name": "rise", "params": {"n_masks": rise_masks, "grid_size": 4, "batch_size": rise_batch}})
+    return {
+        "name": "launch-tiny",
+        "data": {"root": str(root), "image_size": IMAGE_SIZE, **({"subset": {"first_n": first_n}} if first_n else {})},
+        "model": {
+            "factory": "tests.launching.tiny:SlowShapesNet",
+            "kwargs": {"width": 4},
+            "num_classes": len(CLASSES),
+            "checkpoint": str(checkpoint),
+        },
+        "methods": methods,
+        "metrics": [{"name": "insertion", "params": {"step": 64}}, {"name": "deletion", "params": {"step": 64}}],
+        "sharding": {"images_per_shard": images_per_shard, "samples_per_shard": samples_per_shard},
+        "device": "cpu",
+    }
+
+
+def cluster_profile(*, env: dict[str, str] | None = None, **changes: Any) -> ClusterProfile:
+    """``jobs/clusters/localcluster.yaml`` with ``tests`` importable in the jobs, the variables
+    ``env`` exported by its setup lines, and ``changes``."""
+    profile = load_profile(REPO / "jobs" / "clusters" / "localcluster.yaml")
+    exports = [f"export {name}={value}" for name, value in (env or {}).items()]
+    setup = [f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}", *exports, *profile.setup]
+    return profile.model_copy(update={"setup": setup, **changes})
