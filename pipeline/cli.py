@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from .reduce import ReduceResult
 
 __all__ = ["main", "build_parser"]
 
@@ -27,23 +30,12 @@ def _print_failures(failures: dict[str, str]) -> None:
         print(f"  {shard_id}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
 
 
-def _finish(run_dir: Path, progress: bool | None) -> int:
-    from .launching import run_local
-    from .reduce import reduce_run
-
-    failures = run_local(run_dir, progress=progress)
-    if failures:
-        _print_failures(failures)
-        print(f"see `xai-pipeline status {run_dir}`; fix the cause, then `xai-pipeline run` again "
-              "(committed shards are kept)", file=sys.stderr)
-        return 1
-    result = reduce_run(run_dir, progress=progress)
+def _print_results(run_dir: Path, result: "ReduceResult") -> None:
     print((run_dir / "summary.md").read_text())
     if result.failures:
         print(f"{len(result.failures)} image(s) failed; see {run_dir / 'failures.csv'}")
     print(f"results: {result.results}\ntables:  {run_dir / 'metrics.csv'}, {run_dir / 'summary.csv'}, "
           f"{run_dir / 'summary.md'}")
-    return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -59,9 +51,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _cmd_plan(args)
-    if getattr(args, "profile", None) or getattr(args, "executor", None):
-        return _launch(Path(args.out), args, check=False)
-    return _finish(Path(args.out), args.progress)
+    return _launch(Path(args.out), args, check=False)
 
 
 def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
@@ -81,9 +71,7 @@ def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
         print(f"see `xai-pipeline status {run_dir}`; fix the cause, then `xai-pipeline resume {run_dir}` "
               "(committed shards are kept)", file=sys.stderr)
         return 1
-    reduced = reduce_run(run_dir, progress=args.progress)
-    print((run_dir / "summary.md").read_text())
-    print(f"results: {reduced.results}")
+    _print_results(run_dir, reduce_run(run_dir, progress=args.progress))
     return 0
 
 
@@ -102,9 +90,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 def _cmd_reduce(args: argparse.Namespace) -> int:
     from .reduce import reduce_run
 
-    result = reduce_run(args.run_dir, progress=args.progress)
-    print((Path(args.run_dir) / "summary.md").read_text())
-    print(f"results: {result.results}")
+    _print_results(Path(args.run_dir), reduce_run(args.run_dir, progress=args.progress))
     return 0
 
 
@@ -123,18 +109,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo config: {config_path}")
     run_dir = Path(args.out) / "run"
     args.config, args.out, args.overwrite = config_path, run_dir, True
+    args.profile, args.executor = None, "local"
     return _cmd_run(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .analysis import ReportError, write_report
+    from .analysis import write_report
 
-    try:
-        index = write_report(args.run_dir, metric=args.metric, images=args.images, pdf=args.pdf,
-                             progress=args.progress)
-    except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    index = write_report(args.run_dir, metric=args.metric, images=args.images, pdf=args.pdf, progress=args.progress)
     print(f"report: {index}\n        {index.with_name('report.md')}")
     return 0
 
@@ -194,15 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .models import ModelError
-    from .reduce import ReduceError
-    from .rundir import RunDirError
+    from .errors import PipelineError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataError, ModelError, ReduceError, RunDirError, FileNotFoundError) as error:
+    except (PipelineError, FileNotFoundError) as error:
         if args.traceback:
             raise
         print(f"error: {error}", file=sys.stderr)

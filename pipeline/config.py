@@ -46,6 +46,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import PipelineError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -69,7 +71,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration that cannot be used; the message lists every problem."""
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .config import DataConfig
+from .errors import PipelineError
 
 __all__ = [
     "ImageRecord",
@@ -40,7 +41,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 GT_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """The data description cannot be used; the message names the file or entry."""
 
 

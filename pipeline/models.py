@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import PipelineError
 
 __all__ = ["ModelError", "build_model", "load_checkpoint", "model_digest", "file_digest", "select_device"]
 
 
-class ModelError(ValueError):
+class ModelError(PipelineError, ValueError):
     """The model cannot be built or its checkpoint does not fit."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .config import load_config
+from .errors import PipelineError
 from .merge import merge_chunk
 from .models import build_model
 from .planning import PLAN_FILE, Plan, Shard
@@ -41,7 +42,7 @@ RESULTS_FILE = "results.h5"
 _STR = h5py.string_dtype()
 
 
-class ReduceError(RuntimeError):
+class ReduceError(PipelineError, RuntimeError):
     """The run cannot be reduced yet (shards are missing)."""
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
 from .data import discover_images, load_image
+from .errors import PipelineError
 from .methods import CamExplainer, method_class
 from .methods.base import capture_outputs
 from .models import build_model, model_digest
@@ -28,7 +29,7 @@ from .worker import CONFIG_FILE
 __all__ = ["RunDirError", "PreflightError", "plan_run", "preflight", "config_changes", "load_run_plan"]
 
 
-class RunDirError(RuntimeError):
+class RunDirError(PipelineError, RuntimeError):
     """The run folder cannot be used as asked."""
 
 

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..config import config_dict
+from ..errors import PipelineError
 from ..metrics import METRICS
 from ..tables import metric_title, summarize, wide_summary
 from .plots import (
@@ -51,7 +52,7 @@ _MAX_FAILURE_ROWS = 200
 _SCREEN_DPI = 100
 
 
-class ReportError(ValueError):
+class ReportError(PipelineError, ValueError):
     """The report cannot be made as asked (e.g. an unknown metric)."""
 
 
