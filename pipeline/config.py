@@ -41,7 +41,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,6 +63,8 @@ __all__ = [
     "save_config",
     "config_dict",
     "format_validation_error",
+    "validate_mapping",
+    "read_yaml",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -298,26 +300,40 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return resolved
 
 
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_mapping(model: type[Model], raw: Any, source: str, error: type[ConfigError] = ConfigError) -> Model:
+    """Validate ``raw`` as ``model``; every problem is listed in one ``error`` naming ``source``."""
+    if not isinstance(raw, dict):
+        raise error(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as problems:
+        raise error(format_validation_error(problems, model, source)) from None
+
+
+def read_yaml(path: Path, error: type[ConfigError] = ConfigError) -> Any:
+    """The parsed YAML file; an unreadable file or bad YAML raises ``error`` naming the file."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as problem:
+        raise error(f"{path}: cannot be read: {problem.strerror}") from None
+    except yaml.YAMLError as problem:
+        raise error(f"{path}: not valid YAML: {problem}") from None
+
+
 def parse_config(raw: Any, *, source: str = "config", base: Path | None = None) -> ExperimentConfig:
     """Validate a mapping; relative paths are taken relative to ``base`` (default: the current folder)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        return ExperimentConfig.model_validate(_resolve_paths(raw, base or Path.cwd()))
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, ExperimentConfig, source)) from None
+    if isinstance(raw, dict):
+        raw = _resolve_paths(raw, base or Path.cwd())
+    return validate_mapping(ExperimentConfig, raw, source)
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_config(raw, source=str(path), base=path.resolve().parent)
+    return parse_config(read_yaml(path), source=str(path), base=path.resolve().parent)
 
 
 def config_dict(config: ExperimentConfig) -> dict[str, Any]:

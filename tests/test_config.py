@@ -232,7 +232,7 @@ def test_duplicate_method_labels_are_rejected(make_config: ConfigFactory) -> Non
 
 def test_unreadable_or_invalid_files_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml: cannot read the config"):
+    with pytest.raises(ConfigError, match="absent.yaml: cannot be read"):
         load_config(missing)
     broken = tmp_path / "broken.yaml"
     broken.write_text("data: [unclosed\n")

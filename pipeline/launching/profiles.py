@@ -31,10 +31,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..config import ConfigError, format_validation_error
+from ..config import ConfigError, read_yaml, validate_mapping
 
 __all__ = ["ClusterProfile", "ProfileError", "load_profile", "parse_profile", "DEFAULT_PROFILE"]
 
@@ -95,21 +94,12 @@ def parse_profile(raw: object, *, source: str = "profile", name: str = "profile"
     """Validate a mapping; ``name`` is used when the mapping has no ``name`` key."""
     if raw is None:
         raw = {}
-    if not isinstance(raw, dict):
-        raise ProfileError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        return ClusterProfile.model_validate({"name": name, **raw})
-    except ValidationError as error:
-        raise ProfileError(format_validation_error(error, ClusterProfile, source)) from None
+    if isinstance(raw, dict):
+        raw = {"name": name, **raw}
+    return validate_mapping(ClusterProfile, raw, source, ProfileError)
 
 
 def load_profile(path: str | Path) -> ClusterProfile:
     """Read and validate a cluster profile YAML file; its name defaults to the file's stem."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise ProfileError(f"{path}: cannot read the cluster profile: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ProfileError(f"{path}: not valid YAML: {error}") from None
-    return parse_profile(raw, source=str(path), name=path.stem)
+    return parse_profile(read_yaml(path, ProfileError), source=str(path), name=path.stem)

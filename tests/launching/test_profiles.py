@@ -58,7 +58,7 @@ def test_empty_or_missing_profiles() -> None:
     assert DEFAULT_PROFILE.executor == "local"
     with pytest.raises(ProfileError, match="expected a mapping"):
         parse_profile(["executor", "slurm"])
-    with pytest.raises(ProfileError, match="cannot read the cluster profile"):
+    with pytest.raises(ProfileError, match="cannot be read"):
         load_profile(Path("/nonexistent/profile.yaml"))
 
 
