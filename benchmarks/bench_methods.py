@@ -42,7 +42,7 @@ def timed(device: torch.device, function: Callable[[], object], repeats: int = 1
 
 
 @torch.no_grad()
-def forward_time(model: nn.Module, images: torch.Tensor, forwards: int, batch_size: int) -> float:
+def forward_time(model: nn.Module, images: torch.Tensor, forwards: int, batch_size: int, repeats: int) -> float:
     """Time of ``forwards`` plain model forwards in batches of ``batch_size`` (same inputs each batch)."""
     device = images.device
     batch = images[:1].expand(batch_size, -1, -1, -1).contiguous()
@@ -54,7 +54,7 @@ def forward_time(model: nn.Module, images: torch.Tensor, forwards: int, batch_si
         if rest:
             model(batch[:rest])
 
-    return timed(device, run)
+    return timed(device, run, repeats)
 
 
 def peak_memory(device: torch.device, function: Callable[[], object]) -> float:
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--step", type=int, default=0, help="insertion/deletion pixels per step (default size*size/50)")
     parser.add_argument("--extremal-iterations", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many calls")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -96,7 +97,7 @@ def main() -> None:
 
     def report(label: str, seconds: float, forwards: int | None, memory: float, maps: int = b) -> None:
         if forwards:
-            raw = forward_time(model, images, forwards, bs)
+            raw = forward_time(model, images, forwards, bs, args.repeats)
             ratio = f"{seconds / raw:8.2f}"
             raw_text = f"{raw:11.3f}"
         else:
@@ -117,7 +118,7 @@ def main() -> None:
     ]
     for label, name, params, forwards in cases:
         explainer = build_method(name, model, **params)
-        seconds = timed(device, lambda: explainer.explain(images, targets))
+        seconds = timed(device, lambda: explainer.explain(images, targets), args.repeats)
         memory = peak_memory(device, lambda: explainer.explain(images, targets))
         report(label, seconds, forwards, memory)
     for name in ("rise", "lime"):
@@ -128,7 +129,7 @@ def main() -> None:
 
     maps = torch.rand(b, args.size, args.size, device=device)
     for label, metric in (("insertion", insertion), ("deletion", deletion)):
-        seconds = timed(device, lambda: metric(model, images, maps, targets, step=step, batch_size=bs))
+        seconds = timed(device, lambda: metric(model, images, maps, targets, step=step, batch_size=bs), args.repeats)
         memory = peak_memory(device, lambda: metric(model, images, maps, targets, step=step, batch_size=bs))
         report(f"{label} ({steps} steps)", seconds, steps * b, memory)
 
