@@ -90,7 +90,8 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 def _cmd_reduce(args: argparse.Namespace) -> int:
     from .reduce import reduce_run
 
-    _print_results(Path(args.run_dir), reduce_run(args.run_dir, progress=args.progress))
+    result = reduce_run(args.run_dir, progress=args.progress, group_by_class=args.by_class)
+    _print_results(Path(args.run_dir), result)
     return 0
 
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p = command("reduce", _cmd_reduce, "merge committed shards into results.h5 and tables")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--by-class", action="store_true", help="summary rows per method, layer and class")
     p = command("status", _cmd_status, "shards done, running, pending and failed")
     p.add_argument("run_dir", type=Path)
     p = command("demo", _cmd_demo, "generate shapes data, train a small CNN, run the pipeline on it")

@@ -61,8 +61,11 @@ def _group(shards: list[Shard]) -> dict[tuple[str, tuple[int, int]], list[Shard]
     return groups
 
 
-def reduce_run(run_dir: Path, *, progress: bool | None = None) -> ReduceResult:
-    """Merge every committed shard of ``run_dir``; every planned shard must be committed."""
+def reduce_run(run_dir: Path, *, progress: bool | None = None, group_by_class: bool = False) -> ReduceResult:
+    """Merge every committed shard of ``run_dir``; every planned shard must be committed.
+
+    With ``group_by_class`` the summary tables have a row per method, layer and class.
+    """
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
@@ -144,7 +147,7 @@ def reduce_run(run_dir: Path, *, progress: bool | None = None) -> ReduceResult:
         group.create_dataset("messages", data=np.array(list(failures.values()), dtype=object), dtype=_STR)
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=METRIC_COLUMNS)
     metrics = _config_order(metrics, [m.label for m in config.methods], [m.name for m in config.metrics])
-    summary = write_tables(metrics, run_dir)
+    summary = write_tables(metrics, run_dir, group_by_class=group_by_class)
     pd.DataFrame({"key": list(failures), "error": list(failures.values())}).to_csv(
         run_dir / "failures.csv", index=False
     )

@@ -64,7 +64,7 @@ def test_a_bad_config_exits_with_2_and_a_clear_message(
     assert "Traceback" not in captured.err
     assert not run_dir.exists()
     assert main(["plan", str(tmp_path / "absent.yaml"), "--out", str(run_dir)]) == 2
-    assert "cannot read the config" in capsys.readouterr().err
+    assert "absent.yaml: cannot be read" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         main(["--traceback", "plan", str(config), "--out", str(run_dir)])
 
@@ -157,3 +157,13 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["run", "config.yaml"])  # --out is required
     assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_reduce_by_class_groups_the_summary_by_class(run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reduce", str(run_copy), "--by-class", "--no-progress"]) == 0
+    summary = pd.read_csv(run_copy / "summary.csv")
+    metrics = pd.read_csv(run_copy / "metrics.csv", keep_default_na=False, na_values=[""])
+    expected = metrics.dropna(subset=["value"]).groupby(["method", "layer", "class_name", "metric"]).size()
+    assert len(summary) == len(expected)
+    assert set(summary["class_name"]) == set(metrics["class_name"])
+    assert "class_name" in capsys.readouterr().out
