@@ -33,7 +33,7 @@ from pipeline.reduce import reduce_run
 from pipeline.rundir import plan_run
 from pipeline.store import checkpoint_path, read_shard, shard_path
 from pipeline.worker import ShardRunner
-from tests.launching.tiny import SLOW_ENV, STALL_ENV, cluster_profile, launch_config, stall_marker
+from tests.launching.tiny import SLOW_ENV, STALL_ENV, cluster_profile, launch_config, sleeping_marker, stall_marker
 from tests.tiny_experiment import ImageTree
 
 WAIT_S = 240.0
@@ -213,12 +213,14 @@ def test_cancelled_array_task_shows_in_status_and_resume_finishes_the_run(
 ) -> None:
     run_dir = experiment.plan("cancelled")
     slow = experiment.folder / "cancel-slow.txt"
-    slow.write_text("0.3")
+    slow.write_text("30")  # seconds per forward: longer than SLURM's KillWait (5 s)
     profile = experiment.profile("cancel", env={SLOW_ENV: str(slow)}, shards_per_task=2)
     assert main(["launch", str(run_dir), "--profile", str(profile)]) == 0
     explain = _jobs(run_dir)[0]
     victim = f"{explain['job_id']}_1"  # the task with the first two RISE shards
-    _wait_until(lambda: _state(victim) == "RUNNING", f"task {victim} to run", run_dir)
+    # cancel it inside a forward: submitit lets a step outlive SIGTERM until KillWait, and the
+    # sleep outlasts that, so the task is killed before it commits its shards
+    _wait_until(sleeping_marker(slow, "1").is_file, f"task {victim} to start its work", run_dir)
     subprocess.run(["scancel", victim], check=True)
     slow.unlink()  # the other tasks need not be slow any more
     _wait_idle(run_dir)

@@ -25,7 +25,7 @@ from pipeline.launching.profiles import ClusterProfile, load_profile
 from pipeline.store import atomic_h5
 from tests.tiny_experiment import CLASSES, IMAGE_SIZE
 
-__all__ = ["SlowShapesNet", "SLOW_ENV", "STALL_ENV", "REPO", "launch_config", "cluster_profile", "stall_marker"]
+__all__ = ["SlowShapesNet", "sleeping_marker", "SLOW_ENV", "STALL_ENV", "REPO", "launch_config", "cluster_profile", "stall_marker"]
 
 SLOW_ENV = "XAI_TEST_SLOW_FILE"
 STALL_ENV = "XAI_TEST_STALL_SHARD"
@@ -33,16 +33,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class SlowShapesNet(ShapesNet):
-    """ShapesNet whose forward first sleeps the seconds written in ``$XAI_TEST_SLOW_FILE``, if it exists."""
+    """ShapesNet whose forward first sleeps the seconds written in ``$XAI_TEST_SLOW_FILE``, if it exists.
+
+    Before sleeping it touches ``<slow file>.<array task id>.sleeping``, so a test knows
+    when a task is inside its (slow) work.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         slow_file = os.environ.get(SLOW_ENV)
         if slow_file:
             try:
-                time.sleep(float(Path(slow_file).read_text()))
+                seconds = float(Path(slow_file).read_text())
+                sleeping_marker(Path(slow_file), os.environ.get("SLURM_ARRAY_TASK_ID", "0")).touch()
+                time.sleep(seconds)
             except (OSError, ValueError):
                 pass
         return super().forward(x)
+
+
+def sleeping_marker(slow_file: Path, task: str) -> Path:
+    """The file array task ``task`` touches when it starts a slow forward."""
+    return slow_file.with_name(f"{slow_file.name}.{task}.sleeping")
 
 
 def stall_marker(run_dir: Path, shard_id: str) -> Path:
