@@ -196,6 +196,26 @@ class SampledExplainer(Explainer):
     def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
         """Partial sums over samples ``start .. stop-1``."""
 
+    def check_range(self, start: int, stop: int) -> None:
+        """Raise unless ``start .. stop-1`` is a range of this explainer's samples."""
+        if not 0 <= start <= stop <= self.n_samples:
+            raise ValueError(
+                f"{self.name}: sample range must satisfy 0 <= start <= stop <= {self.n_samples} samples, "
+                f"got start={start}, stop={stop}"
+            )
+
+    def forward_split(self, n_images: int) -> tuple[int, int]:
+        """Images and samples per model forward: ``batch_size`` perturbed inputs, at least one of each."""
+        images_per_forward = min(n_images, self.batch_size)
+        return images_per_forward, max(1, self.batch_size // images_per_forward)
+
+    def target_probabilities(self, perturbed: Tensor, targets: Tensor) -> Tensor:
+        """Softmax probability ``[b, m]`` of each image's target on its ``m`` perturbed
+        versions ``perturbed`` ``[b, m, C, H, W]``, in one model forward."""
+        images, samples = perturbed.shape[:2]
+        probabilities = self.model(perturbed.flatten(0, 1)).float().softmax(dim=1).view(images, samples, -1)
+        return probabilities.gather(2, targets.view(-1, 1, 1).expand(-1, samples, 1)).squeeze(2)
+
     @abc.abstractmethod
     def finalize(self, partial: Partial) -> Tensor:
         """Saliency maps ``[B, H, W]`` (float32) from the total over all samples."""

@@ -191,11 +191,7 @@ class Lime(SampledExplainer):
 
     def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
         check_targets(images, targets)
-        if not 0 <= start <= stop <= self.n_samples:
-            raise ValueError(
-                f"{self.name}: sample range must satisfy 0 <= start <= stop <= n_samples={self.n_samples}, "
-                f"got start={start}, stop={stop}"
-            )
+        self.check_range(start, stop)
         n_images = images.shape[0]
         device = images.device
         targets = targets.to(device=device, dtype=torch.long)
@@ -211,8 +207,7 @@ class Lime(SampledExplainer):
             "sum_wxx": torch.zeros((n_images, max_features, max_features), dtype=torch.float64, device=device),
             "sum_wxy": torch.zeros((n_images, max_features), dtype=torch.float64, device=device),
         }
-        images_per_forward = min(n_images, self.batch_size)
-        samples_per_forward = max(1, self.batch_size // images_per_forward)
+        images_per_forward, samples_per_forward = self.forward_split(n_images)
         with torch.no_grad():
             for sample_start, sample_stop in batched(stop - start, samples_per_forward):
                 on = torch.from_numpy(
@@ -222,10 +217,7 @@ class Lime(SampledExplainer):
                     chunk = slice(image_start, image_stop)
                     keep = on[:, segments[chunk]].transpose(0, 1).unsqueeze(2)
                     perturbed = torch.where(keep, images[chunk].unsqueeze(1), fill[chunk].unsqueeze(1))
-                    logits = self.model(perturbed.flatten(0, 1))
-                    probabilities = logits.float().softmax(dim=1).view(keep.shape[0], keep.shape[1], -1)
-                    chunk_targets = targets[chunk].view(-1, 1, 1).expand(-1, keep.shape[1], 1)
-                    responses = probabilities.gather(2, chunk_targets).squeeze(2).double()
+                    responses = self.target_probabilities(perturbed, targets[chunk]).double()
                     features = on.double().unsqueeze(0) * in_image[chunk].unsqueeze(1)
                     weights = self._kernel(features.sum(dim=2) / n_features[chunk].unsqueeze(1).double())
                     weighted_features = features * weights.unsqueeze(2)

@@ -148,18 +148,13 @@ class _MaskedSampling(SampledExplainer):
 
     def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
         check_targets(images, targets)
-        if not 0 <= start <= stop <= self.n_samples:
-            raise ValueError(
-                f"{self.name}: sample range must satisfy 0 <= start <= stop <= n_masks={self.n_samples}, "
-                f"got start={start}, stop={stop}"
-            )
+        self.check_range(start, stop)
         n_images, _, height, width = images.shape
         device = images.device
         targets = targets.to(device=device, dtype=torch.long)
         weighted = torch.zeros((n_images, height, width), dtype=torch.float64, device=device)
         mask_sum = torch.zeros((), dtype=torch.float64, device=device)
-        images_per_forward = min(n_images, self.batch_size)
-        masks_per_forward = max(1, self.batch_size // images_per_forward)
+        images_per_forward, masks_per_forward = self.forward_split(n_images)
         with torch.no_grad():
             for mask_start, mask_stop in batched(stop - start, masks_per_forward):
                 masks = self.masks(start + mask_start, start + mask_stop, (height, width), device)
@@ -167,15 +162,9 @@ class _MaskedSampling(SampledExplainer):
                 mask_sum += flat_masks.mean(dim=1).sum()
                 image_masks = masks.to(images.dtype)[None, :, None]
                 for image_start, image_stop in batched(n_images, images_per_forward):
-                    chunk = images[image_start:image_stop]
-                    masked = chunk.unsqueeze(1) * image_masks
-                    logits = self.model(masked.flatten(0, 1))
-                    probabilities = logits.float().softmax(dim=1).view(chunk.shape[0], masks.shape[0], -1)
-                    chunk_targets = targets[image_start:image_stop].view(-1, 1, 1).expand(-1, masks.shape[0], 1)
-                    target_probabilities = probabilities.gather(2, chunk_targets).squeeze(2)
-                    weighted[image_start:image_stop] += (target_probabilities.double() @ flat_masks).view(
-                        -1, height, width
-                    )
+                    chunk = slice(image_start, image_stop)
+                    probabilities = self.target_probabilities(images[chunk].unsqueeze(1) * image_masks, targets[chunk])
+                    weighted[chunk] += (probabilities.double() @ flat_masks).view(-1, height, width)
         sums = {
             "weighted": weighted,
             "count": torch.full((n_images,), float(stop - start), dtype=torch.float64, device=device),
