@@ -37,7 +37,6 @@ listing every problem with its field path; a misspelled key lists the valid keys
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .digests import json_digest
 from .errors import PipelineError
 
 __all__ = [
@@ -343,8 +343,7 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 def config_hash(config: ExperimentConfig) -> str:
     """A digest of the whole resolved config."""
-    canonical = json.dumps(config_dict(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return json_digest(config_dict(config))
 
 
 def save_config(config: ExperimentConfig, path: Path) -> None:

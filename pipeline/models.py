@@ -9,9 +9,7 @@ the mismatching keys, before any shard runs.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +17,10 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .digests import file_digest, json_digest
 from .errors import PipelineError
 
-__all__ = ["ModelError", "build_model", "load_checkpoint", "model_digest", "file_digest", "select_device"]
+__all__ = ["ModelError", "build_model", "load_checkpoint", "model_digest", "select_device"]
 
 
 class ModelError(PipelineError, ValueError):
@@ -114,15 +113,6 @@ def build_model(config: ModelConfig) -> nn.Module:
     return model.eval()
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_digest(config: ModelConfig) -> str:
     """A fingerprint of what determines the model's weights: its description and checkpoint bytes."""
     described = config.model_dump(mode="json", exclude={"checkpoint"})
@@ -130,8 +120,7 @@ def model_digest(config: ModelConfig) -> str:
         if not config.checkpoint.is_file():
             raise ModelError(f"model.checkpoint: {config.checkpoint} does not exist")
         described["checkpoint_sha256"] = file_digest(config.checkpoint)
-    canonical = json.dumps(described, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return json_digest(described)
 
 
 def select_device(name: str) -> torch.device:

@@ -1,0 +1,182 @@
+"""The run folder: where every file of a run lives, and how files are written into it.
+
+Layout::
+
+    RUN_DIR/config.yaml                     the resolved experiment config
+    RUN_DIR/plan.json                       the shards (see pipeline.planning)
+    RUN_DIR/shards/<ab>/<id>.h5             a committed shard (exists only when whole)
+    RUN_DIR/shards/<ab>/<id>.partial.h5     a sampled shard's last saved progress (resumable)
+    RUN_DIR/shards/<ab>/<id>.error.json     why the shard's last attempt failed
+    RUN_DIR/results.h5                      the merged results (see pipeline.stages.reduce)
+    RUN_DIR/metrics.csv, metrics.parquet    one row per image x method x layer x metric
+    RUN_DIR/summary.{csv,md,tex}            mean, variance, ... per method x layer
+    RUN_DIR/failures.csv                    images that could not be read
+    RUN_DIR/jobs.json                       SLURM submissions (see pipeline.launching.slurm)
+    RUN_DIR/slurm/                          submitit's scripts and logs
+    RUN_DIR/report/                         the HTML/Markdown report
+
+``<ab>`` is the first two characters of the shard id, so no folder holds more than a
+few hundred shard files even at tens of thousands of shards (parallel file systems
+slow down on large folders). :meth:`RunDir.scan` lists the shard folder in one pass.
+
+Every file is written under a temporary name in its folder and renamed into place
+(:func:`atomic_write`): a reader sees the whole file or none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["RunDir", "ShardFiles", "atomic_write", "temporary_path"]
+
+_COMMITTED = ".h5"
+_CHECKPOINT = ".partial.h5"
+_ERROR = ".error.json"
+
+
+def temporary_path(path: Path) -> Path:
+    """A hidden, unique name beside ``path`` for writing it before the rename."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync'ed and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFiles:
+    """What the shard folder holds, by shard id, from one listing pass."""
+
+    committed: frozenset[str]
+    checkpoints: frozenset[str]
+    errors: frozenset[str]
+
+
+class RunDir:
+    """The paths of one run folder (nothing is created until a file is written)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+    # ------------------------------------------------------------------ files
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.h5"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def metrics_parquet(self) -> Path:
+        return self.root / "metrics.parquet"
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.root / "summary.csv"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def summary_tex(self) -> Path:
+        return self.root / "summary.tex"
+
+    @property
+    def failures_csv(self) -> Path:
+        return self.root / "failures.csv"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs.json"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def outputs(self) -> list[Path]:
+        """The files reduce writes (removed with the shards when a folder is overwritten)."""
+        return [self.results, self.metrics_csv, self.metrics_parquet, self.summary_csv, self.summary_md,
+                self.summary_tex, self.failures_csv]
+
+    # ----------------------------------------------------------------- shards
+    def shard_folder(self, shard_id: str) -> Path:
+        return self.shards / shard_id[:2]
+
+    def shard(self, shard_id: str) -> Path:
+        """The committed file of shard ``shard_id``."""
+        return self.shard_folder(shard_id) / f"{shard_id}{_COMMITTED}"
+
+    def checkpoint(self, shard_id: str) -> Path:
+        """The saved progress of sampled shard ``shard_id``."""
+        return self.shard_folder(shard_id) / f"{shard_id}{_CHECKPOINT}"
+
+    def error(self, shard_id: str) -> Path:
+        """The record of why shard ``shard_id`` last failed."""
+        return self.shard_folder(shard_id) / f"{shard_id}{_ERROR}"
+
+    def _entries(self) -> Iterator[str]:
+        """Every file name in the shard folders, from one pass over them."""
+        try:
+            prefixes = [entry.path for entry in os.scandir(self.shards) if entry.is_dir()]
+        except FileNotFoundError:
+            return
+        for folder in prefixes:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    yield entry.name
+
+    def scan(self) -> ShardFiles:
+        """Committed shards, saved checkpoints and error records, from one listing pass."""
+        committed, checkpoints, errors = set(), set(), set()
+        for name in self._entries():
+            if name.startswith("."):
+                continue
+            if name.endswith(_CHECKPOINT):
+                checkpoints.add(name[: -len(_CHECKPOINT)])
+            elif name.endswith(_ERROR):
+                errors.add(name[: -len(_ERROR)])
+            elif name.endswith(_COMMITTED):
+                committed.add(name[: -len(_COMMITTED)])
+        return ShardFiles(frozenset(committed), frozenset(checkpoints), frozenset(errors))
+
+    def committed(self) -> frozenset[str]:
+        """Ids of every committed shard (one listing pass)."""
+        return self.scan().committed
