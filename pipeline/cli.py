@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
-    from .reduce import ReduceResult
+    from .stages.reduce import ReduceResult
 
 __all__ = ["main", "build_parser"]
 
@@ -31,11 +31,14 @@ def _print_failures(failures: dict[str, str]) -> None:
 
 
 def _print_results(run_dir: Path, result: "ReduceResult") -> None:
-    print((run_dir / "summary.md").read_text())
+    from .run_dir import RunDir
+
+    folder = RunDir(run_dir)
+    print(folder.summary_md.read_text())
     if result.failures:
-        print(f"{len(result.failures)} image(s) failed; see {run_dir / 'failures.csv'}")
-    print(f"results: {result.results}\ntables:  {run_dir / 'metrics.csv'}, {run_dir / 'summary.csv'}, "
-          f"{run_dir / 'summary.md'}")
+        print(f"{len(result.failures)} image(s) failed; see {folder.failures_csv}")
+    tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md]
+    print(f"results: {result.results}\ntables:  {', '.join(str(p) for p in tables if p.is_file())}")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -44,7 +47,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite)
     stages = {stage: len(plan.stage(stage)) for stage in ("explain", "score")}
-    print(f"planned {len(plan.records)} images: {stages['explain']} explain and {stages['score']} score shards "
+    print(f"planned {plan.image_count} images: {stages['explain']} explain and {stages['score']} score shards "
           f"in {args.out}")
     return 0
 
@@ -56,7 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
     from .launching.launch import launch_run, resolve_profile
-    from .reduce import reduce_run
+    from .stages.reduce import reduce_run
 
     profile = resolve_profile(run_dir, args.profile, args.executor)
     force = getattr(args, "force", False)
@@ -88,7 +91,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_reduce(args: argparse.Namespace) -> int:
-    from .reduce import reduce_run
+    from .stages.reduce import reduce_run
 
     result = reduce_run(args.run_dir, progress=args.progress, group_by_class=args.by_class)
     _print_results(Path(args.run_dir), result)

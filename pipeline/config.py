@@ -29,6 +29,8 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
         params: {step: 224}
     target: predicted                # or `label`: the class that is explained and scored
     sharding: {images_per_shard: 16, samples_per_shard: 1000}
+    results: {maps: all}             # maps kept in results.h5: all, none (metrics only) or
+                                     # sample (`sample_size` images drawn with `seed`)
     device: auto                     # auto (CUDA when there is one), cpu, cuda, cuda:1
     seed: 0                          # default seed of stochastic methods
 
@@ -56,6 +58,7 @@ __all__ = [
     "MethodConfig",
     "MetricConfig",
     "ShardingConfig",
+    "ResultsConfig",
     "ExperimentConfig",
     "load_config",
     "parse_config",
@@ -197,6 +200,11 @@ class ShardingConfig(_Strict):
     samples_per_shard: int = Field(default=1000, ge=1)
 
 
+class ResultsConfig(_Strict):
+    maps: Literal["all", "none", "sample"] = "all"
+    sample_size: int = Field(default=64, ge=1)
+
+
 def _default_metrics() -> list[MetricConfig]:
     return [MetricConfig(name="insertion"), MetricConfig(name="deletion")]
 
@@ -209,6 +217,7 @@ class ExperimentConfig(_Strict):
     metrics: list[MetricConfig] = Field(default_factory=_default_metrics)
     target: Literal["predicted", "label"] = "predicted"
     sharding: ShardingConfig = ShardingConfig()
+    results: ResultsConfig = ResultsConfig()
     device: str = "auto"
     seed: int = 0
 
@@ -348,4 +357,6 @@ def config_hash(config: ExperimentConfig) -> str:
 
 def save_config(config: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML (it loads back to an equal config)."""
-    path.write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
+    from .run_dir import atomic_write
+
+    atomic_write(path, yaml.safe_dump(config_dict(config), sort_keys=False))

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
-from torch.nn import functional as F
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .config import DataConfig
 from .errors import PipelineError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "ImageRecord",
@@ -66,31 +64,48 @@ def _key(path: Path, base: Path) -> str:
     return path.relative_to(base).with_suffix("").as_posix()
 
 
+def _walk(root: Path, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """``(relative path without extension, absolute path)`` of every file under ``root`` whose
+    extension is in ``extensions``, from one pass over the tree (no file is opened or stat'ed)."""
+    prefix = len(str(root)) + 1
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for name in sorted(files):
+            stem, dot, extension = name.rpartition(".")
+            if dot and f".{extension.lower()}" in extensions:
+                full = os.path.join(folder, name)
+                yield full[prefix : len(full) - len(extension) - 1].replace(os.sep, "/"), full
+
+
 def _index_gt(gt_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Ground-truth files by relative stem and by bare stem."""
+    """Ground-truth files by relative stem and by bare stem (files directly in ``gt_dir``)."""
     by_key: dict[str, Path] = {}
     by_stem: dict[str, Path] = {}
     if not gt_dir.is_dir():
         raise DataError(f"data.gt_dir: {gt_dir} is not a folder")
-    for path in sorted(gt_dir.rglob("*")):
-        if path.is_file() and path.suffix.lower() in GT_EXTENSIONS:
-            by_key.setdefault(_key(path, gt_dir), path)
-            if path.parent == gt_dir:
-                by_stem.setdefault(path.stem, path)
+    for key, full in _walk(gt_dir, GT_EXTENSIONS):
+        path = Path(full)
+        by_key.setdefault(key, path)
+        if "/" not in key:
+            by_stem.setdefault(key, path)
     return by_key, by_stem
 
 
-def _image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+#: an image found by discovery: key, path, label and the ground-truth map a manifest names
+_Item = tuple[str, Path, int, "Path | None"]
+
+
+def _image_folder(root: Path) -> tuple[list[_Item], list[str]]:
+    """``(key, path, label, None)`` of every image of an ImageFolder tree, and the class names."""
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise DataError(f"data.root: {root} has no class sub-folders (expected root/<class>/<image>)")
     items = [
-        (path, index)
+        (f"{name}/{key}", Path(full), index, None)
         for index, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+        for key, full in _walk(root / name, IMAGE_EXTENSIONS)
     ]
     return items, classes
 
@@ -137,21 +152,23 @@ def discover_images(config: DataConfig) -> ImageSet:
     """
     if config.root is not None:
         base = config.root
-        folder_items, names = _image_folder(base)
-        items = [(path, label, None) for path, label in folder_items]
+        items, names = _image_folder(base)
     else:
         assert config.manifest is not None
         base = config.manifest.parent
-        items, names = _manifest(config.manifest, config.class_names)
+        listed, names = _manifest(config.manifest, config.class_names)
+        items = [
+            (_key(path, base) if path.is_relative_to(base) else path.with_suffix("").as_posix(), path, label, gt)
+            for path, label, gt in listed
+        ]
     if config.class_names and config.root is not None:
         if len(config.class_names) != len(names):
             raise DataError(f"data.class_names has {len(config.class_names)} names but {base} has {len(names)} classes")
         names = list(config.class_names)
     gt_by_key, gt_by_stem = _index_gt(config.gt_dir) if config.gt_dir else ({}, {})
     records = []
-    for path, label, gt in items:
-        key = _key(path, base) if path.is_relative_to(base) else path.with_suffix("").as_posix()
-        gt = gt or gt_by_key.get(key) or gt_by_stem.get(path.stem)
+    for key, path, label, listed_gt in items:
+        gt = listed_gt or gt_by_key.get(key) or gt_by_stem.get(key.rpartition("/")[2])
         records.append(ImageRecord(key, path, label, gt))
     records.sort(key=lambda r: r.key)
     duplicates = sorted(k for k, n in Counter(r.key for r in records).items() if n > 1)
@@ -176,6 +193,10 @@ def discover_images(config: DataConfig) -> ImageSet:
 
 def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """A normalized float tensor ``[3, H, W]``; raises :class:`DataError` naming the file."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
@@ -187,6 +208,11 @@ def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Se
 
 def load_gt(path: Path, size: tuple[int, int]) -> Tensor:
     """A ground-truth map ``[H, W]`` (float32) resized bilinearly to ``size``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch.nn import functional as F
+
     try:
         if path.suffix.lower() == ".npy":
             array = np.load(path).astype(np.float32)
@@ -205,6 +231,8 @@ def load_batch(
     records: Sequence[ImageRecord], config: DataConfig
 ) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
     """The images that load, stacked ``[n, 3, H, W]``, and an error message for each that does not."""
+    import torch
+
     loaded, tensors, failures = [], [], {}
     for record in records:
         try:

@@ -13,37 +13,42 @@ Two stages of shards, both planned up front:
 A shard's id is a digest of everything that determines its output: the method's
 resolved parameters, the image keys, the sample range, the preprocessing, the
 target rule and the model's digest (for score shards: the metric parameters and
-the ids it reads). Planning twice gives the same ids; any change gives new ones.
+the ids it reads). Planning twice gives the same ids; any change gives new ones,
+and a method entry that did not change keeps its ids when another one does.
 
-``plan.json`` (written by :meth:`Plan.write`) holds the config digest, the model
-digest, the images (key, path, label, ground truth) and the shards.
+``plan.json`` (written by :meth:`Plan.write`, compact JSON) holds::
+
+    config_hash, model_digest, class_names
+    images: {keys: [...], paths: [...], labels: [...], gt: [path or null, ...]}   (columns)
+    shards: [{id, stage, method, layers, images, samples, metrics, after}, ...]
+
+Reading it imports nothing heavy and builds the image records only when asked.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from .config import ExperimentConfig, MethodConfig, config_hash
 from .data import ImageRecord, ImageSet
+from .digests import json_digest
+from .run_dir import atomic_write
 
 __all__ = [
     "Shard",
     "Plan",
+    "ImageColumns",
     "make_plan",
     "method_params",
     "sample_count",
     "NO_LAYER",
-    "PLAN_FILE",
 ]
 
 #: the layer name used for methods that have no layer (RISE, LIME, ...)
 NO_LAYER = "-"
-PLAN_FILE = "plan.json"
 
 Stage = Literal["explain", "score"]
 
@@ -64,13 +69,14 @@ class Shard:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Shard":
+        samples = data.get("samples")
         return cls(
             id=data["id"],
             stage=data["stage"],
             method=data["method"],
             layers=tuple(data["layers"]),
-            images=tuple(data["images"]),  # type: ignore[arg-type]
-            samples=tuple(data["samples"]) if data.get("samples") else None,  # type: ignore[arg-type]
+            images=(data["images"][0], data["images"][1]),
+            samples=(samples[0], samples[1]) if samples else None,
             metrics=tuple(data.get("metrics", ())),
             after=tuple(data.get("after", ())),
         )
@@ -89,16 +95,50 @@ class Shard:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageColumns:
+    """The plan's images as columns (keys, paths, labels, ground-truth paths), in key order."""
+
+    keys: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    gt: tuple[str | None, ...]
+
+    @classmethod
+    def from_records(cls, records: Sequence[ImageRecord]) -> "ImageColumns":
+        return cls(
+            tuple(r.key for r in records),
+            tuple(str(r.path) for r in records),
+            tuple(r.label for r in records),
+            tuple(str(r.gt_path) if r.gt_path else None for r in records),
+        )
+
+    def records(self) -> tuple[ImageRecord, ...]:
+        return tuple(
+            ImageRecord(key, Path(path), label, Path(gt) if gt else None)
+            for key, path, label, gt in zip(self.keys, self.paths, self.labels, self.gt)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     config_hash: str
     model_digest: str
-    records: tuple[ImageRecord, ...]
+    images: ImageColumns
     class_names: tuple[str, ...]
     shards: tuple[Shard, ...]
 
     @property
     def keys(self) -> list[str]:
-        return [r.key for r in self.records]
+        return list(self.images.keys)
+
+    @property
+    def image_count(self) -> int:
+        return len(self.images.keys)
+
+    @functools.cached_property
+    def records(self) -> tuple[ImageRecord, ...]:
+        """The images as records (built on first use)."""
+        return self.images.records()
 
     @functools.cached_property
     def _by_id(self) -> dict[str, Shard]:
@@ -118,43 +158,31 @@ class Plan:
         return sorted({s.images for s in self.shards})
 
     def write(self, path: Path) -> None:
-        """Write ``plan.json`` atomically."""
+        """Write ``plan.json`` atomically, as compact JSON."""
         data = {
             "config_hash": self.config_hash,
             "model_digest": self.model_digest,
             "class_names": list(self.class_names),
-            "images": [
-                {"key": r.key, "path": str(r.path), "label": r.label, "gt": str(r.gt_path) if r.gt_path else None}
-                for r in self.records
-            ],
+            "images": {name: list(column) for name, column in dataclasses.asdict(self.images).items()},
             "shards": [s.to_json() for s in self.shards],
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, separators=(",", ":")))
 
     @classmethod
     def read(cls, path: Path) -> "Plan":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(Path(path).read_bytes())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} does not exist: plan the run first (xai-pipeline plan)") from None
-        records = tuple(
-            ImageRecord(i["key"], Path(i["path"]), int(i["label"]), Path(i["gt"]) if i.get("gt") else None)
-            for i in data["images"]
-        )
+        images = data["images"]
         return cls(
             config_hash=data["config_hash"],
             model_digest=data["model_digest"],
-            records=records,
+            images=ImageColumns(tuple(images["keys"]), tuple(images["paths"]), tuple(images["labels"]),
+                                tuple(images["gt"])),
             class_names=tuple(data["class_names"]),
             shards=tuple(Shard.from_json(s) for s in data["shards"]),
         )
-
-
-def _digest(payload: Any) -> str:
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def method_params(config: ExperimentConfig, entry: MethodConfig) -> dict[str, Any]:
@@ -197,6 +225,7 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
     records = images.records
     keys = [r.key for r in records]
     chunks = list(_ranges(len(records), config.sharding.images_per_shard))
+    chunk_digests = {chunk: json_digest(keys[chunk[0] : chunk[1]]) for chunk in chunks}
     common = {
         "model": model_digest,
         "image_size": config.data.image_size,
@@ -205,6 +234,7 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
         "target": config.target,
     }
     metric_params = {m.name: m.params for m in config.metrics}
+    groups = _metric_groups(config)
     shards: list[Shard] = []
     for entry in config.methods:
         layers = tuple(entry.layers) if entry.layers else (NO_LAYER,)
@@ -214,17 +244,17 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
             list(_ranges(count, config.sharding.samples_per_shard)) if count else [None]
         )
         for chunk in chunks:
-            chunk_keys = keys[chunk[0] : chunk[1]]
             explain_ids = []
             for samples in sample_ranges:
-                shard_id = _digest({**common, "method": method, "keys": chunk_keys, "samples": samples})
+                shard_id = json_digest({**common, "method": method, "keys": chunk_digests[chunk], "samples": samples})
                 explain_ids.append(shard_id)
                 shards.append(Shard(shard_id, "explain", entry.label, layers, chunk, samples))
             for layer in layers:
-                for group, names in _metric_groups(config).items():
+                for names in groups.values():
                     params = {n: metric_params[n] for n in names}
-                    shard_id = _digest({"metrics": params, "layer": layer, "after": explain_ids})
+                    shard_id = json_digest({"metrics": params, "layer": layer, "after": explain_ids})
                     shards.append(
                         Shard(shard_id, "score", entry.label, (layer,), chunk, None, tuple(names), tuple(explain_ids))
                     )
-    return Plan(config_hash(config), model_digest, records, images.class_names, tuple(shards))
+    return Plan(config_hash(config), model_digest, ImageColumns.from_records(records), images.class_names,
+                tuple(shards))

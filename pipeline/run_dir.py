@@ -25,10 +25,12 @@ Every file is written under a temporary name in its folder and renamed into plac
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import platform
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 __all__ = ["RunDir", "ShardFiles", "atomic_write", "temporary_path"]
 
@@ -180,3 +182,25 @@ class RunDir:
     def committed(self) -> frozenset[str]:
         """Ids of every committed shard (one listing pass)."""
         return self.scan().committed
+
+    # ---------------------------------------------------------- error records
+    def record_error(self, shard_id: str, message: str, *, kind: str, log: str | None = None) -> None:
+        """Record why shard ``shard_id`` failed (``kind``: ``data`` for bad input, ``error`` otherwise)."""
+        record = {"shard": shard_id, "kind": kind, "message": message, "log": log, "time": time.time(),
+                  "host": platform.node()}
+        atomic_write(self.error(shard_id), json.dumps(record, indent=1))
+
+    def read_error(self, shard_id: str) -> dict[str, Any] | None:
+        """The recorded failure of shard ``shard_id`` (None when there is none or it cannot be read)."""
+        try:
+            return json.loads(self.error(shard_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def clear_error(self, shard_id: str) -> None:
+        self.error(shard_id).unlink(missing_ok=True)
+
+    def errors(self, shard_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The recorded failures of ``shard_ids`` (those without a readable record are left out)."""
+        records = {shard_id: self.read_error(shard_id) for shard_id in shard_ids}
+        return {shard_id: record for shard_id, record in records.items() if record is not None}

@@ -17,14 +17,13 @@ from typing import Any
 import torch
 
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
-from .data import discover_images, load_image
+from .data import ImageSet, discover_images, load_image
 from .errors import PipelineError
 from .methods import CamExplainer, method_class
 from .methods.base import capture_outputs
 from .models import build_model, model_digest
-from .planning import PLAN_FILE, Plan, make_plan
-from .store import SHARDS_DIR
-from .worker import CONFIG_FILE
+from .planning import Plan, make_plan
+from .run_dir import RunDir
 
 __all__ = ["RunDirError", "PreflightError", "plan_run", "preflight", "config_changes", "load_run_plan"]
 
@@ -61,9 +60,9 @@ def config_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
     ]
 
 
-def preflight(config: ExperimentConfig, run_dir: Path) -> None:
-    """Fail early, naming the item, if the run cannot work (see module docstring)."""
-    images = discover_images(config.data)
+def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None = None) -> ImageSet:
+    """Fail early, naming the item, if the run cannot work (see module docstring); returns the images."""
+    images = images or discover_images(config.data)
     load_image(images.records[0].path, config.data.image_size, config.data.mean, config.data.std)
     model = build_model(config.model)
     cam_layers = sorted({
@@ -88,28 +87,28 @@ def preflight(config: ExperimentConfig, run_dir: Path) -> None:
         probe_file.unlink()
     except OSError as error:
         raise RunDirError(f"run folder {run_dir} is not writable: {error.strerror}") from None
+    return images
 
 
 def load_run_plan(run_dir: Path) -> tuple[ExperimentConfig, Plan]:
     """The config and plan saved in a run folder."""
-    run_dir = Path(run_dir)
-    if not (run_dir / PLAN_FILE).is_file():
-        raise RunDirError(f"{run_dir} holds no planned run (no {PLAN_FILE}); run `xai-pipeline plan` first")
-    return load_config(run_dir / CONFIG_FILE), Plan.read(run_dir / PLAN_FILE)
+    folder = RunDir(run_dir)
+    if not folder.plan.is_file():
+        raise RunDirError(f"{run_dir} holds no planned run (no {folder.plan.name}); run `xai-pipeline plan` first")
+    return load_config(folder.config), Plan.read(folder.plan)
 
 
-def _clear(run_dir: Path) -> None:
-    shutil.rmtree(run_dir / SHARDS_DIR, ignore_errors=True)
-    for name in (PLAN_FILE, CONFIG_FILE, "results.h5", "metrics.csv", "summary.csv", "summary.md",
-                 "summary.tex", "failures.csv"):
-        (run_dir / name).unlink(missing_ok=True)
+def _clear(folder: RunDir) -> None:
+    shutil.rmtree(folder.shards, ignore_errors=True)
+    for path in (folder.plan, folder.config, *folder.outputs()):
+        path.unlink(missing_ok=True)
 
 
 def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, check: bool = True) -> Plan:
     """Plan ``config`` into ``run_dir`` (after the pre-flight checks unless ``check=False``)."""
-    run_dir = Path(run_dir)
-    if (run_dir / CONFIG_FILE).is_file():
-        previous = load_config(run_dir / CONFIG_FILE)
+    folder = RunDir(run_dir)
+    if folder.config.is_file():
+        previous = load_config(folder.config)
         if config_hash(previous) != config_hash(config):
             if not overwrite:
                 changes = "\n  ".join(config_changes(previous, config))
@@ -117,12 +116,10 @@ def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False
                     f"{run_dir} holds the run of another config; use a new folder or --overwrite "
                     f"(which deletes its results). Changes:\n  {changes}"
                 )
-            _clear(run_dir)
-    if check:
-        preflight(config, run_dir)
-    images = discover_images(config.data)
+            _clear(folder)
+    images = preflight(config, folder.root) if check else discover_images(config.data)
     plan = make_plan(config, images, model_digest(config.model))
-    (run_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
-    plan.write(run_dir / PLAN_FILE)
+    folder.shards.mkdir(parents=True, exist_ok=True)
+    save_config(config, folder.config)
+    plan.write(folder.plan)
     return plan

@@ -10,8 +10,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .planning import PLAN_FILE, Plan
-from .store import committed_ids, read_errors
+from .planning import Plan
+from .run_dir import RunDir
 
 __all__ = ["RunStatus", "run_status"]
 
@@ -35,7 +35,7 @@ class RunStatus:
         return len(self.done) == self.total
 
     def describe(self) -> str:
-        lines = [f"run {self.run_dir}: {len(self.plan.records)} images, {self.total} shards"]
+        lines = [f"run {self.run_dir}: {self.plan.image_count} images, {self.total} shards"]
         for stage in ("explain", "score"):
             ids = {s.id for s in self.plan.stage(stage)}
             lines.append(
@@ -50,7 +50,7 @@ class RunStatus:
             lines.append(f"  failed {shard.describe()}: [{record.get('kind')}] {record.get('message')}{where}")
         if len(self.failed) > 10:
             lines.append(f"  ... and {len(self.failed) - 10} more failed shards")
-        results = self.run_dir / "results.h5"
+        results = RunDir(self.run_dir).results
         if self.finished and results.is_file():
             lines.append(f"  finished: results in {results}, tables in {self.run_dir / 'summary.md'}")
         elif self.finished:
@@ -61,10 +61,12 @@ class RunStatus:
 def run_status(run_dir: Path, *, scheduler: bool = True) -> RunStatus:
     """The run's status; ``scheduler=False`` never asks the scheduler."""
     run_dir = Path(run_dir)
-    plan = Plan.read(run_dir / PLAN_FILE)
+    folder = RunDir(run_dir)
+    plan = Plan.read(folder.plan)
     planned = {s.id for s in plan.shards}
-    done = committed_ids(run_dir) & planned
-    failed = {k: v for k, v in read_errors(run_dir).items() if k in planned and k not in done}
+    files = folder.scan()
+    done = set(files.committed & planned)
+    failed = folder.errors(sorted((files.errors & planned) - done))
     running: set[str] = set()
     note = None
     if scheduler:

@@ -1,13 +1,7 @@
 """The HDF5 store: one file per shard, committed atomically.
 
-Run folder::
-
-    RUN_DIR/config.yaml              the resolved experiment config
-    RUN_DIR/plan.json                the shards (see pipeline.planning)
-    RUN_DIR/shards/<id>.h5           a committed shard (exists only when whole)
-    RUN_DIR/shards/<id>.partial.h5   a sampled shard's last saved progress (resumable)
-    RUN_DIR/shards/<id>.error.json   why the shard's last attempt failed
-    RUN_DIR/results.h5               the merged results (see pipeline.reduce)
+Where the files live is :class:`pipeline.run_dir.RunDir`'s business; this module
+writes and reads them.
 
 Shard file layout::
 
@@ -20,8 +14,9 @@ Shard file layout::
                                                                       attrs sample_start, sample_stop)
     values/<metric> [n] float64, curves/<metric> [n, T] float32      (score shards)
 
-Every file is written under a temporary name in the same folder, flushed and
-renamed: a reader sees a whole file or none.
+A checkpoint (``<id>.partial.h5``) has the same layout plus the attribute
+``next_sample``. Every file is written under a temporary name in the same folder,
+flushed and renamed: a reader sees a whole file or none.
 """
 from __future__ import annotations
 
@@ -29,30 +24,22 @@ import dataclasses
 import json
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from .run_dir import temporary_path
+
 __all__ = [
     "ShardOutput",
     "write_shard",
     "read_shard",
-    "shard_path",
-    "checkpoint_path",
-    "error_path",
-    "committed_ids",
-    "write_error",
-    "read_errors",
-    "clear_error",
     "library_versions",
     "atomic_h5",
-    "SHARDS_DIR",
 ]
 
-SHARDS_DIR = "shards"
 _STR = h5py.string_dtype()
 
 
@@ -72,30 +59,6 @@ class ShardOutput:
     values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     curves: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def shard_path(run_dir: Path, shard_id: str) -> Path:
-    return Path(run_dir) / SHARDS_DIR / f"{shard_id}.h5"
-
-
-def checkpoint_path(run_dir: Path, shard_id: str) -> Path:
-    return Path(run_dir) / SHARDS_DIR / f"{shard_id}.partial.h5"
-
-
-def error_path(run_dir: Path, shard_id: str) -> Path:
-    return Path(run_dir) / SHARDS_DIR / f"{shard_id}.error.json"
-
-
-def committed_ids(run_dir: Path) -> set[str]:
-    """Ids of every committed shard, from one listing of the shard folder."""
-    folder = Path(run_dir) / SHARDS_DIR
-    if not folder.is_dir():
-        return set()
-    return {
-        name[:-3]
-        for name in os.listdir(folder)
-        if name.endswith(".h5") and not name.endswith(".partial.h5") and not name.startswith(".")
-    }
 
 
 def library_versions() -> dict[str, str]:
@@ -119,7 +82,7 @@ class atomic_h5:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        self.tmp = temporary_path(self.path)
 
     def __enter__(self) -> h5py.File:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,33 +160,3 @@ def read_shard(path: Path) -> ShardOutput:
             curves=_read_group(f["curves"]),
             attrs=attrs,
         )
-
-
-def write_error(run_dir: Path, shard_id: str, message: str, *, kind: str, log: str | None = None) -> None:
-    """Record why a shard failed (``kind``: ``data`` for bad input, ``error`` otherwise)."""
-    path = error_path(run_dir, shard_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"shard": shard_id, "kind": kind, "message": message, "log": log, "time": time.time(),
-              "host": platform.node()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-
-
-def clear_error(run_dir: Path, shard_id: str) -> None:
-    error_path(run_dir, shard_id).unlink(missing_ok=True)
-
-
-def read_errors(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The recorded failure of every shard that has one."""
-    folder = Path(run_dir) / SHARDS_DIR
-    if not folder.is_dir():
-        return {}
-    errors = {}
-    for name in os.listdir(folder):
-        if name.endswith(".error.json") and not name.startswith("."):
-            try:
-                errors[name[: -len(".error.json")]] = json.loads((folder / name).read_text())
-            except (OSError, ValueError):
-                continue
-    return errors

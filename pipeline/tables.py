@@ -1,6 +1,7 @@
 """Metric tables: the tidy per-image table and the per-(method, layer) summary.
 
-``metrics.csv`` has one row per (image, method, layer, metric). The summary has,
+``metrics.parquet`` (and ``metrics.csv`` for runs of up to a million rows) has one
+row per (image, method, layer, metric). The summary has,
 for every (method, layer, metric): mean, variance (ddof=1), std, a 95% confidence
 interval of the mean (Student t) and the count of images it covers. It is written as
 ``summary.csv`` (long form) and as ``summary.md`` / ``summary.tex``: tables of the
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["METRIC_COLUMNS", "summarize", "wide_summary", "metric_title", "write_tables"]
+__all__ = ["METRIC_COLUMNS", "Moments", "summarize", "wide_summary", "metric_title", "write_summary"]
 
 METRIC_COLUMNS = ["key", "label", "class_name", "target", "predicted", "method", "layer", "metric", "value"]
 
@@ -30,17 +31,58 @@ def metric_title(name: str) -> str:
     return name if spec is None else spec.label
 
 
-def summarize(metrics: pd.DataFrame, by: Sequence[str] = ("method", "layer"), group_by_class: bool = False) -> pd.DataFrame:
-    """Mean, variance, std, 95% CI and count per group and metric (NaN values are left out)."""
-    keys = list(by) + (["class_name"] if group_by_class else []) + ["metric"]
-    valid = metrics.dropna(subset=["value"])
-    grouped = valid.groupby(keys, sort=False)["value"]
-    summary = grouped.agg(mean="mean", var="var", std="std", count="count").reset_index()
+def _with_interval(summary: pd.DataFrame) -> pd.DataFrame:
+    """Add the 95% confidence interval of the mean (Student t) to a table of mean, std and count."""
     sem = summary["std"] / np.sqrt(summary["count"])
     half = stats.t.ppf(0.975, (summary["count"] - 1).clip(lower=1)) * sem
     summary["ci95_low"] = summary["mean"] - half
     summary["ci95_high"] = summary["mean"] + half
     return summary
+
+
+def summarize(metrics: pd.DataFrame, by: Sequence[str] = ("method", "layer"), group_by_class: bool = False) -> pd.DataFrame:
+    """Mean, variance, std, 95% CI and count per group and metric (NaN values are left out)."""
+    keys = list(by) + (["class_name"] if group_by_class else []) + ["metric"]
+    valid = metrics.dropna(subset=["value"])
+    grouped = valid.groupby(keys, sort=False)["value"]
+    return _with_interval(grouped.agg(mean="mean", var="var", std="std", count="count").reset_index())
+
+
+class Moments:
+    """Count, mean and sum of squared deviations per group, updated batch by batch
+    (Chan, Golub and LeVeque's pairwise update), so a summary needs no table of every value."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, ...], tuple[int, float, float]] = {}
+
+    def add(self, group: tuple[str, ...], values: np.ndarray) -> None:
+        """Fold ``values`` (NaNs are left out) into ``group``."""
+        values = np.asarray(values, dtype=np.float64)
+        values = values[~np.isnan(values)]
+        if not values.size:
+            return
+        count, mean = values.size, float(values.mean())
+        squares = float(((values - mean) ** 2).sum())
+        if group in self._groups:
+            seen, seen_mean, seen_squares = self._groups[group]
+            total = seen + count
+            delta = mean - seen_mean
+            mean = seen_mean + delta * count / total
+            squares = seen_squares + squares + delta * delta * seen * count / total
+            count = total
+        self._groups[group] = (count, mean, squares)
+
+    def frame(self, columns: Sequence[str], order: Sequence[tuple[str, ...]] | None = None) -> pd.DataFrame:
+        """The summary table: one row per group (named by ``columns``), in ``order`` when given."""
+        groups = [g for g in order if g in self._groups] if order is not None else list(self._groups)
+        rows = []
+        for group in groups:
+            count, mean, squares = self._groups[group]
+            var = squares / (count - 1) if count > 1 else np.nan
+            rows.append((*group, mean, var, np.sqrt(var), count))
+        summary = pd.DataFrame(rows, columns=[*columns, "mean", "var", "std", "count"])
+        summary["count"] = summary["count"].astype(np.int64)
+        return _with_interval(summary)
 
 
 def wide_summary(summary: pd.DataFrame, statistic: str = "mean", by: Sequence[str] = ("method", "layer")) -> pd.DataFrame:
@@ -54,11 +96,9 @@ def wide_summary(summary: pd.DataFrame, statistic: str = "mean", by: Sequence[st
     return wide.reset_index()
 
 
-def write_tables(metrics: pd.DataFrame, out_dir: Path, *, group_by_class: bool = False) -> pd.DataFrame:
-    """Write metrics.csv and summary.{csv,md,tex}; returns the long summary."""
+def write_summary(summary: pd.DataFrame, out_dir: Path, *, group_by_class: bool = False) -> None:
+    """Write the long ``summary`` as summary.csv and its mean/variance/count tables as summary.md and .tex."""
     out_dir = Path(out_dir)
-    metrics.to_csv(out_dir / "metrics.csv", index=False)
-    summary = summarize(metrics, group_by_class=group_by_class)
     summary.to_csv(out_dir / "summary.csv", index=False)
     by = ["method", "layer"] + (["class_name"] if group_by_class else [])
     sections = {name: wide_summary(summary, statistic, by) for name, statistic in
@@ -70,4 +110,3 @@ def write_tables(metrics: pd.DataFrame, out_dir: Path, *, group_by_class: bool =
         table.to_latex(index=False, float_format="%.4f", na_rep="--", caption=name, escape=True)
         for name, table in sections.items()
     ))
-    return summary

@@ -90,7 +90,7 @@ def tree_copy(image_tree: ImageTree, tmp_path: Path) -> ImageTree:
 def finished_run(tmp_path_factory: pytest.TempPathFactory, image_tree: ImageTree, checkpoint: Path) -> FinishedRun:
     """The tiny experiment on the tree plus one unreadable image, planned, run and reduced once."""
     from pipeline.launching import run_local
-    from pipeline.reduce import reduce_run
+    from pipeline.stages import reduce_run
     from pipeline.rundir import plan_run
 
     base = tmp_path_factory.mktemp("finished")

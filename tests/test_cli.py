@@ -12,8 +12,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.planning import Plan
-from pipeline.store import shard_path
-from pipeline.worker import run_shards
+from pipeline.run_dir import RunDir
+from pipeline.stages import run_shards
 from tests.tiny_experiment import ConfigFactory, ImageTree, YamlWriter
 
 OUTPUTS = ["results.h5", "metrics.csv", "summary.csv", "summary.md", "summary.tex", "failures.csv"]
@@ -119,7 +119,7 @@ def test_status_and_reduce_commands(run_copy: Path, capsys: pytest.CaptureFixtur
     assert main(["reduce", str(run_copy), "--no-progress"]) == 0
     assert (run_copy / "results.h5").is_file()
     plan = Plan.read(run_copy / "plan.json")
-    shard_path(run_copy, plan.shards[0].id).unlink()
+    RunDir(run_copy).shard(plan.shards[0].id).unlink()
     capsys.readouterr()
     assert main(["reduce", str(run_copy)]) == 2
     assert f"1 of {len(plan.shards)} shards are not committed" in capsys.readouterr().err

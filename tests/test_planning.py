@@ -181,8 +181,10 @@ def test_plan_json_round_trip(make_config: ConfigFactory, tmp_path: Path) -> Non
     assert Plan.read(path) == plan
     data = json.loads(path.read_text())
     assert data["config_hash"] == plan.config_hash and data["model_digest"] == DIGEST
-    assert [i["key"] for i in data["images"]] == plan.keys
-    assert sum(i["gt"] is not None for i in data["images"]) == 9
+    assert data["images"]["keys"] == plan.keys
+    assert sum(gt is not None for gt in data["images"]["gt"]) == 9
+    assert Plan.read(path).records == plan.records
+    assert "\n" not in path.read_text()  # compact
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary file left
 
 

@@ -11,7 +11,7 @@ from pipeline.demo_model import ShapesNet
 from pipeline.models import ModelError
 from pipeline.planning import Plan
 from pipeline.rundir import RunDirError, config_changes, load_run_plan, plan_run
-from pipeline.store import committed_ids, shard_path, write_error
+from pipeline.run_dir import RunDir
 from tests.tiny_experiment import ConfigFactory, ImageTree, write_checkpoint
 
 MODULES = [name for name, _ in ShapesNet(num_classes=3, width=4).named_modules() if name]
@@ -34,7 +34,8 @@ def test_plan_run_writes_config_and_plan(make_config: ConfigFactory, tmp_path: P
 def test_planning_the_same_config_again_keeps_the_run(make_config: ConfigFactory, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     plan = plan_run(parse_config(make_config()), run_dir)
-    marker = shard_path(run_dir, plan.shards[0].id)
+    marker = RunDir(run_dir).shard(plan.shards[0].id)
+    marker.parent.mkdir()
     marker.write_bytes(b"committed")
     assert plan_run(parse_config(make_config()), run_dir) == plan
     assert marker.read_bytes() == b"committed"
@@ -43,7 +44,8 @@ def test_planning_the_same_config_again_keeps_the_run(make_config: ConfigFactory
 def test_another_configs_run_is_refused_listing_the_changes(make_config: ConfigFactory, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     plan = plan_run(parse_config(make_config()), run_dir)
-    marker = shard_path(run_dir, plan.shards[0].id)
+    marker = RunDir(run_dir).shard(plan.shards[0].id)
+    marker.parent.mkdir()
     marker.write_bytes(b"committed")
     plan_text = (run_dir / "plan.json").read_text()
     raw = make_config()
@@ -67,8 +69,9 @@ def test_another_configs_run_is_refused_listing_the_changes(make_config: ConfigF
 def test_overwrite_replaces_the_run(make_config: ConfigFactory, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     old = plan_run(parse_config(make_config()), run_dir)
-    shard_path(run_dir, old.shards[0].id).write_bytes(b"committed")
-    write_error(run_dir, old.shards[1].id, "boom", kind="error")
+    RunDir(run_dir).shard(old.shards[0].id).parent.mkdir()
+    RunDir(run_dir).shard(old.shards[0].id).write_bytes(b"committed")
+    RunDir(run_dir).record_error(old.shards[1].id, "boom", kind="error")
     for name in ("results.h5", "metrics.csv", "summary.csv", "summary.md", "summary.tex", "failures.csv"):
         (run_dir / name).write_text("old")
     (run_dir / "notes.txt").write_text("the user's own file")
@@ -77,7 +80,7 @@ def test_overwrite_replaces_the_run(make_config: ConfigFactory, tmp_path: Path) 
     new = plan_run(parse_config(raw), run_dir, overwrite=True)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt", "plan.json", "shards"]
     assert list((run_dir / "shards").iterdir()) == []
-    assert committed_ids(run_dir) == set()
+    assert RunDir(run_dir).committed() == set()
     assert load_config(run_dir / "config.yaml") == parse_config(raw)
     assert Plan.read(run_dir / "plan.json") == new
     assert {s.method for s in new.shards} == {"gradcam"}

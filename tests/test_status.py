@@ -8,8 +8,8 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.rundir import plan_run
 from pipeline.status import run_status
-from pipeline.store import shard_path, write_error
-from pipeline.worker import run_shards
+from pipeline.run_dir import RunDir
+from pipeline.stages import run_shards
 from tests.tiny_experiment import ConfigFactory, FinishedRun, ImageTree
 
 
@@ -33,9 +33,11 @@ def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path
     status = run_status(run_dir)
     assert status.pending == {s.id for s in plan.shards}
     assert status.done == set() and status.failed == {} and not status.finished
-    shard_path(run_dir, plan.shards[0].id).write_bytes(b"")  # committed files are the truth
-    write_error(run_dir, plan.shards[0].id, "an old failure", kind="error")  # ... over an older error record
-    write_error(run_dir, "not-in-the-plan", "from another run", kind="error")
+    committed = RunDir(run_dir).shard(plan.shards[0].id)
+    committed.parent.mkdir()
+    committed.write_bytes(b"")  # committed files are the truth
+    RunDir(run_dir).record_error(plan.shards[0].id, "an old failure", kind="error")  # ... over an older error record
+    RunDir(run_dir).record_error("not-in-the-plan", "from another run", kind="error")
     status = run_status(run_dir, scheduler=False)
     assert status.done == {plan.shards[0].id}
     assert status.failed == {}

@@ -1,4 +1,4 @@
-"""pipeline.store: shard files round-trip, atomic commits, error records."""
+"""pipeline.store: shard files round-trip, atomic commits."""
 from __future__ import annotations
 
 import json
@@ -14,19 +14,8 @@ import numpy as np
 import pytest
 
 import pipeline.store as store
-from pipeline.store import (
-    ShardOutput,
-    checkpoint_path,
-    clear_error,
-    committed_ids,
-    error_path,
-    library_versions,
-    read_errors,
-    read_shard,
-    shard_path,
-    write_error,
-    write_shard,
-)
+from pipeline.run_dir import RunDir
+from pipeline.store import ShardOutput, library_versions, read_shard, write_shard
 
 
 def _output(seed: int = 0) -> ShardOutput:
@@ -50,7 +39,7 @@ def _output(seed: int = 0) -> ShardOutput:
 
 def test_every_field_round_trips(tmp_path: Path) -> None:
     output = _output()
-    path = shard_path(tmp_path, "abc")
+    path = RunDir(tmp_path).shard("abc")
     write_shard(path, output)
     back = read_shard(path)
     assert back.keys == output.keys
@@ -95,7 +84,7 @@ def test_file_layout_matches_the_documentation(tmp_path: Path) -> None:
 
 
 def test_a_write_that_fails_midway_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = shard_path(tmp_path, "abc")
+    path = RunDir(tmp_path).shard("abc")
     original = store._put_group
 
     def failing(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
@@ -108,7 +97,7 @@ def test_a_write_that_fails_midway_commits_nothing(tmp_path: Path, monkeypatch: 
         write_shard(path, _output())
     assert not path.exists()
     assert os.listdir(path.parent) == []  # no temporary file left either
-    assert committed_ids(tmp_path) == set()
+    assert RunDir(tmp_path).committed() == set()
 
     monkeypatch.setattr(store, "_put_group", original)
     write_shard(path, _output(seed=1))
@@ -117,11 +106,11 @@ def test_a_write_that_fails_midway_commits_nothing(tmp_path: Path, monkeypatch: 
         write_shard(path, _output(seed=2))  # a failed rewrite keeps the committed file whole
     np.testing.assert_array_equal(read_shard(path).maps["layer3"], _output(seed=1).maps["layer3"])
     assert os.listdir(path.parent) == [path.name]
-    assert committed_ids(tmp_path) == {"abc"}
+    assert RunDir(tmp_path).committed() == {"abc"}
 
 
 def test_a_writer_killed_midway_leaves_no_committed_file(tmp_path: Path) -> None:
-    path = shard_path(tmp_path, "killed")
+    path = RunDir(tmp_path).shard("killed")
     script = textwrap.dedent(f"""
         import sys, time
         import numpy as np
@@ -152,44 +141,9 @@ def test_a_writer_killed_midway_leaves_no_committed_file(tmp_path: Path) -> None
         process.kill()
         process.wait()
     assert not path.exists()
-    assert committed_ids(tmp_path) == set()
+    assert RunDir(tmp_path).committed() == set()
     leftovers = os.listdir(path.parent)
     assert len(leftovers) == 1 and leftovers[0].startswith(f".{path.name}.tmp-")  # hidden, never counted
-
-
-def test_committed_ids_count_only_whole_shards(tmp_path: Path) -> None:
-    assert committed_ids(tmp_path) == set()  # no shards folder yet
-    write_shard(shard_path(tmp_path, "done1"), _output())
-    write_shard(shard_path(tmp_path, "done2"), _output())
-    write_shard(checkpoint_path(tmp_path, "half"), _output())
-    write_error(tmp_path, "broken", "boom", kind="error")
-    folder = tmp_path / "shards"
-    (folder / ".done3.h5.tmp-1-2").write_bytes(b"partial")
-    (folder / ".hidden.h5").write_bytes(b"")
-    (folder / "notes.txt").write_text("x")
-    assert committed_ids(tmp_path) == {"done1", "done2"}
-    assert checkpoint_path(tmp_path, "half") == folder / "half.partial.h5"
-    assert error_path(tmp_path, "broken") == folder / "broken.error.json"
-
-
-def test_error_records(tmp_path: Path) -> None:
-    assert read_errors(tmp_path) == {}
-    write_error(tmp_path, "s1", "cannot read image x.png", kind="data")
-    write_error(tmp_path, "s2", "RuntimeError: out of memory", kind="error", log="/logs/s2.err")
-    (tmp_path / "shards" / "s3.error.json").write_text("{not json")  # a torn record is skipped
-    errors = read_errors(tmp_path)
-    assert set(errors) == {"s1", "s2"}
-    assert (errors["s1"]["kind"], errors["s1"]["message"], errors["s1"]["log"]) == (
-        "data", "cannot read image x.png", None)
-    assert (errors["s2"]["kind"], errors["s2"]["log"], errors["s2"]["shard"]) == ("error", "/logs/s2.err", "s2")
-    assert isinstance(errors["s2"]["time"], float)
-    write_error(tmp_path, "s1", "second attempt", kind="error")
-    assert read_errors(tmp_path)["s1"]["message"] == "second attempt"
-    clear_error(tmp_path, "s1")
-    clear_error(tmp_path, "never-failed")
-    assert set(read_errors(tmp_path)) == {"s2"}
-    assert committed_ids(tmp_path) == set()
-    assert sorted(os.listdir(tmp_path / "shards")) == ["s2.error.json", "s3.error.json"]
 
 
 def test_library_versions_name_the_stack() -> None:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pipeline.tables import METRIC_COLUMNS, metric_title, summarize, wide_summary, write_tables
+from pipeline.tables import METRIC_COLUMNS, Moments, metric_title, summarize, wide_summary, write_summary
 
 VALUES = {  # (method, layer, metric) -> per-image values
     ("rise", "-", "insertion"): [0.61, 0.42, 0.77, 0.58, np.nan],
@@ -95,12 +95,9 @@ def test_wide_summary_has_one_row_per_method_and_layer() -> None:
 
 
 def test_written_tables(tmp_path: Path) -> None:
-    metrics = _metrics()
-    summary = write_tables(metrics, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "summary.csv", "summary.md", "summary.tex"]
-    back = pd.read_csv(tmp_path / "metrics.csv", keep_default_na=False, na_values=[""])
-    assert len(back) == len(metrics) and list(back.columns) == METRIC_COLUMNS
-    np.testing.assert_array_equal(back["value"].isna(), metrics["value"].isna())
+    summary = summarize(_metrics())
+    write_summary(summary, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv", "summary.md", "summary.tex"]
     assert len(pd.read_csv(tmp_path / "summary.csv")) == len(summary) == 6
     markdown = (tmp_path / "summary.md").read_text()
     assert [line for line in markdown.splitlines() if line.startswith("## ")] == ["## Mean", "## Variance",
@@ -122,7 +119,7 @@ def test_every_method_and_layer_has_a_row_in_every_section(tmp_path: Path) -> No
     summary = summarize(_metrics())
     variance = wide_summary(summary, "var")
     assert ("gradcam", "layer3") in {tuple(r) for r in variance[["method", "layer"]].itertuples(index=False)}
-    write_tables(_metrics(), tmp_path)
+    write_summary(summary, tmp_path)
     variance_section = (tmp_path / "summary.md").read_text().split("## Variance")[1].split("## Images")[0]
     assert re.search(r"^\|\s*gradcam\s*\|\s*layer3\s*\|", variance_section, flags=re.MULTILINE)
 
@@ -131,7 +128,32 @@ def test_latex_table_escapes_special_characters(tmp_path: Path) -> None:
     metrics = _metrics()
     metrics["method"] = metrics["method"].replace({"rise": "rise_6000"})
     metrics["layer"] = metrics["layer"].replace({"layer4": "features_4"})
-    write_tables(metrics, tmp_path)
+    write_summary(summarize(metrics), tmp_path)
     latex = (tmp_path / "summary.tex").read_text()
     assert r"rise\_6000" in latex and r"features\_4" in latex
     assert "rise_6000" not in latex.replace(r"rise\_6000", "")
+
+
+def test_moments_fed_batch_by_batch_match_the_table_summary() -> None:
+    metrics = _metrics()
+    moments = Moments()
+    rng = np.random.default_rng(0)
+    for (method, layer, metric), part in metrics.groupby(["method", "layer", "metric"], sort=False):
+        values = part["value"].to_numpy()
+        cuts = np.sort(rng.integers(0, len(values) + 1, size=2))
+        for batch in np.split(values, cuts):  # uneven batches, some empty
+            moments.add((method, layer, metric), batch)
+    streamed = moments.frame(["method", "layer", "metric"]).set_index(["method", "layer", "metric"])
+    expected = summarize(metrics).set_index(["method", "layer", "metric"])
+    assert sorted(streamed.index) == sorted(expected.index)
+    for column in ("mean", "var", "std", "count", "ci95_low", "ci95_high"):
+        np.testing.assert_allclose(streamed.loc[expected.index, column], expected[column], rtol=1e-12)
+
+
+def test_moments_are_exact_for_large_offsets() -> None:
+    values = 1e8 + np.arange(10_000, dtype=np.float64) % 7
+    moments = Moments()
+    for batch in np.array_split(values, 37):
+        moments.add(("m", "-", "x"), batch)
+    row = moments.frame(["method", "layer", "metric"]).iloc[0]
+    assert row["var"] == pytest.approx(np.var(values, ddof=1), rel=1e-9)

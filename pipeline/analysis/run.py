@@ -23,10 +23,9 @@ import pandas as pd
 
 from ..config import ExperimentConfig, load_config
 from ..data import ImageRecord, load_gt, load_image
-from ..planning import NO_LAYER, PLAN_FILE, Plan
-from ..reduce import RESULTS_FILE
+from ..planning import NO_LAYER, Plan
+from ..run_dir import RunDir
 from ..tables import summarize
-from ..worker import CONFIG_FILE
 
 __all__ = ["Run", "load_run", "view_label", "View"]
 
@@ -50,13 +49,14 @@ class Run:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir)
-        self.results_path = self.path / RESULTS_FILE
+        folder = RunDir(self.path)
+        self.results_path = folder.results
         if not self.results_path.is_file():
             raise FileNotFoundError(
                 f"{self.results_path} does not exist: reduce the run first (`xai-pipeline reduce {self.path}`)"
             )
-        self.config: ExperimentConfig = load_config(self.path / CONFIG_FILE)
-        plan = Plan.read(self.path / PLAN_FILE)
+        self.config: ExperimentConfig = load_config(folder.config)
+        plan = Plan.read(folder.plan)
         self._records = {record.key: record for record in plan.records}
         with h5py.File(self.results_path, "r") as f:
             self.class_names: list[str] = json.loads(f.attrs["class_names"])

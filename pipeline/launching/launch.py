@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..config import ConfigError, ExperimentConfig, config_dict, config_hash, parse_config
 from ..models import model_digest
 from ..planning import Plan, Shard
+from ..run_dir import RunDir
 from ..rundir import RunDirError, config_changes, load_run_plan, preflight
 from .local import pending_shards, run_local
 from .profiles import DEFAULT_PROFILE, ClusterProfile, load_profile, parse_profile
@@ -139,7 +140,7 @@ def launch_run(
         return result
     from .slurm import SchedulerError, active_job_ids, submit_shards
 
-    if not shards and (run_dir / "results.h5").is_file():
+    if not shards and RunDir(run_dir).results.is_file():
         return result
     try:
         active = active_job_ids(run_dir)

@@ -49,7 +49,7 @@ from submitit.core.utils import UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from ..planning import Shard
-from ..store import checkpoint_path, error_path, shard_path, write_error
+from ..run_dir import RunDir
 from . import JOBS_FILE
 from .profiles import ClusterProfile
 
@@ -115,11 +115,11 @@ def _ignore_checkpoint_signal() -> None:
 
 def _attach_log(run_dir: Path, shard_id: str, log: str | None) -> None:
     """Add the job's log path to the shard's error record."""
-    path = error_path(run_dir, shard_id)
-    if log is None or not path.is_file():
+    folder = RunDir(run_dir)
+    record = folder.read_error(shard_id)
+    if log is None or record is None:
         return
-    record = json.loads(path.read_text())
-    write_error(run_dir, shard_id, record["message"], kind=record["kind"], log=log)
+    folder.record_error(shard_id, record["message"], kind=record["kind"], log=log)
 
 
 class ShardJob(Checkpointable):
@@ -158,7 +158,7 @@ class ShardJob(Checkpointable):
         return state
 
     def __call__(self) -> dict[str, Any]:
-        from ..worker import ShardError, ShardRunner
+        from ..stages import ShardError, ShardRunner
 
         run_dir = Path(self.run_dir)
         runner = ShardRunner(run_dir, checkpoint_every=self.checkpoint_every_s)
@@ -169,16 +169,16 @@ class ShardJob(Checkpointable):
         skipped: list[str] = []
         for shard_id in self.shard_ids:
             shard = shards[shard_id]
-            if not self.force and shard_path(run_dir, shard_id).is_file():
+            if not self.force and RunDir(run_dir).shard(shard_id).is_file():
                 self._finished.add(shard_id)
                 continue
-            missing = [i for i in shard.after if not shard_path(run_dir, i).is_file()]
+            missing = [i for i in shard.after if not RunDir(run_dir).shard(i).is_file()]
             if missing:
                 print(f"skipped {shard.describe()}: it needs uncommitted shard(s) {', '.join(missing)}", flush=True)
                 skipped.append(shard_id)
                 self._finished.add(shard_id)
                 continue
-            if checkpoint_path(run_dir, shard_id).is_file():
+            if RunDir(run_dir).checkpoint(shard_id).is_file():
                 print(f"continuing {shard_id} from its saved progress", flush=True)
             started = time.perf_counter()
             try:
@@ -222,7 +222,7 @@ class ShardJob(Checkpointable):
 
 def reduce_job(run_dir: str) -> str:
     """The reduce job: merge the committed shards into ``results.h5`` and the tables."""
-    from ..reduce import reduce_run
+    from ..stages import reduce_run
 
     return str(reduce_run(Path(run_dir), progress=False).results)
 
@@ -435,7 +435,7 @@ def _relevant(run_dir: Path, candidates: set[str]) -> list[Submission]:
     submissions = read_submissions(run_dir)
     relevant = [s for s in submissions if any(i in candidates for task in s.tasks for i in task)]
     reduces = [s for s in submissions if s.stage == "reduce"]
-    if reduces and not (Path(run_dir) / "results.h5").is_file():
+    if reduces and not RunDir(run_dir).results.is_file():
         relevant.append(reduces[-1])
     return relevant
 

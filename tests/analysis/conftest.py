@@ -16,7 +16,7 @@ from pipeline.config import parse_config
 from pipeline.demo_data import make_shapes_dataset
 from pipeline.demo_model import ShapesNet
 from pipeline.launching import run_local
-from pipeline.reduce import reduce_run
+from pipeline.stages import reduce_run
 from pipeline.rundir import plan_run
 
 IMAGE_SIZE = 32

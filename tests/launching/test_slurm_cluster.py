@@ -29,10 +29,11 @@ from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.launching import run_local
 from pipeline.planning import Plan
-from pipeline.reduce import reduce_run
+from pipeline.stages import reduce_run
 from pipeline.rundir import plan_run
-from pipeline.store import checkpoint_path, read_shard, shard_path
-from pipeline.worker import ShardRunner
+from pipeline.store import read_shard
+from pipeline.run_dir import RunDir
+from pipeline.stages import ShardRunner
 from tests.launching.tiny import SLOW_ENV, STALL_ENV, cluster_profile, launch_config, sleeping_marker, stall_marker
 from tests.tiny_experiment import ImageTree
 
@@ -226,9 +227,9 @@ def test_cancelled_array_task_shows_in_status_and_resume_finishes_the_run(
     _wait_idle(run_dir)
 
     plan = Plan.read(run_dir / "plan.json")
-    committed = {s.id for s in plan.shards if shard_path(run_dir, s.id).is_file()}
+    committed = {s.id for s in plan.shards if RunDir(run_dir).shard(s.id).is_file()}
     lost = [i for i in explain["tasks"][1] if i not in committed]
-    assert lost and not any(shard_path(run_dir, s.id).is_file() for s in plan.stage("score"))
+    assert lost and not any(RunDir(run_dir).shard(s.id).is_file() for s in plan.stage("score"))
     out = _status(run_dir, capsys)
     assert f"explain  done {6 - len(lost):6d}  running      0  pending {len(lost):6d}" in out
     assert "score    done      0  running      0  pending      4" in out
@@ -255,10 +256,10 @@ def test_shard_killed_while_writing_leaves_no_file_and_resume_redoes_only_it(
     subprocess.run(["scancel", _task_of(run_dir, victim)], check=True)
     _wait_idle(run_dir)
 
-    assert not shard_path(run_dir, victim).exists()
+    assert not RunDir(run_dir).shard(victim).exists()
     assert list((run_dir / "shards").glob(f".{victim}.h5.tmp-*")), "the killed write left its temporary file"
     others = [s.id for s in plan.shards if s.id != victim]
-    written = {i: shard_path(run_dir, i).stat().st_mtime_ns for i in others}
+    written = {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in others}
     out = _status(run_dir, capsys)
     assert "score    done      3  running      0  pending      1" in out
 
@@ -266,7 +267,7 @@ def test_shard_killed_while_writing_leaves_no_file_and_resume_redoes_only_it(
     resubmitted = _jobs(run_dir)[3:]
     assert [(s["stage"], s["tasks"]) for s in resubmitted] == [("score", [[victim]]), ("reduce", [])]
     _wait_idle(run_dir)
-    assert {i: shard_path(run_dir, i).stat().st_mtime_ns for i in others} == written
+    assert {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in others} == written
     _assert_same_results(run_dir, reference)
 
 
@@ -293,8 +294,8 @@ def test_status_without_sacct_still_reports_committed_and_missing_shards(
     shutil.copytree(cluster_run, run_dir)
     plan = Plan.read(run_dir / "plan.json")
     (run_dir / "results.h5").unlink()
-    shard_path(run_dir, plan.stage("explain")[0].id).unlink()
-    shard_path(run_dir, plan.stage("score")[-1].id).unlink()
+    RunDir(run_dir).shard(plan.stage("explain")[0].id).unlink()
+    RunDir(run_dir).shard(plan.stage("score")[-1].id).unlink()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     if sacct == "failing":
@@ -316,18 +317,18 @@ def test_timeout_requeues_the_shard_and_it_finishes_from_its_saved_progress(
 ) -> None:
     shard = Plan.read(timeout_run / "plan.json").stage("explain")[0]
     task = _task_of(timeout_run, shard.id)
-    _wait_until(shard_path(timeout_run, shard.id).is_file, "the slow shard to commit", timeout_run, timeout=300)
+    _wait_until(RunDir(timeout_run).shard(shard.id).is_file, "the slow shard to commit", timeout_run, timeout=300)
     (experiment.folder / "timeout-slow.txt").unlink()  # the score and reduce jobs need not be slow
     log = (timeout_run / "slurm" / f"{task}_0_log.out").read_text()
     assert f"continuing {shard.id} from its saved progress" in log
     requeues = subprocess.run(["sacct", "-n", "-X", "-P", "--duplicates", "-o", "State", "-j", task],
                               capture_output=True, text=True, check=True).stdout.split()
     assert "REQUEUED" in requeues and "TIMEOUT" not in requeues, requeues
-    assert not checkpoint_path(timeout_run, shard.id).exists()
+    assert not RunDir(timeout_run).checkpoint(shard.id).exists()
 
     uninterrupted = experiment.plan("timeout-local", launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS))
     ShardRunner(uninterrupted).run(shard.id)
-    resumed, expected = read_shard(shard_path(timeout_run, shard.id)), read_shard(shard_path(uninterrupted, shard.id))
+    resumed, expected = read_shard(RunDir(timeout_run).shard(shard.id)), read_shard(RunDir(uninterrupted).shard(shard.id))
     assert resumed.keys == expected.keys and expected.sums
     for name in expected.sums:
         np.testing.assert_array_equal(resumed.sums[name], expected.sums[name])

@@ -33,8 +33,9 @@ from pipeline.methods.rise import Rise
 from pipeline.planning import Plan
 from pipeline.rundir import plan_run
 from pipeline.status import run_status
-from pipeline.store import checkpoint_path, committed_ids, read_errors, read_shard, shard_path
-from pipeline.worker import ShardRunner
+from pipeline.store import read_shard
+from pipeline.run_dir import RunDir
+from pipeline.stages import ShardRunner
 from tests.launching.conftest import FakeSlurm
 from tests.launching.tiny import REPO, cluster_profile
 from tests.tiny_experiment import CLASSES, ImageTree, write_checkpoint
@@ -127,11 +128,11 @@ def test_resume_submits_exactly_the_uncommitted_shards(fake_slurm: FakeSlurm, pl
     plan = _plan(run_dir)
     explain = plan.stage("explain")
     for shard in explain[:4]:
-        shard_path(run_dir, shard.id).touch()  # committed, as far as planning and status can tell
+        RunDir(run_dir).shard(shard.id).touch()  # committed, as far as planning and status can tell
     launch_run(run_dir, cluster_profile(shards_per_task=3))
     submitted = {i for s in read_submissions(run_dir) for task in s.tasks for i in task}
     assert submitted == {s.id for s in plan.shards} - {s.id for s in explain[:4]}
-    assert submitted == {s.id for s in plan.shards} - committed_ids(run_dir)
+    assert submitted == {s.id for s in plan.shards} - RunDir(run_dir).committed()
 
 
 def test_resume_refuses_while_jobs_of_the_run_are_active(
@@ -186,11 +187,11 @@ def test_resume_with_the_local_profile_runs_here_and_reduces(
     runner = ShardRunner(run_dir)
     first = _plan(run_dir).shards[0]
     runner.run(first.id)
-    created = read_shard(shard_path(run_dir, first.id)).attrs["created"]
+    created = read_shard(RunDir(run_dir).shard(first.id)).attrs["created"]
     assert main(["resume", str(run_dir), "--profile", str(REPO / "jobs/clusters/local.yaml")]) == 0
     assert "ran 1 of 1 pending shard(s) locally" in capsys.readouterr().out
-    assert committed_ids(run_dir) == {s.id for s in _plan(run_dir).shards}
-    assert read_shard(shard_path(run_dir, first.id)).attrs["created"] == created
+    assert RunDir(run_dir).committed() == {s.id for s in _plan(run_dir).shards}
+    assert read_shard(RunDir(run_dir).shard(first.id)).attrs["created"] == created
     assert (run_dir / "results.h5").is_file()
 
 
@@ -209,7 +210,7 @@ def test_status_reads_files_first_and_asks_sacct_once(fake_slurm: FakeSlurm, pla
     launch_run(run_dir, cluster_profile(shards_per_task=2))
     explain = read_submissions(run_dir)[0]
     for shard_id in explain.tasks[0]:
-        shard_path(run_dir, shard_id).touch()
+        RunDir(run_dir).shard(shard_id).touch()
     fake_slurm.answer(["1_0|COMPLETED", "1_1|RUNNING", "1_2|CANCELLED by 0", "2_[0-1%2]|PENDING", "3|PENDING"])
     status = run_status(run_dir)
     assert status.done == set(explain.tasks[0])
@@ -230,7 +231,7 @@ def test_status_without_a_working_sacct_still_counts_committed_shards(
     plan = _plan(run_dir)
     launch_run(run_dir, cluster_profile())
     for shard in plan.stage("explain")[:3]:
-        shard_path(run_dir, shard.id).touch()
+        RunDir(run_dir).shard(shard.id).touch()
     if broken == "failing":
         fake_slurm.fail_sacct()
     else:
@@ -289,8 +290,8 @@ def test_job_records_failures_with_the_log_and_fails_only_for_non_data_errors(
     summary = ShardJob(run_dir, [scores[0].id, scores[1].id])()
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN  # a late timeout signal cannot fail the done job
     assert summary["failed_data"] == [scores[0].id]
-    assert not shard_path(run_dir, scores[0].id).exists() and shard_path(run_dir, scores[1].id).is_file()
-    record = read_errors(run_dir)[scores[0].id]
+    assert not RunDir(run_dir).shard(scores[0].id).exists() and RunDir(run_dir).shard(scores[1].id).is_file()
+    record = RunDir(run_dir).read_error(scores[0).id]
     assert (record["kind"], record["log"]) == ("data", str(log))
     assert main(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -309,8 +310,8 @@ def test_job_records_failures_with_the_log_and_fails_only_for_non_data_errors(
     assert [s.samples for s in rise] == [(0, 16), (16, 32)]
     with pytest.raises(ShardJobError, match=f"1 shard\\(s\\) failed: {rise[0].id}"):
         ShardJob(run_dir, [rise[0].id, rise[1].id])()
-    assert shard_path(run_dir, rise[1].id).is_file()  # the job went on after the failure
-    record = read_errors(run_dir)[rise[0].id]
+    assert RunDir(run_dir).shard(rise[1].id).is_file()  # the job went on after the failure
+    record = RunDir(run_dir).read_error(rise[0).id]
     assert record["kind"] == "error" and "illegal memory access" in record["message"] and record["log"] == str(log)
     assert "Traceback" in capsys.readouterr().err
 
@@ -339,8 +340,8 @@ def test_checkpoint_saves_progress_and_the_requeued_job_ends_like_an_uninterrupt
     monkeypatch.setattr(Rise, "accumulate", signalled_at_third_step)
     with pytest.raises(SystemExit):
         job()
-    assert not shard_path(run_dir, shard.id).exists()
-    assert read_shard(checkpoint_path(run_dir, shard.id)).attrs["next_sample"] == 16
+    assert not RunDir(run_dir).shard(shard.id).exists()
+    assert read_shard(RunDir(run_dir).checkpoint(shard.id)).attrs["next_sample"] == 16
     requeued[0].dump(tmp_path / "requeued.pkl")  # as submitit stores it for the requeued job
     delayed = type(requeued[0]).load(tmp_path / "requeued.pkl")
     follow_up = delayed.function
@@ -355,8 +356,8 @@ def test_checkpoint_saves_progress_and_the_requeued_job_ends_like_an_uninterrupt
     monkeypatch.setattr(Rise, "accumulate", counting)
     delayed.result()
     assert calls == [(16, 24), (24, 32)]
-    assert not checkpoint_path(run_dir, shard.id).exists()
-    resumed, uninterrupted = read_shard(shard_path(run_dir, shard.id)), read_shard(shard_path(reference, shard.id))
+    assert not RunDir(run_dir).checkpoint(shard.id).exists()
+    resumed, uninterrupted = read_shard(RunDir(run_dir).shard(shard.id)), read_shard(RunDir(reference).shard(shard.id))
     assert resumed.keys == uninterrupted.keys
     assert resumed.sums.keys() == uninterrupted.sums.keys() and resumed.sums
     for name in uninterrupted.sums:
@@ -370,11 +371,11 @@ def test_job_skips_committed_shards_unless_forced(plan_tiny: Callable[..., Path]
     run_dir = plan_tiny()
     first = _plan(run_dir).stage("explain")[0]
     ShardJob(run_dir, [first.id])()
-    created = read_shard(shard_path(run_dir, first.id)).attrs["created"]
+    created = read_shard(RunDir(run_dir).shard(first.id)).attrs["created"]
     ShardJob(run_dir, [first.id])()
-    assert read_shard(shard_path(run_dir, first.id)).attrs["created"] == created
+    assert read_shard(RunDir(run_dir).shard(first.id)).attrs["created"] == created
     ShardJob(run_dir, [first.id], force=True)()
-    assert read_shard(shard_path(run_dir, first.id)).attrs["created"] > created
+    assert read_shard(RunDir(run_dir).shard(first.id)).attrs["created"] > created
 
 
 # ------------------------------------------------------------------------ scale
@@ -409,7 +410,7 @@ def test_a_plan_of_20000_shards_is_planned_submitted_and_shown_in_seconds(
     assert sorted(i for s in submissions for t in s.tasks for i in t) == sorted(s.id for s in plan.shards)
     first_array = [i for task in submissions[0].tasks for i in task]
     for shard_id in first_array:
-        shard_path(run_dir, shard_id).touch()
+        RunDir(run_dir).shard(shard_id).touch()
     fake_slurm.answer(["1_[0-399]|COMPLETED", "2_[0-9]|RUNNING", "2_[10-399%2]|PENDING", "3_[0-199]|PENDING",
                        "4_[0-399]|PENDING", "5_[0-399]|PENDING", "6_[0-199]|PENDING", "7|PENDING"])
     shown = time.perf_counter()

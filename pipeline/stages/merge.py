@@ -1,26 +1,25 @@
 """Merging the explain shards of one image chunk into saliency maps.
 
 Direct methods (CAM, extremal) store maps; sampled methods (RISE, LIME) store
-partial sums over a sample range. Partials are added in float64 in the order of
-their sample ranges and then finalized, so the merged maps do not depend on how the
-sample range was split (up to float rounding).
+partial sums over a sample range. Partials are added in the order of their sample
+ranges and then finalized, so the merged maps do not depend on how the sample range
+was split. Merging needs only the method's parameters, never the model.
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from .methods import Partial, SampledExplainer, build_method
-from .config import ExperimentConfig
-from .planning import Shard, method_params
-from .store import ShardOutput, read_shard, shard_path
+from ..config import ExperimentConfig
+from ..methods import Partial, SampledExplainer, build_method
+from ..planning import Shard, method_params
+from ..run_dir import RunDir
+from ..store import ShardOutput, read_shard
 
-__all__ = ["ChunkMaps", "merge_chunk", "MissingShardError"]
+__all__ = ["ChunkMaps", "merge_chunk", "merge_outputs", "MissingShardError"]
 
 
 class MissingShardError(RuntimeError):
@@ -35,28 +34,30 @@ class ChunkMaps:
     maps: dict[str, np.ndarray]  # layer -> [n, H, W] float32
 
 
-def _read(run_dir: Path, shard: Shard) -> ShardOutput:
-    path = shard_path(run_dir, shard.id)
+def _read(run_dir: RunDir, shard: Shard) -> ShardOutput:
+    path = run_dir.shard(shard.id)
     if not path.is_file():
         raise MissingShardError(f"shard {shard.describe()} is not committed ({path} is missing)")
     return read_shard(path)
 
 
-def merge_chunk(
-    run_dir: Path, config: ExperimentConfig, shards: Sequence[Shard], model: nn.Module
-) -> ChunkMaps:
+def merge_chunk(run_dir: RunDir, config: ExperimentConfig, shards: Sequence[Shard]) -> ChunkMaps:
     """Merged maps of the explain ``shards`` (one method entry, one image chunk)."""
     ordered = sorted(shards, key=lambda s: s.samples or (0, 0))
-    outputs = [_read(run_dir, s) for s in ordered]
+    return merge_outputs(config, ordered, [_read(run_dir, s) for s in ordered])
+
+
+def merge_outputs(config: ExperimentConfig, shards: Sequence[Shard], outputs: Sequence[ShardOutput]) -> ChunkMaps:
+    """Merged maps of the explain ``shards`` whose files hold ``outputs``, in sample order."""
     first = outputs[0]
-    for shard, output in zip(ordered[1:], outputs[1:]):
+    for shard, output in zip(shards[1:], outputs[1:]):
         if output.keys != first.keys or not np.array_equal(output.targets, first.targets):
-            raise ValueError(f"shard {shard.describe()} disagrees with {ordered[0].id} on its images or targets")
+            raise ValueError(f"shard {shard.describe()} disagrees with {shards[0].id} on its images or targets")
     images = dataclasses.replace(first, maps={}, sums={}, constants={}, values={}, curves={})
     if first.maps or not first.sums:
         return ChunkMaps(images, {layer: m.astype(np.float32) for layer, m in first.maps.items()})
-    entry = config.method(ordered[0].method)
-    explainer = build_method(entry.name, model, **method_params(config, entry))
+    entry = config.method(shards[0].method)
+    explainer = build_method(entry.name, None, **method_params(config, entry))
     assert isinstance(explainer, SampledExplainer)
     partials = [
         Partial({k: torch.from_numpy(v) for k, v in o.sums.items()},
@@ -64,5 +65,8 @@ def merge_chunk(
         for o in outputs
     ]
     merged = explainer.merge(partials) if len(partials) > 1 else partials[0]
-    maps = explainer.finalize(merged).float().numpy() if first.keys else np.zeros((0, *config.data.image_size), np.float32)
-    return ChunkMaps(images, {ordered[0].layers[0]: maps})
+    if first.keys:
+        maps = explainer.finalize(merged).float().numpy()
+    else:
+        maps = np.zeros((0, *config.data.image_size), np.float32)
+    return ChunkMaps(images, {shards[0].layers[0]: maps})

@@ -13,9 +13,10 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.launching import run_local
 from pipeline.planning import Plan
-from pipeline.reduce import ReduceError, reduce_run
+from pipeline.stages import ReduceError, reduce_run
 from pipeline.rundir import plan_run
-from pipeline.store import read_shard, shard_path
+from pipeline.store import read_shard
+from pipeline.run_dir import RunDir
 from tests.tiny_experiment import CLASSES, IMAGE_SIZE, ConfigFactory, FinishedRun, ImageTree
 
 LAYERS = [("gradcam", "layer2"), ("gradcam", "layer3"), ("rise", "-")]
@@ -77,11 +78,11 @@ def test_merged_maps_equal_the_shards(finished_run: FinishedRun) -> None:
         rise = f["maps/rise/-"][()]
     for chunk in plan.chunks():
         (explain,) = [s for s in plan.stage("explain") if s.method == "gradcam" and s.images == chunk]
-        output = read_shard(shard_path(run_dir, explain.id))
+        output = read_shard(RunDir(run_dir).shard(explain.id))
         rows = [row[k] for k in output.keys]
         for layer, maps in gradcam.items():
             np.testing.assert_array_equal(maps[rows], output.maps[layer])
-        parts = [read_shard(shard_path(run_dir, s.id)) for s in plan.stage("explain")
+        parts = [read_shard(RunDir(run_dir).shard(s.id)) for s in plan.stage("explain")
                  if s.method == "rise" and s.images == chunk]
         assert len(parts) == 2
         weighted = sum(p.sums["weighted"] for p in parts)
@@ -108,7 +109,7 @@ def test_metrics_table_rows_and_values(finished_run: FinishedRun) -> None:
     no_gt = pcc["key"].map(lambda k: records[k].gt_path is None)
     assert pcc.loc[no_gt, "value"].isna().all() and no_gt.sum() == 3 * len(LAYERS)
     for shard in plan.stage("score"):
-        output = read_shard(shard_path(run_dir, shard.id))
+        output = read_shard(RunDir(run_dir).shard(shard.id))
         for metric, values in output.values.items():
             rows = metrics[(metrics["method"] == shard.method) & (metrics["layer"] == shard.layers[0])
                            & (metrics["metric"] == metric)].set_index("key")
@@ -131,7 +132,7 @@ def test_reduce_with_a_missing_shard_says_how_many(run_copy: Path) -> None:
     plan = _plan(run_copy)
     victims = [plan.stage("score")[0], plan.stage("explain")[-1]]
     for shard in victims:
-        shard_path(run_copy, shard.id).unlink()
+        RunDir(run_copy).shard(shard.id).unlink()
     with pytest.raises(ReduceError) as error:
         reduce_run(run_copy, progress=False)
     message = str(error.value)

@@ -1,4 +1,4 @@
-"""pipeline.worker: committing, skipping, checkpoint/resume, image failures, scoring."""
+"""pipeline.stages runner, explain and score stages: committing, skipping, checkpoint/resume, image failures, scoring."""
 from __future__ import annotations
 
 import json
@@ -10,15 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.worker as worker
+import pipeline.stages.explain as explain_stage
+import pipeline.stages.runner as runner_module
 from pipeline.config import parse_config
 from pipeline.data import load_gt, load_image
 from pipeline.demo_model import ShapesNet
 from pipeline.methods.rise import Rise
 from pipeline.planning import Plan, Shard
 from pipeline.rundir import plan_run
-from pipeline.store import checkpoint_path, committed_ids, error_path, read_errors, read_shard, shard_path
-from pipeline.worker import ShardError, ShardRunner, run_shards
+from pipeline.store import read_shard
+from pipeline.run_dir import RunDir
+from pipeline.stages import ShardError, ShardRunner, run_shards
 from tests.tiny_experiment import ConfigFactory, IMAGE_SIZE, ImageTree, add_broken_image
 
 MEAN = (0.485, 0.456, 0.406)
@@ -78,7 +80,7 @@ def test_an_explain_shard_is_computed_and_committed(
     (shard,) = _explain(plan, "gradcam")
     runner = ShardRunner(tmp_path / "run")
     path = runner.run(shard.id)
-    assert path == shard_path(tmp_path / "run", shard.id) and path.is_file()
+    assert path == RunDir(tmp_path / "run").shard(shard.id) and path.is_file()
     output = read_shard(path)
     keys = plan.keys[:5]
     assert output.keys == keys and output.failures == {}
@@ -113,7 +115,7 @@ def test_a_committed_shard_is_skipped(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a committed shard was computed again")
 
-    monkeypatch.setattr(worker, "build_method", refuse)
+    monkeypatch.setattr(explain_stage, "build_method", refuse)
     assert runner.run(shard.id) == path
     assert run_shards(tmp_path / "run", [shard.id], progress=False) == {}
     assert path.stat().st_mtime_ns == stamp
@@ -147,14 +149,14 @@ def test_an_interrupted_sampled_shard_resumes_to_the_same_result(
     with pytest.raises(RuntimeError, match="node preempted"):
         ShardRunner(run_dir, checkpoint_every=0).run(shard.id)
     assert calls == [(0, 32), (32, 64), (64, 96)]
-    assert not shard_path(run_dir, shard.id).exists()
-    assert shard.id not in committed_ids(run_dir)
-    partial = checkpoint_path(run_dir, shard.id)
+    assert not RunDir(run_dir).shard(shard.id).exists()
+    assert shard.id not in RunDir(run_dir).committed()
+    partial = RunDir(run_dir).checkpoint(shard.id)
     assert partial.is_file()
     saved = read_shard(partial)
     assert saved.attrs["next_sample"] == 64
     np.testing.assert_array_equal(saved.sums["count"], np.full(5, 64.0))
-    assert read_errors(run_dir)[shard.id]["kind"] == "error"
+    assert RunDir(run_dir).read_error(shard.id)["kind"] == "error"
 
     calls.clear()
     monkeypatch.setattr(Rise, "accumulate", lambda self, *a: (calls.append(a[2:]), original(self, *a))[1])
@@ -162,7 +164,7 @@ def test_an_interrupted_sampled_shard_resumes_to_the_same_result(
     assert calls == [(64, 96)]  # only the missing masks were computed
     _assert_same_output(path, reference)
     assert not partial.exists()
-    assert not error_path(run_dir, shard.id).exists()
+    assert not RunDir(run_dir).error(shard.id).exists()
 
 
 def test_a_stale_checkpoint_of_other_images_is_ignored(make_config: ConfigFactory, tmp_path: Path) -> None:
@@ -175,10 +177,10 @@ def test_a_stale_checkpoint_of_other_images_is_ignored(make_config: ConfigFactor
     reference = ShardRunner(run_dir).run(first.id)
     reference = reference.rename(tmp_path / "reference.h5")
     other = ShardRunner(run_dir).run(second.id)
-    other.rename(checkpoint_path(run_dir, first.id))  # progress of other images under this shard's name
+    other.rename(RunDir(run_dir).checkpoint(first.id))  # progress of other images under this shard's name
     path = ShardRunner(run_dir).run(first.id)
     _assert_same_output(path, reference)
-    assert not checkpoint_path(run_dir, first.id).exists()
+    assert not RunDir(run_dir).checkpoint(first.id).exists()
 
 
 def test_save_progress_without_a_shard_in_progress_does_nothing(make_config: ConfigFactory, tmp_path: Path) -> None:
@@ -227,10 +229,10 @@ def test_a_shard_whose_images_all_fail_commits_the_failures(
         if shard.images == (0, 5):
             output = read_shard(runner.run(shard.id))
             assert output.keys == [] and output.values == {} and output.curves == {}
-    assert read_errors(run_dir) == {}
+    assert not RunDir(run_dir).scan().errors
     ordered = [s.id for s in plan.stage("explain")] + [s.id for s in plan.stage("score")]
     assert run_shards(run_dir, ordered, progress=False) == {}
-    assert committed_ids(run_dir) == {s.id for s in plan.shards}
+    assert RunDir(run_dir).committed() == {s.id for s in plan.shards}
 
 
 def test_an_image_that_cannot_be_read_again_for_scoring_is_a_data_error(
@@ -247,11 +249,11 @@ def test_an_image_that_cannot_be_read_again_for_scoring_is_a_data_error(
     with pytest.raises(ShardError) as error:
         runner.run(score.id)
     assert error.value.kind == "data"
-    record = read_errors(run_dir)[score.id]
+    record = RunDir(run_dir).read_error(score.id)
     assert record["kind"] == "data"
     assert "images that were explained can no longer be read" in record["message"]
     assert str(damaged.path) in record["message"]
-    assert not shard_path(run_dir, score.id).exists()
+    assert not RunDir(run_dir).shard(score.id).exists()
     later = next(s for s in plan.stage("score") if s.images == (10, 12))
     failed = run_shards(run_dir, [score.id, later.after[0], later.id], progress=False)
     assert list(failed) == [score.id]  # the others go on
@@ -296,8 +298,8 @@ def test_run_shards_commits_the_whole_plan(make_config: ConfigFactory, tmp_path:
     plan = _plan(make_config(), run_dir)
     ordered = [s.id for s in plan.stage("explain")] + [s.id for s in plan.stage("score")]
     assert run_shards(run_dir, ordered, progress=False) == {}
-    assert committed_ids(run_dir) == {s.id for s in plan.shards}
-    assert read_errors(run_dir) == {}
+    assert RunDir(run_dir).committed() == {s.id for s in plan.shards}
+    assert not RunDir(run_dir).scan().errors
     assert sorted(p.name for p in (run_dir / "shards").iterdir()) == sorted(f"{i}.h5" for i in ordered)
 
 
@@ -328,7 +330,7 @@ def test_a_failing_commit_is_recorded(
     def full_disk(path: Path, output: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(worker, "write_shard", full_disk)
+    monkeypatch.setattr(runner_module, "write_shard", full_disk)
     with pytest.raises(OSError):
         ShardRunner(run_dir).run(shard.id)
-    assert "No space left on device" in read_errors(run_dir)[shard.id]["message"]
+    assert "No space left on device" in RunDir(run_dir).read_error(shard.id)["message"]

@@ -1,7 +1,9 @@
-"""Scoring one chunk of maps with the metrics a config lists.
+"""The score stage: one method entry and layer on one image chunk, for one metric group.
 
-Ground-truth metrics (PCC, SSIM, pointing game) are computed for the images that
-have a ground-truth map; the others get NaN. Model metrics never need one.
+It merges the chunk's explain shards (listed in the shard's ``after``), reloads the
+images and scores the maps. Ground-truth metrics (PCC, SSIM, pointing game) are
+computed for the images that have a ground-truth map; the others get NaN. Model
+metrics never need one.
 """
 from __future__ import annotations
 
@@ -11,10 +13,46 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import MetricConfig
-from .metrics import average_drop_increase, deletion, insertion, pcc, pointing_game, ssim
+from ..config import MetricConfig
+from ..data import DataError, load_batch, load_gt
+from ..metrics import METRICS, average_drop_increase, deletion, insertion, pcc, pointing_game, ssim
+from ..planning import Shard
+from ..store import ShardOutput
+from .context import RunContext
+from .merge import merge_chunk
 
-__all__ = ["score_maps"]
+__all__ = ["ScoreStage", "score_maps"]
+
+
+class ScoreStage:
+    """Computes score shards of one run."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+
+    def compute(self, shard: Shard) -> ShardOutput:
+        context = self.context
+        explain = [context.plan.shard(i) for i in shard.after]
+        merged = merge_chunk(context.run_dir, context.config, explain)
+        output = merged.images
+        if not output.keys:
+            return output
+        layer = shard.layers[0]
+        keys = set(output.keys)
+        records = [r for r in context.records(shard) if r.key in keys]
+        loaded, images, failures = load_batch(records, context.config.data)
+        if failures:
+            raise DataError(f"images that were explained can no longer be read: {'; '.join(failures.values())}")
+        metrics = [m for m in context.config.metrics if m.name in shard.metrics]
+        needs_gt = any(METRICS[m.name].needs_ground_truth for m in metrics)
+        size = context.config.data.image_size
+        gt = [load_gt(r.gt_path, size) if needs_gt and r.gt_path else None for r in loaded]
+        maps = torch.from_numpy(merged.maps[layer]).to(context.device)
+        targets = torch.from_numpy(output.targets).to(context.device)
+        output.values, output.curves = score_maps(
+            context.model, images.to(context.device), maps, targets, gt, metrics
+        )
+        return output
 
 
 def _nan(n: int) -> np.ndarray:

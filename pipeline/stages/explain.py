@@ -1,0 +1,109 @@
+"""The explain stage: one method entry on one image chunk (a sample range for sampled methods).
+
+Direct methods (CAM, extremal) store maps. A sampled method (RISE, LIME) walks its
+sample range and keeps its running sums; they are saved to the shard's checkpoint
+every ``checkpoint_every`` seconds and whenever :meth:`ExplainStage.save_progress`
+is called (e.g. on a scheduler's signal). A later attempt continues from there and
+ends identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import Tensor
+
+from ..methods import CamExplainer, Partial, SampledExplainer, build_method
+from ..planning import NO_LAYER, Shard, method_params
+from ..store import ShardOutput, read_shard, write_shard
+from .context import RunContext
+
+__all__ = ["ExplainStage"]
+
+
+class ExplainStage:
+    """Computes explain shards of one run."""
+
+    def __init__(self, context: RunContext, *, checkpoint_every: float = 300.0) -> None:
+        self.context = context
+        self.checkpoint_every = checkpoint_every
+        #: the sampled shard in progress: (shard, its image table, running total, next sample)
+        self._progress: tuple[Shard, ShardOutput, Partial, int] | None = None
+
+    def compute(self, shard: Shard) -> ShardOutput:
+        chunk = self.context.load_chunk(self.context.records(shard))
+        output = chunk.output
+        if not output.keys:  # every image failed: commit the failures, the other shards go on
+            return output
+        config = self.context.config
+        entry = config.method(shard.method)
+        params = method_params(config, entry)
+        if entry.layers:
+            params["layer"] = list(entry.layers)
+        explainer = build_method(entry.name, self.context.model, **params)
+        targets = torch.from_numpy(output.targets).to(self.context.device)
+        if isinstance(explainer, SampledExplainer):
+            try:
+                return self._accumulate(shard, explainer, chunk.images, targets, output)
+            finally:
+                self._progress = None
+        if isinstance(explainer, CamExplainer):
+            maps = explainer.explain_layers(chunk.images, targets)
+            output.maps = {layer: m.float().cpu().numpy() for layer, m in maps.items()}
+        else:
+            output.maps = {NO_LAYER: explainer.explain(chunk.images, targets).float().cpu().numpy()}
+        return output
+
+    def save_progress(self) -> None:
+        """Save the running sums of the sampled shard in progress, if any, from its last whole step."""
+        progress = self._progress
+        if progress is None:
+            return
+        shard, output, total, next_sample = progress
+        saved = with_partial(output, total)
+        saved.attrs["next_sample"] = next_sample
+        write_shard(self.context.run_dir.checkpoint(shard.id), saved)
+
+    def _accumulate(
+        self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput
+    ) -> ShardOutput:
+        start, stop = shard.samples  # type: ignore[misc]
+        total, position = self._resume(shard, output)
+        step = max(explainer.batch_size, 1) * 4
+        last_save = time.monotonic()
+        for lo in range(position if total is not None else start, stop, step):
+            hi = min(lo + step, stop)
+            part = explainer.accumulate(images, targets, lo, hi)
+            total = part if total is None else explainer.merge([total, part])
+            self._progress = (shard, output, total, hi)
+            if time.monotonic() - last_save > self.checkpoint_every and hi < stop:
+                self.save_progress()
+                last_save = time.monotonic()
+        assert total is not None
+        return with_partial(output, total)
+
+    def _resume(self, shard: Shard, output: ShardOutput) -> tuple[Partial | None, int]:
+        path = self.context.run_dir.checkpoint(shard.id)
+        if not path.is_file():
+            return None, shard.samples[0]  # type: ignore[index]
+        saved = read_shard(path)
+        if saved.keys != output.keys:
+            path.unlink()
+            return None, shard.samples[0]  # type: ignore[index]
+        device = self.context.device
+        partial = Partial(
+            {k: torch.from_numpy(v).to(device) for k, v in saved.sums.items()},
+            {k: torch.from_numpy(v).to(device) for k, v in saved.constants.items()},
+        )
+        return partial, int(saved.attrs["next_sample"])
+
+
+def with_partial(output: ShardOutput, partial: Partial) -> ShardOutput:
+    """A copy of ``output`` holding ``partial`` as NumPy arrays (one device-to-host copy)."""
+    return dataclasses.replace(
+        output,
+        sums={k: v.cpu().numpy() for k, v in partial.sums.items()},
+        constants={k: v.cpu().numpy() for k, v in partial.constants.items()},
+        attrs=dict(output.attrs),
+    )

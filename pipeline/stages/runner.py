@@ -1,0 +1,129 @@
+"""The shard runner: computes shards of one run folder in this process and commits them.
+
+:class:`ShardRunner` loads the run (config, plan, model) once per process and runs
+shards by id: the explain stage (:mod:`pipeline.stages.explain`) or the score stage
+(:mod:`pipeline.stages.score`) computes the shard's output and :func:`commit_shard`
+writes it, the one way a shard is committed. A failure is recorded beside the shard
+(``kind`` ``data`` for bad input, not worth retrying; ``error`` otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ..data import DataError
+from ..planning import Plan, Shard
+from ..run_dir import RunDir
+from ..store import ShardOutput, library_versions, write_shard
+from .context import RunContext
+from .explain import ExplainStage
+from .score import ScoreStage
+
+__all__ = ["ShardRunner", "ShardError", "run_shards", "commit_shard"]
+
+
+class ShardError(RuntimeError):
+    """A shard failed; ``kind`` is ``data`` for bad input (not worth retrying) or ``error``."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def commit_shard(context: RunContext, shard: Shard, output: ShardOutput, *, wall_time_s: float) -> Path:
+    """Write ``output`` as shard ``shard``'s committed file, with its provenance; drop its checkpoint and error."""
+    output.attrs.update(
+        shard_id=shard.id,
+        stage=shard.stage,
+        method=shard.method,
+        config_hash=context.plan.config_hash,
+        model_digest=context.plan.model_digest,
+        versions=library_versions(),
+        device=str(context.device),
+        host=socket.gethostname(),
+        wall_time_s=wall_time_s,
+        created=time.time(),
+    )
+    path = context.run_dir.shard(shard.id)
+    write_shard(path, output)
+    context.run_dir.checkpoint(shard.id).unlink(missing_ok=True)
+    context.run_dir.clear_error(shard.id)
+    return path
+
+
+class ShardRunner:
+    """Runs the shards of one run folder in this process."""
+
+    def __init__(self, run_dir: str | Path | RunDir, *, checkpoint_every: float = 300.0,
+                 device: str | None = None) -> None:
+        self.context = RunContext.load(run_dir, device)
+        self.explain = ExplainStage(self.context, checkpoint_every=checkpoint_every)
+        self.score = ScoreStage(self.context)
+
+    @property
+    def run_dir(self) -> RunDir:
+        return self.context.run_dir
+
+    @property
+    def plan(self) -> Plan:
+        return self.context.plan
+
+    def run(self, shard_id: str, *, force: bool = False) -> Path:
+        """Compute and commit one shard (skipped when already committed, unless ``force``)."""
+        shard = self.plan.shard(shard_id)
+        path = self.run_dir.shard(shard.id)
+        if path.is_file() and not force:
+            return path
+        started = time.perf_counter()
+        stage = self.explain if shard.stage == "explain" else self.score
+        try:
+            output = stage.compute(shard)
+            return commit_shard(self.context, shard, output, wall_time_s=time.perf_counter() - started)
+        except DataError as error:
+            self.run_dir.record_error(shard.id, str(error), kind="data")
+            raise ShardError(f"shard {shard.describe()}: {error}", kind="data") from error
+        except Exception as error:
+            self.run_dir.record_error(shard.id, f"{type(error).__name__}: {error}", kind="error")
+            raise
+
+    def save_progress(self) -> None:
+        """Save the running sums of the sampled shard in progress, if any (safe from a signal handler)."""
+        self.explain.save_progress()
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool | None) -> Iterator[object]:
+    """A tqdm bar; ``enabled=None`` shows it only on a terminal."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, disable=None if enabled is None else not enabled, unit="shard", dynamic_ncols=True) as bar:
+        yield bar
+
+
+def run_shards(
+    run_dir: str | Path | RunDir, shard_ids: list[str], *, progress: bool | None = None, force: bool = False
+) -> dict[str, str]:
+    """Run shards in this process, in order; returns ``{shard id: error}`` for those that failed.
+
+    Committed shards are skipped (unless ``force``). A failing shard is recorded and the
+    others go on; a score shard whose explain shards failed is skipped with that reason.
+    """
+    runner = ShardRunner(run_dir)
+    done = runner.run_dir.committed()
+    failed: dict[str, str] = {}
+    with _progress_bar(len(shard_ids), progress) as bar:
+        for shard_id in shard_ids:
+            shard = runner.plan.shard(shard_id)
+            blocked = [i for i in shard.after if i in failed]
+            if blocked:
+                failed[shard_id] = f"skipped: it needs failed shard(s) {', '.join(blocked)}"
+            elif force or shard_id not in done:
+                try:
+                    runner.run(shard_id, force=force)
+                except Exception as error:  # every failure is recorded; the other shards go on
+                    failed[shard_id] = str(error)
+            bar.update(1)  # type: ignore[attr-defined]
+    return failed
