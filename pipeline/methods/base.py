@@ -10,9 +10,13 @@ float32 saliency maps ``[B, H, W]`` on the images' device. Three small bases cov
   a method only overrides :meth:`CamExplainer.layer_map`.
 - :class:`SampledExplainer`: methods that average over random samples (RISE, LIME).
   Sample ``i`` is a pure function of ``(seed, i)``, so a sample range can be computed
-  anywhere (:meth:`~SampledExplainer.accumulate`), partial results add up
-  (:meth:`~SampledExplainer.merge`) and :meth:`~SampledExplainer.finalize` turns
-  the total into maps: the result does not depend on how the range was split.
+  anywhere (:meth:`~SampledExplainer.steps`, :meth:`~SampledExplainer.accumulate`),
+  partial results add up (:meth:`~SampledExplainer.merge`) and
+  :meth:`~SampledExplainer.finalize` turns the total into maps. The result is bitwise
+  the same however the range was split, when the cuts are multiples of
+  :meth:`~SampledExplainer.samples_per_forward` (:meth:`~SampledExplainer.check_alignment`):
+  forward batches cover fixed absolute sample groups, and partial sums are int64 fixed
+  point (:data:`FIXED_POINT_BITS`), whose addition is exact.
 
 Methods never change the model's mode, always remove their hooks, and take
 gradients with :func:`torch.autograd.grad`, so no ``.grad`` is left on parameters.
@@ -20,6 +24,7 @@ gradients with :func:`torch.autograd.grad`, so no ``.grad`` is left on parameter
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import dataclasses
 from typing import ClassVar, Iterator, Sequence
@@ -33,13 +38,36 @@ __all__ = [
     "CamExplainer",
     "SampledExplainer",
     "Partial",
+    "FIXED_POINT_BITS",
+    "MAX_SAMPLES",
+    "to_fixed",
+    "from_fixed",
     "capture_outputs",
     "resolve_module",
     "upsample",
     "minmax_normalize",
     "check_targets",
     "batched",
+    "aligned_batches",
 ]
+
+FIXED_POINT_BITS = 40
+"""Partial sums are int64 multiples of ``2**-FIXED_POINT_BITS`` (about 9e-13): each forward
+batch's float64 contribution is rounded to that grid once, far below float32 map precision."""
+
+MAX_SAMPLES = 2 ** (63 - FIXED_POINT_BITS) - 1
+"""The most samples a :class:`SampledExplainer` takes: every term of its sums lies in [0, 1]
+per sample, so a total stays below ``MAX_SAMPLES * 2**FIXED_POINT_BITS < 2**63``."""
+
+
+def to_fixed(values: Tensor) -> Tensor:
+    """``values`` rounded to the nearest multiple of ``2**-FIXED_POINT_BITS``, as int64 counts of that unit."""
+    return torch.round(values.double() * 2.0**FIXED_POINT_BITS).to(torch.int64)
+
+
+def from_fixed(values: Tensor) -> Tensor:
+    """float64 values of int64 fixed-point sums (the inverse of :func:`to_fixed` up to its rounding)."""
+    return values.double() * 2.0**-FIXED_POINT_BITS
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:
@@ -162,8 +190,10 @@ class CamExplainer(Explainer):
 class Partial:
     """Partial result of a :class:`SampledExplainer` over a range of samples.
 
-    ``sums`` add up across ranges; ``constants`` (e.g. a segmentation) are the same
-    for every range of the same images. Every tensor's first dimension is the image.
+    ``sums`` add up across ranges: int64, in units of ``2**-FIXED_POINT_BITS``
+    (:func:`to_fixed`) or plain counts, so merging is exact integer addition.
+    ``constants`` (e.g. a segmentation) are the same for every range of the same
+    images. Every tensor's first dimension is the image.
     """
 
     sums: dict[str, Tensor]
@@ -176,13 +206,43 @@ class Partial:
         )
 
 
-class SampledExplainer(Explainer):
-    """Methods averaging over ``n_samples`` random samples, shardable by sample index."""
+_NO_MODEL_MESSAGE = "this explainer was built with model=None: it merges and finalizes partials but runs no forward"
 
-    def __init__(self, model: nn.Module, n_samples: int, seed: int = 0, batch_size: int = 64) -> None:
-        super().__init__(model)
-        if n_samples < 1:
-            raise ValueError(f"{self.name}: n_samples must be >= 1, got {n_samples}")
+
+class _NoModel(nn.Module):
+    """The model of a :class:`SampledExplainer` built with ``model=None``; a forward raises."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        raise RuntimeError(_NO_MODEL_MESSAGE)
+
+
+class SampledExplainer(Explainer):
+    """Methods averaging over ``n_samples`` random samples, shardable by sample index.
+
+    Samples go through the model in forward batches of :meth:`samples_per_forward`
+    samples for up to ``batch_size`` images, over the absolute sample groups
+    ``[k*m, (k+1)*m)`` (:func:`aligned_batches`), so a range cut at multiples of ``m``
+    shares no forward batch with its neighbours. :meth:`steps` walks a range and yields
+    running totals (for checkpoints); :meth:`accumulate` returns the last of them.
+
+    ``model`` may be ``None`` for an explainer that only merges and finalizes partials
+    (both need only the method's parameters); it then raises on any forward.
+
+    Subclasses implement :meth:`empty_sums`, :meth:`group_sums` and :meth:`finalize`,
+    and override :meth:`prepare` when every range needs per-image constants; the
+    constants named in :attr:`partial_constants` travel in the :class:`Partial`.
+    """
+
+    #: names of the :meth:`prepare` constants kept in every :class:`Partial`
+    partial_constants: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module | None, n_samples: int, seed: int = 0, batch_size: int = 64) -> None:
+        super().__init__(_NoModel() if model is None else model)
+        if not 1 <= n_samples <= MAX_SAMPLES:
+            raise ValueError(
+                f"{self.name}: n_samples must be in 1 .. {MAX_SAMPLES} (int64 sums in units of "
+                f"2**-{FIXED_POINT_BITS}), got {n_samples}"
+            )
         if batch_size < 1:
             raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
         self.n_samples = n_samples
@@ -192,9 +252,89 @@ class SampledExplainer(Explainer):
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         return self.finalize(self.accumulate(images, targets, 0, self.n_samples))
 
+    def prepare(self, images: Tensor) -> dict[str, Tensor]:
+        """Per-image constants every sample range of ``images`` needs (none by default)."""
+        return {}
+
     @abc.abstractmethod
-    def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
-        """Partial sums over samples ``start .. stop-1``."""
+    def empty_sums(self, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The sums of an empty range: int64 zeros of every key and shape."""
+
+    @abc.abstractmethod
+    def group_sums(
+        self, images: Tensor, targets: Tensor, start: int, stop: int, constants: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The int64 sums over samples ``start .. stop-1``, one forward per chunk of images
+        (``targets`` are int64 on the images' device; called without gradients)."""
+
+    def steps(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        start: int,
+        stop: int,
+        *,
+        resume: Partial | None = None,
+        position: int | None = None,
+        constants: dict[str, Tensor] | None = None,
+    ) -> Iterator[tuple[Partial, int]]:
+        """Walk samples ``start .. stop-1`` and yield ``(total, next)`` after each forward batch.
+
+        ``total`` covers samples ``start .. next-1``: a new :class:`Partial` whose tensors
+        are never modified afterwards, so it may be saved at any moment. To continue from
+        a yielded pair, pass it back as ``resume`` and ``position``: the final total is
+        bitwise the same. When no sample is left the total is yielded once, so the last
+        yield always covers ``start .. stop-1``. :meth:`prepare` runs once, now, unless
+        ``constants`` (its result for the same images) are given.
+        """
+        check_targets(images, targets)
+        self.check_range(start, stop)
+        if isinstance(self.model, _NoModel):
+            raise RuntimeError(f"{self.name}: {_NO_MODEL_MESSAGE}")
+        if (resume is None) != (position is None):
+            raise ValueError(f"{self.name}: resume and position go together, got position={position}")
+        per_forward = self.samples_per_forward(images.shape[0])
+        position = start if position is None else position
+        if position not in (start, stop) and not (start < position < stop and position % per_forward == 0):
+            raise ValueError(
+                f"{self.name}: position {position} is not a yielded position of samples {start}..{stop} "
+                f"(start, stop or a multiple of {per_forward} between them)"
+            )
+        constants = self.prepare(images) if constants is None else constants
+        empty = Partial(self.empty_sums(images, constants), {k: constants[k] for k in self.partial_constants})
+        total = empty if resume is None else self._checked_resume(resume.to(images.device), empty)
+        return self._walk(images, targets.to(device=images.device, dtype=torch.long), total, position, stop, constants)
+
+    def _walk(
+        self, images: Tensor, targets: Tensor, total: Partial, position: int, stop: int, constants: dict[str, Tensor]
+    ) -> Iterator[tuple[Partial, int]]:
+        if position == stop:
+            yield total, stop
+        per_forward = self.samples_per_forward(images.shape[0])
+        for group_start, group_stop in aligned_batches(position, stop, per_forward):
+            with torch.no_grad():
+                group = self.group_sums(images, targets, group_start, group_stop, constants)
+            total = Partial({k: v + group[k] for k, v in total.sums.items()}, dict(total.constants))
+            yield total, group_stop
+
+    def _checked_resume(self, resume: Partial, empty: Partial) -> Partial:
+        """``resume``, after checking it is a total of this method over the same images."""
+        for key, zeros in empty.sums.items():
+            saved = resume.sums.get(key)
+            if saved is None or saved.dtype != zeros.dtype or saved.shape != zeros.shape:
+                raise ValueError(f"{self.name}: the resumed partial does not match {key!r} of these images")
+        for key, value in empty.constants.items():
+            saved = resume.constants.get(key)
+            if saved is None or not torch.equal(saved, value):
+                raise ValueError(f"{self.name}: the resumed partial disagrees on {key!r}: it is not of these images")
+        return resume
+
+    def accumulate(
+        self, images: Tensor, targets: Tensor, start: int, stop: int, constants: dict[str, Tensor] | None = None
+    ) -> Partial:
+        """Partial sums over samples ``start .. stop-1`` (the last total of :meth:`steps`)."""
+        total, _ = collections.deque(self.steps(images, targets, start, stop, constants=constants), maxlen=1)[0]
+        return total
 
     def check_range(self, start: int, stop: int) -> None:
         """Raise unless ``start .. stop-1`` is a range of this explainer's samples."""
@@ -204,10 +344,31 @@ class SampledExplainer(Explainer):
                 f"got start={start}, stop={stop}"
             )
 
+    def samples_per_forward(self, n_images: int) -> int:
+        """Samples per model forward for a batch of ``n_images``: ``batch_size`` perturbed inputs, at least one sample."""
+        if n_images < 1:
+            raise ValueError(f"{self.name}: n_images must be >= 1, got {n_images}")
+        return max(1, self.batch_size // min(n_images, self.batch_size))
+
     def forward_split(self, n_images: int) -> tuple[int, int]:
         """Images and samples per model forward: ``batch_size`` perturbed inputs, at least one of each."""
-        images_per_forward = min(n_images, self.batch_size)
-        return images_per_forward, max(1, self.batch_size // images_per_forward)
+        return min(n_images, self.batch_size), self.samples_per_forward(n_images)
+
+    def check_alignment(self, start: int, stop: int, n_images: int) -> None:
+        """Raise unless samples ``start .. stop-1`` of ``n_images`` images are cut at multiples of
+        :meth:`samples_per_forward` (``stop`` may also be ``n_samples``), so that shards cut
+        there give bitwise the same merged total however the samples are split."""
+        self.check_range(start, stop)
+        per_forward = self.samples_per_forward(n_images)
+        misaligned = [f"start={start}"] if start % per_forward else []
+        if stop % per_forward and stop != self.n_samples:
+            misaligned.append(f"stop={stop}")
+        if misaligned:
+            raise ValueError(
+                f"{self.name}: samples {start}..{stop} must be cut at multiples of {per_forward} samples "
+                f"per forward ({n_images} images, batch_size {self.batch_size}) or at n_samples={self.n_samples}; "
+                f"{' and '.join(misaligned)} is not"
+            )
 
     def target_probabilities(self, perturbed: Tensor, targets: Tensor) -> Tensor:
         """Softmax probability ``[b, m]`` of each image's target on its ``m`` perturbed
@@ -222,10 +383,14 @@ class SampledExplainer(Explainer):
 
     @staticmethod
     def merge(partials: Sequence[Partial]) -> Partial:
-        """Sum of partial results over disjoint sample ranges of the same images."""
+        """Sum of partial results over disjoint sample ranges of the same images (exact, in any order)."""
         if not partials:
             raise ValueError("nothing to merge")
         first = partials[0]
+        for partial in partials:
+            for key, value in partial.sums.items():
+                if value.dtype != torch.int64:
+                    raise ValueError(f"partial sums must be int64 fixed point, got {value.dtype} for {key!r}")
         sums = {k: v.clone() for k, v in first.sums.items()}
         for other in partials[1:]:
             if other.sums.keys() != sums.keys() or other.constants.keys() != first.constants.keys():
@@ -251,3 +416,10 @@ def batched(total: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, total, size):
         yield start, min(start + size, total)
 
+
+def aligned_batches(start: int, stop: int, size: int) -> Iterator[tuple[int, int]]:
+    """The non-empty ranges ``[k*size, (k+1)*size) ∩ [start, stop)``, in order."""
+    while start < stop:
+        upper = min((start // size + 1) * size, stop)
+        yield start, upper
+        start = upper

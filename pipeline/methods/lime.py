@@ -11,10 +11,12 @@ regression with an unpenalized intercept (the same fit as scikit-learn's
 ``Ridge(alpha, fit_intercept=True)`` with ``sample_weight``), and every superpixel is
 painted with its coefficient.
 
-Partials hold the weighted normal-equation sums per image, padded to the largest
-number of superpixels in the batch (all float64): ``sum_w`` ``[B]``, ``sum_wx``
-``[B, K]``, ``sum_wy`` ``[B]``, ``sum_wxx`` ``[B, K, K]`` and ``sum_wxy`` ``[B, K]``;
-the segmentation is the constant ``segments`` (int64 ``[B, H, W]``, labels ``0 .. K_b - 1``).
+The segmentation and the fill of hidden pixels are computed once per range of samples
+(:meth:`Lime.prepare`). Partials hold the weighted normal-equation sums per image,
+padded to the largest number of superpixels in the batch, as int64 fixed point
+(:func:`~pipeline.methods.base.to_fixed`): ``sum_w`` ``[B]``, ``sum_wx`` ``[B, K]``,
+``sum_wy`` ``[B]``, ``sum_wxx`` ``[B, K, K]`` and ``sum_wxy`` ``[B, K]``; the
+segmentation is the constant ``segments`` (int64 ``[B, H, W]``, labels ``0 .. K_b - 1``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
-from .base import Partial, SampledExplainer, batched, check_targets
+from .base import Partial, SampledExplainer, batched, from_fixed, to_fixed
 
 __all__ = ["Lime", "lime_samples", "Segmenter", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -84,10 +86,11 @@ class Lime(SampledExplainer):
     """
 
     name = "lime"
+    partial_constants = ("segments",)
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         n_samples: int = 1000,
         segmentation: str | Segmenter = "quickshift",
         n_segments: int = 50,
@@ -189,44 +192,46 @@ class Lime(SampledExplainer):
         color = torch.tensor(self.hide_color, dtype=images.dtype, device=images.device)
         return color.view(1, -1, 1, 1).expand_as(images)
 
-    def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
-        check_targets(images, targets)
-        self.check_range(start, stop)
-        n_images = images.shape[0]
-        device = images.device
-        targets = targets.to(device=device, dtype=torch.long)
+    def prepare(self, images: Tensor) -> dict[str, Tensor]:
+        """``segments`` (:meth:`segment`) and ``fill`` (:meth:`fill`) of ``images``."""
         segments = self.segment(images)
-        fill = self.fill(images, segments)
-        n_features = segments.flatten(1).max(dim=1).values + 1
-        max_features = int(n_features.max())
-        in_image = (torch.arange(max_features, device=device) < n_features.unsqueeze(1)).double()
-        sums = {
-            "sum_w": torch.zeros((n_images,), dtype=torch.float64, device=device),
-            "sum_wx": torch.zeros((n_images, max_features), dtype=torch.float64, device=device),
-            "sum_wy": torch.zeros((n_images,), dtype=torch.float64, device=device),
-            "sum_wxx": torch.zeros((n_images, max_features, max_features), dtype=torch.float64, device=device),
-            "sum_wxy": torch.zeros((n_images, max_features), dtype=torch.float64, device=device),
+        return {"segments": segments, "fill": self.fill(images, segments)}
+
+    def empty_sums(self, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
+        n_images = images.shape[0]
+        n_features = int(_feature_counts(constants["segments"]).max())
+        shapes = {
+            "sum_w": (n_images,),
+            "sum_wx": (n_images, n_features),
+            "sum_wy": (n_images,),
+            "sum_wxx": (n_images, n_features, n_features),
+            "sum_wxy": (n_images, n_features),
         }
-        images_per_forward, samples_per_forward = self.forward_split(n_images)
-        with torch.no_grad():
-            for sample_start, sample_stop in batched(stop - start, samples_per_forward):
-                on = torch.from_numpy(
-                    lime_samples(self.seed, start + sample_start, start + sample_stop, max_features)
-                ).to(device)
-                for image_start, image_stop in batched(n_images, images_per_forward):
-                    chunk = slice(image_start, image_stop)
-                    keep = on[:, segments[chunk]].transpose(0, 1).unsqueeze(2)
-                    perturbed = torch.where(keep, images[chunk].unsqueeze(1), fill[chunk].unsqueeze(1))
-                    responses = self.target_probabilities(perturbed, targets[chunk]).double()
-                    features = on.double().unsqueeze(0) * in_image[chunk].unsqueeze(1)
-                    weights = self._kernel(features.sum(dim=2) / n_features[chunk].unsqueeze(1).double())
-                    weighted_features = features * weights.unsqueeze(2)
-                    sums["sum_w"][chunk] += weights.sum(dim=1)
-                    sums["sum_wx"][chunk] += weighted_features.sum(dim=1)
-                    sums["sum_wy"][chunk] += (weights * responses).sum(dim=1)
-                    sums["sum_wxx"][chunk] += weighted_features.transpose(1, 2) @ features
-                    sums["sum_wxy"][chunk] += (weighted_features * responses.unsqueeze(2)).sum(dim=1)
-        return Partial(sums, {"segments": segments})
+        return {key: images.new_zeros(shape, dtype=torch.int64) for key, shape in shapes.items()}
+
+    def group_sums(
+        self, images: Tensor, targets: Tensor, start: int, stop: int, constants: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        segments, fill = constants["segments"], constants["fill"]
+        n_features = _feature_counts(segments)
+        max_features = int(n_features.max())
+        in_image = (torch.arange(max_features, device=images.device) < n_features.unsqueeze(1)).double()
+        on = torch.from_numpy(lime_samples(self.seed, start, stop, max_features)).to(images.device)
+        sums = self.empty_sums(images, constants)
+        for image_start, image_stop in batched(images.shape[0], self.forward_split(images.shape[0])[0]):
+            chunk = slice(image_start, image_stop)
+            keep = on[:, segments[chunk]].transpose(0, 1).unsqueeze(2)
+            perturbed = torch.where(keep, images[chunk].unsqueeze(1), fill[chunk].unsqueeze(1))
+            responses = self.target_probabilities(perturbed, targets[chunk]).double()
+            features = on.double().unsqueeze(0) * in_image[chunk].unsqueeze(1)
+            weights = self._kernel(features.sum(dim=2) / n_features[chunk].unsqueeze(1).double())
+            weighted_features = features * weights.unsqueeze(2)
+            sums["sum_w"][chunk] = to_fixed(weights.sum(dim=1))
+            sums["sum_wx"][chunk] = to_fixed(weighted_features.sum(dim=1))
+            sums["sum_wy"][chunk] = to_fixed((weights * responses).sum(dim=1))
+            sums["sum_wxx"][chunk] = to_fixed(weighted_features.transpose(1, 2) @ features)
+            sums["sum_wxy"][chunk] = to_fixed((weighted_features * responses.unsqueeze(2)).sum(dim=1))
+        return sums
 
     def _kernel(self, fraction_on: Tensor) -> Tensor:
         """lime's kernel ``sqrt(exp(-d**2 / width**2))`` of the cosine distance ``d = 1 - sqrt(fraction_on)``
@@ -236,9 +241,8 @@ class Lime(SampledExplainer):
 
     def coefficients(self, partial: Partial) -> list[Tensor]:
         """Each image's ridge coefficients ``[K_b]`` (float64, CPU); unselected superpixels are 0."""
-        segments = partial.constants["segments"]
-        n_features = (segments.flatten(1).max(dim=1).values + 1).cpu().tolist()
-        sums = {key: value.detach().cpu() for key, value in partial.sums.items()}
+        n_features = _feature_counts(partial.constants["segments"]).cpu().tolist()
+        sums = {key: from_fixed(value.detach().cpu()) for key, value in partial.sums.items()}
         if not bool((sums["sum_w"] > 0).all()):
             raise ValueError(f"{self.name}: the partial covers no samples; accumulate a non-empty range first")
         results = []
@@ -265,6 +269,11 @@ class Lime(SampledExplainer):
                 coefficients = coefficients.clamp_min(0.0)
             maps.append(coefficients.to(segments.device)[image_segments])
         return torch.stack(maps).float()
+
+
+def _feature_counts(segments: Tensor) -> Tensor:
+    """The number of superpixels ``K_b`` of each image, int64 ``[B]``, from labels ``[B, H, W]``."""
+    return segments.flatten(1).max(dim=1).values + 1
 
 
 def _ridge(covariance: Tensor, cross: Tensor, alpha: float) -> Tensor:

@@ -7,7 +7,9 @@ pixels (``cell = ceil(H / grid_size)``, likewise for the width), shifted by a ra
 offset of ``0 .. cell - 1`` pixels and cropped to ``H x W``. Mask ``i`` is a pure
 function of ``(seed, i)`` (drawn from ``rng = numpy.random.default_rng([seed, i])``:
 the grid, then the shifts ``rng.integers(0, (cell_h, cell_w))``), so sample ranges
-can be computed anywhere and merged.
+can be computed anywhere and merged. Partials are int64 fixed-point sums (see
+:class:`_MaskedSampling`): shards cut at multiples of ``samples_per_forward`` merge to
+bitwise the maps of a single run.
 
 - :class:`Rise`: binary grid cells kept with probability ``p1``; the map is
   ``sum_i P(c | I * M_i) M_i / (N * p1)``.
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Partial, SampledExplainer, batched, check_targets
+from .base import Partial, SampledExplainer, batched, from_fixed, to_fixed
 
 __all__ = ["Rise", "GaussianRise", "rise_masks", "gaussian_rise_masks"]
 
@@ -124,15 +126,16 @@ def gaussian_rise_masks(
 class _MaskedSampling(SampledExplainer):
     """Accumulation shared by the RISE variants: probability-weighted sums of masks.
 
-    Partials hold ``weighted`` ``[B, H, W]`` (sum of ``P(c | I * M_i) * M_i``) and
-    ``count`` ``[B]`` (number of masks), plus ``mask_sum`` ``[B]`` (sum of each
-    mask's mean value) where :attr:`tracks_mask_sum`; all float64.
+    Partials hold ``weighted`` ``[B, H, W]`` (sum of ``P(c | I * M_i) * M_i``) and, where
+    :attr:`tracks_mask_sum`, ``mask_sum`` ``[B]`` (sum of each mask's mean value), both
+    int64 fixed point (:func:`~pipeline.methods.base.to_fixed`), and ``count`` ``[B]``
+    (the number of masks, int64).
     """
 
     #: whether partials carry ``mask_sum``
     tracks_mask_sum: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, n_masks: int, grid_size: int, seed: int, batch_size: int) -> None:
+    def __init__(self, model: nn.Module | None, n_masks: int, grid_size: int, seed: int, batch_size: int) -> None:
         if n_masks < 1:
             raise ValueError(f"{self.name}: n_masks must be >= 1, got {n_masks}")
         super().__init__(model, n_masks, seed, batch_size)
@@ -146,42 +149,38 @@ class _MaskedSampling(SampledExplainer):
     def masks(self, start: int, stop: int, size: tuple[int, int], device: torch.device | str) -> Tensor:
         """Masks ``start .. stop-1`` of this explainer, ``[n, H, W]`` float32 on ``device``."""
 
-    def accumulate(self, images: Tensor, targets: Tensor, start: int, stop: int) -> Partial:
-        check_targets(images, targets)
-        self.check_range(start, stop)
+    def empty_sums(self, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
         n_images, _, height, width = images.shape
-        device = images.device
-        targets = targets.to(device=device, dtype=torch.long)
-        weighted = torch.zeros((n_images, height, width), dtype=torch.float64, device=device)
-        mask_sum = torch.zeros((), dtype=torch.float64, device=device)
-        images_per_forward, masks_per_forward = self.forward_split(n_images)
-        with torch.no_grad():
-            for mask_start, mask_stop in batched(stop - start, masks_per_forward):
-                masks = self.masks(start + mask_start, start + mask_stop, (height, width), device)
-                flat_masks = masks.double().flatten(1)
-                mask_sum += flat_masks.mean(dim=1).sum()
-                image_masks = masks.to(images.dtype)[None, :, None]
-                for image_start, image_stop in batched(n_images, images_per_forward):
-                    chunk = slice(image_start, image_stop)
-                    probabilities = self.target_probabilities(images[chunk].unsqueeze(1) * image_masks, targets[chunk])
-                    weighted[chunk] += (probabilities.double() @ flat_masks).view(-1, height, width)
-        sums = {
-            "weighted": weighted,
-            "count": torch.full((n_images,), float(stop - start), dtype=torch.float64, device=device),
-        }
+        keys = ("count", "mask_sum") if self.tracks_mask_sum else ("count",)
+        sums = {key: images.new_zeros((n_images,), dtype=torch.int64) for key in keys}
+        return {"weighted": images.new_zeros((n_images, height, width), dtype=torch.int64), **sums}
+
+    def group_sums(
+        self, images: Tensor, targets: Tensor, start: int, stop: int, constants: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        n_images, _, height, width = images.shape
+        masks = self.masks(start, stop, (height, width), images.device)
+        flat_masks = masks.double().flatten(1)
+        image_masks = masks.to(images.dtype)[None, :, None]
+        weighted = images.new_empty((n_images, height, width), dtype=torch.int64)
+        for image_start, image_stop in batched(n_images, self.forward_split(n_images)[0]):
+            chunk = slice(image_start, image_stop)
+            probabilities = self.target_probabilities(images[chunk].unsqueeze(1) * image_masks, targets[chunk])
+            weighted[chunk] = to_fixed((probabilities.double() @ flat_masks).view(-1, height, width))
+        sums = {"weighted": weighted, "count": images.new_full((n_images,), stop - start, dtype=torch.int64)}
         if self.tracks_mask_sum:
-            sums["mask_sum"] = mask_sum.expand(n_images).clone()
-        return Partial(sums)
+            sums["mask_sum"] = to_fixed(flat_masks.mean(dim=1).sum()).expand(n_images).clone()
+        return sums
 
     def finalize(self, partial: Partial) -> Tensor:
         normalizer = self.normalizer(partial)
         if not bool((normalizer > 0).all()):
             raise ValueError(f"{self.name}: the partial covers no masks; accumulate a non-empty range first")
-        return (partial.sums["weighted"] / normalizer.view(-1, 1, 1)).float()
+        return (from_fixed(partial.sums["weighted"]) / normalizer.view(-1, 1, 1)).float()
 
     @abc.abstractmethod
     def normalizer(self, partial: Partial) -> Tensor:
-        """The per-image divisor ``[B]`` of the weighted mask sum."""
+        """The per-image divisor ``[B]`` (float64) of the weighted mask sum."""
 
 
 class Rise(_MaskedSampling):
@@ -196,7 +195,7 @@ class Rise(_MaskedSampling):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         n_masks: int = 4000,
         grid_size: int = 8,
         p1: float = 0.5,
@@ -212,7 +211,7 @@ class Rise(_MaskedSampling):
         return rise_masks(self.seed, start, stop, size, self.grid_size, self.p1, device=device)
 
     def normalizer(self, partial: Partial) -> Tensor:
-        return partial.sums["count"] * self.p1
+        return partial.sums["count"].double() * self.p1
 
 
 class GaussianRise(_MaskedSampling):
@@ -227,7 +226,7 @@ class GaussianRise(_MaskedSampling):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         n_masks: int = 4000,
         grid_size: int = 8,
         mean: float = 0.5,
@@ -247,4 +246,4 @@ class GaussianRise(_MaskedSampling):
         return gaussian_rise_masks(self.seed, start, stop, size, self.grid_size, self.mean, self.std, device=device)
 
     def normalizer(self, partial: Partial) -> Tensor:
-        return partial.sums["mask_sum"]
+        return from_fixed(partial.sums["mask_sum"])

@@ -183,14 +183,14 @@ def test_positive_only_zeroes_negative_coefficients() -> None:
 def test_shards_merge_to_the_single_run() -> None:
     model, images, targets = TinyNet(), images_with_brightness(), torch.tensor([1, 2])
     method = Lime(model, n_samples=50, segmentation=segment_by_brightness, seed=2, batch_size=9)
-    single = method.explain(images, targets)
-    bounds = [0, 1, 17, 30, 50]
-    partials = [method.accumulate(images, targets, a, b) for a, b in zip(bounds, bounds[1:])]
-    merged = method.merge(partials)
-    torch.testing.assert_close(method.finalize(merged), single, rtol=1e-6, atol=1e-9)
+    bounds = [0, 4, 20, 32, 50]  # multiples of the 4 samples per forward of 2 images, and n_samples
+    method.check_alignment(4, 50, len(images))
+    merged = method.merge([method.accumulate(images, targets, a, b) for a, b in zip(bounds, bounds[1:])])
     reference = method.accumulate(images, targets, 0, 50)
     for key, value in reference.sums.items():
-        torch.testing.assert_close(merged.sums[key], value, rtol=1e-9, atol=1e-12)
+        assert torch.equal(merged.sums[key], value)
+    assert torch.equal(merged.constants["segments"], reference.constants["segments"])
+    assert torch.equal(method.finalize(merged), method.explain(images, targets))
 
 
 def test_seed_determines_the_result() -> None:
