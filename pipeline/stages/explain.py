@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -69,34 +70,39 @@ class ExplainStage:
         self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput
     ) -> ShardOutput:
         start, stop = shard.samples  # type: ignore[misc]
-        total, position = self._resume(shard, output)
-        step = max(explainer.batch_size, 1) * 4
+        steps = self._steps(shard, explainer, images, targets, output)
         last_save = time.monotonic()
-        for lo in range(position if total is not None else start, stop, step):
-            hi = min(lo + step, stop)
-            part = explainer.accumulate(images, targets, lo, hi)
-            total = part if total is None else explainer.merge([total, part])
-            self._progress = (shard, output, total, hi)
-            if time.monotonic() - last_save > self.checkpoint_every and hi < stop:
+        total: Partial | None = None
+        for total, position in steps:
+            self._progress = (shard, output, total, position)
+            if time.monotonic() - last_save > self.checkpoint_every and position < stop:
                 self.save_progress()
                 last_save = time.monotonic()
         assert total is not None
         return with_partial(output, total)
 
-    def _resume(self, shard: Shard, output: ShardOutput) -> tuple[Partial | None, int]:
+    def _steps(
+        self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput
+    ) -> Iterator[tuple[Partial, int]]:
+        """The method's steps over the shard's samples, continuing from the shard's checkpoint when it
+        holds progress on the same images (another checkpoint is removed)."""
+        start, stop = shard.samples  # type: ignore[misc]
         path = self.context.run_dir.checkpoint(shard.id)
-        if not path.is_file():
-            return None, shard.samples[0]  # type: ignore[index]
-        saved = read_shard(path)
-        if saved.keys != output.keys:
+        if path.is_file():
+            saved = read_shard(path)
+            if saved.keys == output.keys:
+                device = self.context.device
+                partial = Partial(
+                    {k: torch.from_numpy(v).to(device) for k, v in saved.sums.items()},
+                    {k: torch.from_numpy(v).to(device) for k, v in saved.constants.items()},
+                )
+                try:
+                    return explainer.steps(images, targets, start, stop, resume=partial,
+                                           position=int(saved.attrs["next_sample"]))
+                except ValueError:  # progress of another method, layout or version: start afresh
+                    pass
             path.unlink()
-            return None, shard.samples[0]  # type: ignore[index]
-        device = self.context.device
-        partial = Partial(
-            {k: torch.from_numpy(v).to(device) for k, v in saved.sums.items()},
-            {k: torch.from_numpy(v).to(device) for k, v in saved.constants.items()},
-        )
-        return partial, int(saved.attrs["next_sample"])
+        return explainer.steps(images, targets, start, stop)
 
 
 def with_partial(output: ShardOutput, partial: Partial) -> ShardOutput:

@@ -15,6 +15,7 @@ from pipeline.launching import run_local
 from pipeline.planning import Plan
 from pipeline.stages import ReduceError, reduce_run
 from pipeline.rundir import plan_run
+from pipeline.methods.base import FIXED_POINT_BITS
 from pipeline.store import read_shard
 from pipeline.run_dir import RunDir
 from tests.tiny_experiment import CLASSES, IMAGE_SIZE, ConfigFactory, FinishedRun, ImageTree
@@ -85,7 +86,7 @@ def test_merged_maps_equal_the_shards(finished_run: FinishedRun) -> None:
         parts = [read_shard(RunDir(run_dir).shard(s.id)) for s in plan.stage("explain")
                  if s.method == "rise" and s.images == chunk]
         assert len(parts) == 2
-        weighted = sum(p.sums["weighted"] for p in parts)
+        weighted = sum(p.sums["weighted"] for p in parts) * 2.0 ** -FIXED_POINT_BITS  # int64 fixed point
         count = sum(p.sums["count"] for p in parts)
         assert (count == 64).all()
         np.testing.assert_allclose(rise[rows], weighted / (count[:, None, None] * p1), rtol=1e-6)

@@ -127,41 +127,42 @@ def test_an_interrupted_sampled_shard_resumes_to_the_same_result(
     make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     raw = make_config()
-    raw["methods"] = [{"name": "rise", "params": {"n_masks": 96, "grid_size": 4, "batch_size": 8}}]
+    raw["methods"] = [{"name": "rise", "params": {"n_masks": 96, "grid_size": 4, "batch_size": 40}}]
     raw["metrics"] = [{"name": "pcc"}]
-    raw["sharding"] = {"images_per_shard": 5, "samples_per_shard": 96}  # 3 steps of 4 * batch_size masks
+    raw["sharding"] = {"images_per_shard": 5, "samples_per_shard": 96}  # forwards of 5 images x 8 masks
     run_dir = tmp_path / "run"
     plan = _plan(raw, run_dir)
     (shard,) = _explain(plan, "rise")
     reference = tmp_path / "uninterrupted.h5"
     ShardRunner(run_dir).run(shard.id).rename(reference)
 
-    original = Rise.accumulate
+    original = Rise.group_sums
     calls: list[tuple[int, int]] = []
 
-    def interrupted(self: Rise, images: torch.Tensor, targets: torch.Tensor, start: int, stop: int) -> Any:
+    def interrupted(self: Rise, images: torch.Tensor, targets: torch.Tensor, start: int, stop: int,
+                    constants: dict[str, torch.Tensor]) -> Any:
         calls.append((start, stop))
         if len(calls) == 3:
             raise RuntimeError("node preempted")
-        return original(self, images, targets, start, stop)
+        return original(self, images, targets, start, stop, constants)
 
-    monkeypatch.setattr(Rise, "accumulate", interrupted)
+    monkeypatch.setattr(Rise, "group_sums", interrupted)
     with pytest.raises(RuntimeError, match="node preempted"):
         ShardRunner(run_dir, checkpoint_every=0).run(shard.id)
-    assert calls == [(0, 32), (32, 64), (64, 96)]
+    assert calls == [(0, 8), (8, 16), (16, 24)]
     assert not RunDir(run_dir).shard(shard.id).exists()
     assert shard.id not in RunDir(run_dir).committed()
     partial = RunDir(run_dir).checkpoint(shard.id)
     assert partial.is_file()
     saved = read_shard(partial)
-    assert saved.attrs["next_sample"] == 64
-    np.testing.assert_array_equal(saved.sums["count"], np.full(5, 64.0))
+    assert saved.attrs["next_sample"] == 16
+    np.testing.assert_array_equal(saved.sums["count"], np.full(5, 16))
     assert RunDir(run_dir).read_error(shard.id)["kind"] == "error"
 
     calls.clear()
-    monkeypatch.setattr(Rise, "accumulate", lambda self, *a: (calls.append(a[2:]), original(self, *a))[1])
+    monkeypatch.setattr(Rise, "group_sums", lambda self, *a: (calls.append(a[2:4]), original(self, *a))[1])
     path = ShardRunner(run_dir, checkpoint_every=0).run(shard.id)
-    assert calls == [(64, 96)]  # only the missing masks were computed
+    assert calls == [(start, start + 8) for start in range(16, 96, 8)]  # only the missing masks were computed
     _assert_same_output(path, reference)
     assert not partial.exists()
     assert not RunDir(run_dir).error(shard.id).exists()
@@ -300,7 +301,8 @@ def test_run_shards_commits_the_whole_plan(make_config: ConfigFactory, tmp_path:
     assert run_shards(run_dir, ordered, progress=False) == {}
     assert RunDir(run_dir).committed() == {s.id for s in plan.shards}
     assert not RunDir(run_dir).scan().errors
-    assert sorted(p.name for p in (run_dir / "shards").iterdir()) == sorted(f"{i}.h5" for i in ordered)
+    files = sorted(p.relative_to(run_dir / "shards").as_posix() for p in (run_dir / "shards").rglob("*"))
+    assert files == sorted({i[:2] for i in ordered} | {f"{i[:2]}/{i}.h5" for i in ordered})
 
 
 def test_an_unreadable_gt_map_does_not_fail_the_perturbation_metrics(
