@@ -22,6 +22,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import math
+from numbers import Integral, Real
 from typing import ClassVar, Iterator, Sequence
 
 import torch
@@ -38,6 +40,8 @@ __all__ = [
     "upsample",
     "minmax_normalize",
     "check_targets",
+    "check_integer",
+    "check_real",
     "batched",
 ]
 
@@ -181,13 +185,9 @@ class SampledExplainer(Explainer):
 
     def __init__(self, model: nn.Module, n_samples: int, seed: int = 0, batch_size: int = 64) -> None:
         super().__init__(model)
-        if n_samples < 1:
-            raise ValueError(f"{self.name}: n_samples must be >= 1, got {n_samples}")
-        if batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
-        self.n_samples = n_samples
-        self.seed = seed
-        self.batch_size = batch_size
+        self.n_samples = check_integer(self.name, "n_samples", n_samples, 1)
+        self.seed = check_integer(self.name, "seed", seed, 0)
+        self.batch_size = check_integer(self.name, "batch_size", batch_size, 1)
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         return self.finalize(self.accumulate(images, targets, 0, self.n_samples))
@@ -244,6 +244,22 @@ def check_targets(images: Tensor, targets: Tensor) -> None:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if targets.shape != (images.shape[0],):
         raise ValueError(f"targets must be [B]={images.shape[0]}, got shape {tuple(targets.shape)}")
+
+
+def check_integer(owner: str, name: str, value: object, minimum: int) -> int:
+    """``value`` as an int; ``ValueError`` naming ``owner`` and ``name`` unless it is an integer >= ``minimum``
+    (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(owner: str, name: str, value: object) -> float:
+    """``value`` as a float; ``ValueError`` naming ``owner`` and ``name`` unless it is a finite real number
+    (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def batched(total: int, size: int) -> Iterator[tuple[int, int]]:
