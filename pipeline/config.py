@@ -30,7 +30,7 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
     target: predicted                # or `label`: the class that is explained and scored
     sharding: {images_per_shard: 16, samples_per_shard: 1000}
     device: auto                     # auto (CUDA when there is one), cpu, cuda, cuda:1
-    seed: 0                          # default seed of stochastic methods
+    seed: 0                          # default seed of stochastic methods (>= 0)
 
 :func:`load_config` validates everything at once and raises :class:`ConfigError`
 listing every problem with its field path; a misspelled key lists the valid keys.
@@ -210,7 +210,7 @@ class ExperimentConfig(_Strict):
     target: Literal["predicted", "label"] = "predicted"
     sharding: ShardingConfig = ShardingConfig()
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
     @field_validator("device")
     @classmethod
