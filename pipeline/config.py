@@ -32,7 +32,7 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
     results: {maps: all}             # maps kept in results.h5: all, none (metrics only) or
                                      # sample (`sample_size` images drawn with `seed`)
     device: auto                     # auto (CUDA when there is one), cpu, cuda, cuda:1
-    seed: 0                          # default seed of stochastic methods
+    seed: 0                          # default seed of stochastic methods (>= 0)
 
 :func:`load_config` validates everything at once and raises :class:`ConfigError`
 listing every problem with its field path; a misspelled key lists the valid keys.
@@ -219,7 +219,7 @@ class ExperimentConfig(_Strict):
     sharding: ShardingConfig = ShardingConfig()
     results: ResultsConfig = ResultsConfig()
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
     @field_validator("device")
     @classmethod

@@ -4,8 +4,9 @@
 A folder that holds another config's run is refused (the message lists what
 changed) unless ``overwrite`` is given, which clears its shards and results.
 :func:`preflight` checks on the submitting machine what would otherwise fail on
-every node: the model and checkpoint load, the layers exist and are spatial, the
-data is readable, the folder is writable.
+every node: the model and checkpoint load, the layers exist and are spatial, every
+method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
+the data is readable, the folder is writable.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_entries
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
 from .data import ImageSet, discover_images, load_image
 from .errors import PipelineError
@@ -80,6 +82,7 @@ def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None =
             shape = tuple(captured[layer].shape) if layer in captured else None
             if shape is None or len(shape) != 4:
                 raise PreflightError(f"layer {layer!r} has output shape {shape}; CAM methods need [B, C, h, w]")
+    check_entries(config, model)
     run_dir.mkdir(parents=True, exist_ok=True)
     probe_file = run_dir / f".write-test-{os.getpid()}"
     try:

@@ -69,6 +69,24 @@ def test_a_bad_config_exits_with_2_and_a_clear_message(
         main(["--traceback", "plan", str(config), "--out", str(run_dir)])
 
 
+def test_a_bad_parameter_value_fails_the_plan_with_2_naming_its_field(
+    make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = make_config()
+    raw["methods"][1]["params"]["p1"] = 1.5
+    raw["metrics"][0]["params"]["step"] = 0
+    run_dir = tmp_path / "run"
+    assert main(["plan", str(write_yaml(raw)), "--out", str(run_dir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "error: 2 bad parameter values:",
+        "  methods[1].params.p1: p1 must be in (0, 1], got 1.5",
+        "  metrics[0].params.step: step must be a positive integer, got 0",
+    ]
+    assert not run_dir.exists()
+
+
 def test_another_configs_folder_needs_overwrite(
     make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

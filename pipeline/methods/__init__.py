@@ -55,8 +55,9 @@ def method_parameters(name: str) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in signature.parameters.items() if k not in ("self", "model")}
 
 
-def build_method(name: str, model: nn.Module, **params: Any) -> Explainer:
-    """An explainer for ``model``; an unknown parameter lists the method's valid parameters."""
+def build_method(name: str, model: nn.Module | None, **params: Any) -> Explainer:
+    """An explainer for ``model`` (``None``: a sampled method that only merges and finalizes);
+    an unknown parameter lists the method's valid parameters."""
     valid = method_parameters(name)
     unknown = sorted(set(params) - set(valid))
     if unknown:

@@ -27,6 +27,8 @@ import abc
 import collections
 import contextlib
 import dataclasses
+import math
+from numbers import Integral, Real
 from typing import ClassVar, Iterator, Sequence
 
 import torch
@@ -47,6 +49,8 @@ __all__ = [
     "upsample",
     "minmax_normalize",
     "check_targets",
+    "check_integer",
+    "check_real",
     "batched",
     "aligned_batches",
 ]
@@ -238,16 +242,14 @@ class SampledExplainer(Explainer):
 
     def __init__(self, model: nn.Module | None, n_samples: int, seed: int = 0, batch_size: int = 64) -> None:
         super().__init__(_NoModel() if model is None else model)
-        if not 1 <= n_samples <= MAX_SAMPLES:
+        self.n_samples = check_integer(self.name, "n_samples", n_samples, 1)
+        if n_samples > MAX_SAMPLES:
             raise ValueError(
                 f"{self.name}: n_samples must be in 1 .. {MAX_SAMPLES} (int64 sums in units of "
                 f"2**-{FIXED_POINT_BITS}), got {n_samples}"
             )
-        if batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
-        self.n_samples = n_samples
-        self.seed = seed
-        self.batch_size = batch_size
+        self.seed = check_integer(self.name, "seed", seed, 0)
+        self.batch_size = check_integer(self.name, "batch_size", batch_size, 1)
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         return self.finalize(self.accumulate(images, targets, 0, self.n_samples))
@@ -409,6 +411,22 @@ def check_targets(images: Tensor, targets: Tensor) -> None:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if targets.shape != (images.shape[0],):
         raise ValueError(f"targets must be [B]={images.shape[0]}, got shape {tuple(targets.shape)}")
+
+
+def check_integer(owner: str, name: str, value: object, minimum: int) -> int:
+    """``value`` as an int; ``ValueError`` naming ``owner`` and ``name`` unless it is an integer >= ``minimum``
+    (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(owner: str, name: str, value: object) -> float:
+    """``value`` as a float; ``ValueError`` naming ``owner`` and ``name`` unless it is a finite real number
+    (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def batched(total: int, size: int) -> Iterator[tuple[int, int]]:

@@ -9,14 +9,14 @@ checked on their own: :func:`gaussian_blur`, :func:`blur_pyramid`, :func:`pertur
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Explainer, check_targets
+from .base import Explainer, check_integer, check_targets
 
 __all__ = [
     "ExtremalPerturbation",
@@ -260,9 +260,9 @@ class ExtremalPerturbation(Explainer):
     ) -> None:
         super().__init__(model)
         self.areas = self._check_areas(areas)
-        self.iterations = self._check_int("iterations", iterations, 1)
-        self.step = self._check_int("step", step, 1)
-        self.num_levels = self._check_int("num_levels", num_levels, 2)
+        self.iterations = check_integer(self.name, "iterations", iterations, 1)
+        self.step = check_integer(self.name, "step", step, 1)
+        self.num_levels = check_integer(self.name, "num_levels", num_levels, 2)
         self.sigma = self._check_real("sigma", sigma, positive=True)
         self.max_blur = self._check_real("max_blur", max_blur, positive=True)
         self.area_weight = self._check_real("area_weight", area_weight, positive=True)
@@ -286,11 +286,6 @@ class ExtremalPerturbation(Explainer):
             if isinstance(area, bool) or not isinstance(area, Real) or not 0 < area < 1:
                 raise ValueError(f"{self.name}: every area must be a number in (0, 1), got {area!r} in areas={areas!r}")
         return tuple(float(a) for a in values)
-
-    def _check_int(self, name: str, value: int, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-            raise ValueError(f"{self.name}: {name} must be an integer >= {minimum}, got {value!r}")
-        return int(value)
 
     def _check_real(
         self, name: str, value: float, positive: bool = False, upper: float | None = None, upper_inclusive: bool = False

@@ -27,7 +27,7 @@ import torch
 from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
-from .base import Partial, SampledExplainer, batched, from_fixed, to_fixed
+from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
 
 __all__ = ["Lime", "lime_samples", "Segmenter", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -111,8 +111,11 @@ class Lime(SampledExplainer):
                 f"{self.name}: segmentation must be one of {', '.join(_SEGMENTATIONS)} or a callable, "
                 f"got {segmentation!r}"
             )
-        if n_segments < 1:
-            raise ValueError(f"{self.name}: n_segments must be >= 1, got {n_segments}")
+        self.n_segments = check_integer(self.name, "n_segments", n_segments, 1)
+        self.mean = tuple(check_real(self.name, "mean", value) for value in mean)
+        self.std = tuple(check_real(self.name, "std", value) for value in std)
+        if len(self.mean) != len(self.std) or any(value <= 0 for value in self.std):
+            raise ValueError(f"{self.name}: mean and std need one value per channel and std > 0, got {mean}, {std}")
         if isinstance(hide_color, str):
             if hide_color not in _HIDE_COLORS:
                 raise ValueError(
@@ -121,28 +124,25 @@ class Lime(SampledExplainer):
                 )
             self.hide_color: str | tuple[float, ...] = hide_color
         else:
-            self.hide_color = tuple(float(value) for value in hide_color)
-        if kernel_width <= 0:
+            self.hide_color = tuple(check_real(self.name, "hide_color", value) for value in hide_color)
+            if len(self.hide_color) != len(self.mean):
+                raise ValueError(
+                    f"{self.name}: hide_color has {len(self.hide_color)} values but mean/std have {len(self.mean)}"
+                )
+        self.kernel_width = check_real(self.name, "kernel_width", kernel_width)
+        if self.kernel_width <= 0:
             raise ValueError(f"{self.name}: kernel_width must be > 0, got {kernel_width}")
-        if alpha < 0:
+        self.alpha = check_real(self.name, "alpha", alpha)
+        if self.alpha < 0:
             raise ValueError(f"{self.name}: alpha must be >= 0, got {alpha}")
-        if selection_alpha < 0:
+        self.selection_alpha = check_real(self.name, "selection_alpha", selection_alpha)
+        if self.selection_alpha < 0:
             raise ValueError(f"{self.name}: selection_alpha must be >= 0, got {selection_alpha}")
-        if num_features is not None and num_features < 1:
-            raise ValueError(f"{self.name}: num_features must be >= 1 or None, got {num_features}")
-        if len(mean) != len(std) or any(value <= 0 for value in std):
-            raise ValueError(f"{self.name}: mean and std need one value per channel and std > 0, got {mean}, {std}")
-        if seed < 0:
-            raise ValueError(f"{self.name}: seed must be >= 0, got {seed}")
+        self.num_features = None if num_features is None else check_integer(self.name, "num_features", num_features, 1)
+        if not isinstance(positive_only, bool):
+            raise ValueError(f"{self.name}: positive_only must be true or false, got {positive_only!r}")
         self.segmentation = segmentation
-        self.n_segments = n_segments
-        self.kernel_width = kernel_width
-        self.alpha = alpha
-        self.num_features = num_features
-        self.selection_alpha = selection_alpha
         self.positive_only = positive_only
-        self.mean = tuple(float(value) for value in mean)
-        self.std = tuple(float(value) for value in std)
 
     def segment(self, images: Tensor) -> Tensor:
         """Superpixel labels ``0 .. K_b - 1`` of each image, int64 ``[B, H, W]`` on the images' device."""
@@ -185,10 +185,6 @@ class Lime(SampledExplainer):
                 2, flat_segments.unsqueeze(1), images.new_ones((n_images, 1, flat_segments.shape[1]))
             )
             return (totals / sizes.clamp_min(1)).gather(2, index).view_as(images)
-        if len(self.hide_color) != images.shape[1]:
-            raise ValueError(
-                f"{self.name}: hide_color has {len(self.hide_color)} values but images have {images.shape[1]} channels"
-            )
         color = torch.tensor(self.hide_color, dtype=images.dtype, device=images.device)
         return color.view(1, -1, 1, 1).expand_as(images)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Partial, SampledExplainer, batched, from_fixed, to_fixed
+from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
 
 __all__ = ["Rise", "GaussianRise", "rise_masks", "gaussian_rise_masks"]
 
@@ -136,14 +136,8 @@ class _MaskedSampling(SampledExplainer):
     tracks_mask_sum: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module | None, n_masks: int, grid_size: int, seed: int, batch_size: int) -> None:
-        if n_masks < 1:
-            raise ValueError(f"{self.name}: n_masks must be >= 1, got {n_masks}")
-        super().__init__(model, n_masks, seed, batch_size)
-        if grid_size < 1:
-            raise ValueError(f"{self.name}: grid_size must be >= 1, got {grid_size}")
-        if seed < 0:
-            raise ValueError(f"{self.name}: seed must be >= 0, got {seed}")
-        self.grid_size = grid_size
+        super().__init__(model, check_integer(self.name, "n_masks", n_masks, 1), seed, batch_size)
+        self.grid_size = check_integer(self.name, "grid_size", grid_size, 1)
 
     @abc.abstractmethod
     def masks(self, start: int, stop: int, size: tuple[int, int], device: torch.device | str) -> Tensor:
@@ -203,9 +197,9 @@ class Rise(_MaskedSampling):
         batch_size: int = 100,
     ) -> None:
         super().__init__(model, n_masks, grid_size, seed, batch_size)
-        if not 0.0 < p1 <= 1.0:
+        self.p1 = check_real(self.name, "p1", p1)
+        if not 0.0 < self.p1 <= 1.0:
             raise ValueError(f"{self.name}: p1 must be in (0, 1], got {p1}")
-        self.p1 = p1
 
     def masks(self, start: int, stop: int, size: tuple[int, int], device: torch.device | str) -> Tensor:
         return rise_masks(self.seed, start, stop, size, self.grid_size, self.p1, device=device)
@@ -235,12 +229,12 @@ class GaussianRise(_MaskedSampling):
         batch_size: int = 100,
     ) -> None:
         super().__init__(model, n_masks, grid_size, seed, batch_size)
-        if not 0.0 < mean <= 1.0:
+        self.mean = check_real(self.name, "mean", mean)
+        self.std = check_real(self.name, "std", std)
+        if not 0.0 < self.mean <= 1.0:
             raise ValueError(f"{self.name}: mean must be in (0, 1], got {mean}")
-        if std < 0.0:
+        if self.std < 0.0:
             raise ValueError(f"{self.name}: std must be >= 0, got {std}")
-        self.mean = mean
-        self.std = std
 
     def masks(self, start: int, stop: int, size: tuple[int, int], device: torch.device | str) -> Tensor:
         return gaussian_rise_masks(self.seed, start, stop, size, self.grid_size, self.mean, self.std, device=device)

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Mapping
 
-from .average_drop import average_drop_increase, explanation_masks, summarize_drop_increase
-from .insertion_deletion import blur_substrate, deletion, insertion, make_substrate, pixel_rank
-from .pointing_game import pointing_game, pointing_game_accuracy
-from .similarity import pcc, prepare_pair, ssim
+from .average_drop import average_drop_increase, check_drop_parameters, explanation_masks, summarize_drop_increase
+from .insertion_deletion import (
+    blur_substrate,
+    check_curve_parameters,
+    deletion,
+    insertion,
+    make_substrate,
+    pixel_rank,
+)
+from .pointing_game import check_pointing_parameters, pointing_game, pointing_game_accuracy
+from .similarity import pcc, prepare_pair, ssim, ssim_window
 
 __all__ = [
     "METRICS",
@@ -34,6 +41,10 @@ __all__ = [
     "summarize_drop_increase",
     "pointing_game",
     "pointing_game_accuracy",
+    "check_curve_parameters",
+    "check_drop_parameters",
+    "check_pointing_parameters",
+    "ssim_window",
 ]
 
 
@@ -45,7 +56,8 @@ class MetricSpec:
     metric's per-image values in it (``None``: the function returns them directly).
     Model-based metrics are called ``function(model, images, maps, targets, **params)``,
     ground-truth ones ``function(maps, gt, **params)``; ``parameters`` are the keyword
-    parameters a config may set.
+    parameters a config may set. ``check(size, **params)`` (``None``: nothing to check)
+    is the rule the function applies to its parameter values first, on maps of ``size``.
     """
 
     name: str
@@ -57,6 +69,7 @@ class MetricSpec:
     higher_is_better: bool
     parameters: tuple[str, ...]
     output: int | None = None
+    check: Callable[..., object] | None = None
 
     @property
     def arrow(self) -> str:
@@ -68,31 +81,49 @@ class MetricSpec:
         """Column heading for tables, e.g. ``"Deletion ↓"``."""
         return f"{self.title} {self.arrow}"
 
+    def check_values(self, params: Mapping[str, Any], size: tuple[int, int]) -> None:
+        """Raise ``ValueError`` naming the parameter when ``params`` (defaults for the others)
+        would make the metric fail on maps of ``size``; nothing runs on data."""
+        if self.check is None:
+            return
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(self.function).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        self.check(size, **{**defaults, **params})
+
 
 def _keyword_parameters(function: Callable[..., Any]) -> tuple[str, ...]:
     signature = inspect.signature(function)
     return tuple(name for name, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-def _perturbation(name: str, title: str, function: Callable[..., Any], higher: bool, output: int) -> MetricSpec:
-    return MetricSpec(name, title, function, "perturbation", True, False, higher, _keyword_parameters(function), output)
+def _perturbation(
+    name: str, title: str, function: Callable[..., Any], higher: bool, output: int, check: Callable[..., object]
+) -> MetricSpec:
+    parameters = _keyword_parameters(function)
+    return MetricSpec(name, title, function, "perturbation", True, False, higher, parameters, output, check)
 
 
-def _groundtruth(name: str, title: str, function: Callable[..., Any]) -> MetricSpec:
-    return MetricSpec(name, title, function, "groundtruth", False, True, True, _keyword_parameters(function))
+def _groundtruth(
+    name: str, title: str, function: Callable[..., Any], check: Callable[..., object] | None = None
+) -> MetricSpec:
+    parameters = _keyword_parameters(function)
+    return MetricSpec(name, title, function, "groundtruth", False, True, True, parameters, None, check)
 
 
 #: metric name -> its description
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        _perturbation("insertion", "Insertion", insertion, True, 0),
-        _perturbation("deletion", "Deletion", deletion, False, 0),
+        _perturbation("insertion", "Insertion", insertion, True, 0, check_curve_parameters),
+        _perturbation("deletion", "Deletion", deletion, False, 0, check_curve_parameters),
         _groundtruth("pcc", "PCC", pcc),
-        _groundtruth("ssim", "SSIM", ssim),
-        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0),
-        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1),
-        _groundtruth("pointing_game", "Pointing game", pointing_game),
+        _groundtruth("ssim", "SSIM", ssim, ssim_window),
+        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0, check_drop_parameters),
+        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, check_drop_parameters),
+        _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
     )
 }
 

@@ -16,9 +16,25 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.base import batched, check_targets, minmax_normalize
+from ._checks import number_in, positive_integer
 from .insertion_deletion import model_device, pixel_rank
 
-__all__ = ["average_drop_increase", "explanation_masks", "summarize_drop_increase"]
+__all__ = ["average_drop_increase", "check_drop_parameters", "explanation_masks", "summarize_drop_increase"]
+
+
+def check_drop_parameters(size: tuple[int, int], *, top_percent: float | None, batch_size: int) -> None:
+    """Raise ``ValueError`` naming the parameter unless Average Drop / Increase can use these values.
+
+    ``top_percent`` is ``None`` or in (0, 100] (any such value keeps at least one pixel,
+    whatever ``size``); ``batch_size`` is a positive integer.
+    """
+    _check_top_percent(top_percent)
+    positive_integer("batch_size", batch_size)
+
+
+def _check_top_percent(top_percent: float | None) -> None:
+    if top_percent is not None:
+        number_in("top_percent", top_percent, 0, 100, low_closed=False, high_closed=True)
 
 
 def explanation_masks(maps: Tensor, top_percent: float | None = None) -> Tensor:
@@ -28,11 +44,10 @@ def explanation_masks(maps: Tensor, top_percent: float | None = None) -> Tensor:
     pixels keep their scaled value and all others are set to 0; ties are broken as in
     :func:`~pipeline.metrics.insertion_deletion.pixel_rank` (lower row-major index first).
     """
+    _check_top_percent(top_percent)
     masks = minmax_normalize(maps.float())
     if top_percent is None:
         return masks
-    if not 0 < top_percent <= 100:
-        raise ValueError(f"top_percent must be in (0, 100], got {top_percent}")
     n_pixels = maps.shape[-2] * maps.shape[-1]
     kept = math.ceil(top_percent * n_pixels / 100)
     inside = (pixel_rank(maps) < kept).view_as(masks)
@@ -60,8 +75,7 @@ def average_drop_increase(
     n_images, _, height, width = images.shape
     if maps.shape != (n_images, height, width):
         raise ValueError(f"maps must be [B, H, W]={[n_images, height, width]}, got shape {tuple(maps.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_drop_parameters((height, width), top_percent=top_percent, batch_size=batch_size)
     device = model_device(model, images.device)
     images, maps, targets = images.to(device), maps.to(device), targets.to(device)
     masks = explanation_masks(maps, top_percent).to(images.dtype).unsqueeze(1)

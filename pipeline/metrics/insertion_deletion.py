@@ -27,11 +27,24 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.base import batched, check_targets
+from ._checks import positive_integer
 from ._filters import filter_2d, filter_matrix, gaussian_taps
 
-__all__ = ["insertion", "deletion", "pixel_rank", "blur_substrate", "make_substrate", "model_device"]
+__all__ = [
+    "insertion",
+    "deletion",
+    "check_curve_parameters",
+    "pixel_rank",
+    "blur_substrate",
+    "make_substrate",
+    "model_device",
+    "SUBSTRATES",
+]
 
 Substrate = Literal["blur", "zeros", "mean"] | Tensor
+
+#: the substrates named by a string
+SUBSTRATES = ("blur", "zeros", "mean")
 
 #: radius of SciPy's ``gaussian_filter`` (truncate 4.0), used by the RISE reference kernel
 _SCIPY_TRUNCATE = 4.0
@@ -44,6 +57,22 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return fallback
+
+
+def check_curve_parameters(size: tuple[int, int], *, step: int, substrate: Substrate, batch_size: int) -> None:
+    """Raise ``ValueError`` naming the parameter unless insertion and deletion can score ``size`` maps so.
+
+    ``step`` and ``batch_size`` are positive integers, ``substrate`` is one of
+    :data:`SUBSTRATES` or a tensor, and ``step`` is at most the number of pixels (a larger
+    step gives the same one-step curve from the start image to the end image).
+    """
+    positive_integer("step", step)
+    positive_integer("batch_size", batch_size)
+    if not isinstance(substrate, Tensor) and substrate not in SUBSTRATES:
+        raise ValueError(f"substrate must be 'blur', 'zeros', 'mean' or a tensor, got {substrate!r}")
+    pixels = size[0] * size[1]
+    if step > pixels:
+        raise ValueError(f"step {step} exceeds the {pixels} pixels of a {size[0]}x{size[1]} map")
 
 
 def pixel_rank(maps: Tensor) -> Tensor:
@@ -167,10 +196,7 @@ def _perturbation_curves(
     n_images, _, height, width = images.shape
     if maps.shape != (n_images, height, width):
         raise ValueError(f"maps must be [B, H, W]={[n_images, height, width]}, got shape {tuple(maps.shape)}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step must be a positive integer, got {step!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_curve_parameters((height, width), step=step, substrate=substrate, batch_size=batch_size)
     device = model_device(model, images.device)
     images, maps, targets = images.to(device), maps.to(device), targets.to(device)
     if torch.isnan(maps).any():

@@ -8,10 +8,31 @@ inclusive: distance == tolerance is a hit) of some pixel of the region.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["pointing_game", "pointing_game_accuracy"]
+from ._checks import boolean, number_in
+
+__all__ = ["pointing_game", "check_pointing_parameters", "pointing_game_accuracy"]
+
+
+def check_pointing_parameters(size: tuple[int, int], *, tolerance: float, threshold: float, relative: bool) -> None:
+    """Raise ``ValueError`` naming the parameter unless the pointing game can score ``size`` maps so.
+
+    ``tolerance`` is a number >= 0 shorter than the maps' diagonal (from there on every
+    point is a hit), ``relative`` a boolean, and ``threshold`` a number in [0, 1) when
+    relative (1 or more leaves every region empty, a negative one takes every pixel),
+    any finite number when absolute.
+    """
+    diagonal = math.hypot(size[0] - 1, size[1] - 1)
+    number_in("tolerance", tolerance, 0, diagonal, low_closed=True, high_closed=False)
+    boolean("relative", relative)
+    if relative:
+        number_in("threshold", threshold, 0, 1, low_closed=True, high_closed=False)
+    else:
+        number_in("threshold", threshold, -math.inf, math.inf, low_closed=False, high_closed=False)
 
 
 def pointing_game(
@@ -29,10 +50,9 @@ def pointing_game(
             raise ValueError(f"{name} must be [B, H, W], got shape {tuple(value.shape)}")
     if gt.shape != maps.shape:
         raise ValueError(f"gt must have the maps' shape {tuple(maps.shape)}, got {tuple(gt.shape)}")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    gt = gt.to(device=maps.device, dtype=torch.float64)
     height, width = maps.shape[-2:]
+    check_pointing_parameters((height, width), tolerance=tolerance, threshold=threshold, relative=relative)
+    gt = gt.to(device=maps.device, dtype=torch.float64)
 
     if relative:
         region = gt > threshold * gt.flatten(1).max(dim=1).values.view(-1, 1, 1)

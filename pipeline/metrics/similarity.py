@@ -8,13 +8,16 @@ They return float64 ``[B]``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..methods.base import minmax_normalize, upsample
+from ._checks import boolean, number_in
 from ._filters import filter_2d, gaussian_taps, uniform_taps
 
-__all__ = ["pcc", "ssim", "prepare_pair"]
+__all__ = ["pcc", "ssim", "ssim_window", "prepare_pair"]
 
 #: SSIM constants of Wang et al. (2004), as in scikit-image
 _K1 = 0.01
@@ -50,6 +53,30 @@ def pcc(maps: Tensor, gt: Tensor) -> Tensor:
     return (x * y).sum(dim=1) / torch.sqrt((x * x).sum(dim=1) * (y * y).sum(dim=1))
 
 
+def ssim_window(
+    size: tuple[int, int], *, gaussian_weights: bool, sigma: float, win_size: int | None, use_sample_covariance: bool
+) -> tuple[int, int]:
+    """The Gaussian window's radius and ``win_size`` of :func:`ssim` on maps of ``size``.
+
+    Raises ``ValueError`` naming the parameter unless both flags are booleans, ``sigma``
+    is a finite number > 0, ``win_size`` (given or derived) is a positive odd integer no
+    larger than the maps, and it is > 1 with ``use_sample_covariance``.
+    """
+    boolean("gaussian_weights", gaussian_weights)
+    boolean("use_sample_covariance", use_sample_covariance)
+    number_in("sigma", sigma, 0, math.inf, low_closed=False, high_closed=False)
+    radius = int(_GAUSSIAN_TRUNCATE * sigma + 0.5)
+    if win_size is None:
+        win_size = 2 * radius + 1 if gaussian_weights else 7
+    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
+        raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
+    if win_size > min(size):
+        raise ValueError(f"win_size {win_size} exceeds the map size {tuple(size)}")
+    if use_sample_covariance and win_size == 1:
+        raise ValueError("use_sample_covariance needs win_size > 1")
+    return radius, win_size
+
+
 def ssim(
     maps: Tensor,
     gt: Tensor,
@@ -72,17 +99,13 @@ def ssim(
     factor; the local statistics use reflecting borders, as scikit-image does.
     """
     x, y = prepare_pair(maps, gt)
-    if gaussian_weights and sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    radius = int(_GAUSSIAN_TRUNCATE * sigma + 0.5)
-    if win_size is None:
-        win_size = 2 * radius + 1 if gaussian_weights else 7
-    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
-        raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
-    if win_size > min(x.shape[-2:]):
-        raise ValueError(f"win_size {win_size} exceeds the map size {tuple(x.shape[-2:])}")
-    if use_sample_covariance and win_size == 1:
-        raise ValueError("use_sample_covariance needs win_size > 1")
+    radius, win_size = ssim_window(
+        (x.shape[-2], x.shape[-1]),
+        gaussian_weights=gaussian_weights,
+        sigma=sigma,
+        win_size=win_size,
+        use_sample_covariance=use_sample_covariance,
+    )
     if gaussian_weights:
         taps = gaussian_taps(sigma, radius, device=x.device)
     else:

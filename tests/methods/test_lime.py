@@ -270,6 +270,14 @@ def test_unknown_parameter_lists_valid_ones() -> None:
         ({"alpha": -1.0}, "alpha"),
         ({"num_features": 0}, "num_features"),
         ({"std": (0.2, 0.2)}, "mean and std"),
+        ({"std": (0.2, 0.2, float("nan"))}, "std must be a finite number"),
+        ({"hide_color": (0.0, 0.0)}, "hide_color has 2 values but mean/std have 3"),
+        ({"hide_color": ("x", 0.0, 0.0)}, "hide_color must be a finite number"),
+        ({"n_segments": 2.5}, "n_segments must be an integer >= 1"),
+        ({"n_samples": 100.0}, "n_samples must be an integer >= 1"),
+        ({"batch_size": "64"}, "batch_size must be an integer >= 1"),
+        ({"kernel_width": "wide"}, "kernel_width must be a finite number"),
+        ({"positive_only": "yes"}, "positive_only must be true or false"),
     ],
 )
 def test_bad_parameters(params: dict[str, object], match: str) -> None:
@@ -279,8 +287,6 @@ def test_bad_parameters(params: dict[str, object], match: str) -> None:
 
 def test_bad_inputs() -> None:
     images, targets = images_with_brightness(), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="hide_color has 2 values"):
-        Lime(TinyNet(), hide_color=(0.0, 0.0), segmentation=segment_by_brightness).accumulate(images, targets, 0, 4)
     with pytest.raises(ValueError, match="sample range"):
         Lime(TinyNet(), n_samples=4, segmentation=segment_by_brightness).accumulate(images, targets, 2, 5)
     with pytest.raises(ValueError, match="segmentation of image 0 has shape"):

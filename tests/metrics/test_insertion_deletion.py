@@ -199,13 +199,15 @@ def test_model_mode_and_gradients_untouched() -> None:
 
 def test_bad_input_is_rejected() -> None:
     model = tiny_convnet()
-    images = torch.randn(1, 3, 8, 8)
-    maps = torch.rand(1, 8, 8)
+    images = torch.randn(1, 3, 16, 16)  # 256 pixels: the default step of 224 fits
+    maps = torch.rand(1, 16, 16)
     targets = torch.tensor([0])
     with pytest.raises(ValueError, match="maps"):
         insertion(model, images, torch.rand(1, 4, 4), targets)
     with pytest.raises(ValueError, match="step"):
         insertion(model, images, maps, targets, step=0)
+    with pytest.raises(ValueError, match="step 257 exceeds the 256 pixels"):
+        insertion(model, images, maps, targets, step=257)
     with pytest.raises(ValueError, match="batch_size"):
         insertion(model, images, maps, targets, batch_size=0)
     with pytest.raises(ValueError, match="substrate"):
@@ -213,7 +215,7 @@ def test_bad_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="substrate"):
         deletion(model, images, maps, targets, substrate=torch.zeros(2, 1, 1))
     with pytest.raises(ValueError, match="NaN"):
-        deletion(model, images, torch.full((1, 8, 8), float("nan")), targets)
+        deletion(model, images, torch.full((1, 16, 16), float("nan")), targets)
     with pytest.raises(ValueError, match="targets"):
         deletion(model, images, maps, torch.tensor([0, 1]))
 

@@ -45,6 +45,47 @@ def test_unknown_names_and_parameters_list_the_valid_ones() -> None:
     check_metric_parameters("ssim", {"sigma": 2.0, "win_size": 7})
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("insertion", {"step": 0}, "step must be a positive integer, got 0"),
+        ("insertion", {"step": 2.5}, "step must be a positive integer, got 2.5"),
+        ("deletion", {"step": 1025}, "step 1025 exceeds the 1024 pixels of a 32x32 map"),
+        ("deletion", {"substrate": "noise"}, "substrate must be 'blur', 'zeros', 'mean' or a tensor, got 'noise'"),
+        ("insertion", {"batch_size": True}, "batch_size must be a positive integer, got True"),
+        ("ssim", {"sigma": -1}, r"sigma must be a number in \(0, inf\), got -1"),
+        ("ssim", {"sigma": -1, "gaussian_weights": False}, "sigma must be a number"),
+        ("ssim", {"sigma": 5.0}, r"win_size 37 exceeds the map size \(32, 32\)"),
+        ("ssim", {"win_size": 4}, "win_size must be a positive odd integer, got 4"),
+        ("ssim", {"gaussian_weights": "no"}, "gaussian_weights must be true or false, got 'no'"),
+        ("ssim", {"win_size": 1, "use_sample_covariance": True}, "use_sample_covariance needs win_size > 1"),
+        ("average_drop", {"top_percent": 0}, r"top_percent must be a number in \(0, 100\], got 0"),
+        ("average_increase", {"top_percent": "10"}, "top_percent must be a number"),
+        ("average_drop", {"batch_size": 0}, "batch_size must be a positive integer"),
+        ("pointing_game", {"tolerance": -1}, r"tolerance must be a number in \[0, 43.8406\), got -1"),
+        ("pointing_game", {"tolerance": 44}, "tolerance must be a number in"),
+        ("pointing_game", {"threshold": 1.0}, r"threshold must be a number in \[0, 1\), got 1.0"),
+        ("pointing_game", {"threshold": -0.1}, "threshold must be a number in"),
+        ("pointing_game", {"threshold": float("nan"), "relative": False}, "threshold must be a number in"),
+        ("pointing_game", {"relative": "yes"}, "relative must be true or false"),
+    ],
+)
+def test_check_values_rejects_what_the_metric_would(name: str, params: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        METRICS[name].check_values(params, (32, 32))
+
+
+def test_check_values_accepts_the_defaults_and_good_values() -> None:
+    for spec in METRICS.values():
+        spec.check_values({}, (32, 32))
+    METRICS["insertion"].check_values({"step": 1024, "substrate": "mean", "batch_size": 1}, (32, 32))
+    METRICS["ssim"].check_values({"gaussian_weights": False, "win_size": 31}, (32, 32))
+    METRICS["average_drop"].check_values({"top_percent": 100}, (8, 8))
+    METRICS["pointing_game"].check_values({"threshold": 7.5, "relative": False, "tolerance": 0}, (32, 32))
+    with pytest.raises(ValueError, match=r"win_size 11 exceeds the map size \(8, 8\)"):
+        METRICS["ssim"].check_values({}, (8, 8))  # the default Gaussian window does not fit
+
+
 def test_public_api() -> None:
     for name in metrics.__all__:
         assert hasattr(metrics, name), name
