@@ -44,7 +44,7 @@ def test_valid_config_loads_with_defaults(make_config: ConfigFactory, write_yaml
     assert config.model.kwargs == {"width": 4}
     assert [m.label for m in config.methods] == ["gradcam", "rise"]
     assert config.methods[0].layers == ["layer2", "layer3"]
-    assert config.methods[1].params == {"n_masks": 64, "grid_size": 4, "batch_size": 16}
+    assert config.methods[1].params == {"n_masks": 64, "grid_size": 4, "batch_size": 5}
     assert [m.name for m in config.metrics] == ["insertion", "deletion", "pcc"]
     assert (config.sharding.images_per_shard, config.sharding.samples_per_shard) == (5, 32)
     assert (config.target, config.device, config.seed) == ("predicted", "cpu", 0)
