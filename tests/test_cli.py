@@ -20,7 +20,7 @@ OUTPUTS = ["results.h5", "metrics.csv", "summary.csv", "summary.md", "summary.te
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    return {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 def test_run_end_to_end_then_again_skipping_every_shard(

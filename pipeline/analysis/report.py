@@ -63,11 +63,13 @@ def default_metric(run: Run) -> str | None:
 
 
 def sample_images(run: Run, count: int, *, with_ground_truth: bool = False) -> list[str]:
-    """Up to ``count`` keys of images that did not fail, taken in turn from each class (key order).
+    """Up to ``count`` keys of images that did not fail and whose maps the run kept, taken in turn
+    from each class (key order).
 
     ``with_ground_truth`` keeps only images that have a ground-truth map.
     """
-    usable = run.images[~run.images["failed"] & (run.images["has_gt"] | (not with_ground_truth))]
+    images = run.images
+    usable = images[~images["failed"] & run.has_maps & (images["has_gt"] | (not with_ground_truth))]
     by_class = [list(group["key"]) for _, group in usable.groupby("label", sort=True)]
     chosen: list[str] = []
     for position in range(max((len(keys) for keys in by_class), default=0)):
@@ -82,11 +84,11 @@ def select_images(run: Run, metric: str, method: str, layer: str | None = None,
     Best and worst follow the metric's direction (higher is better for insertion, lower
     for deletion); typical images are those nearest the median. The three groups do not
     overlap; with few images the later groups (worst, then typical) get fewer. Ties are
-    broken by key order.
+    broken by key order. Only images whose maps the run kept are chosen.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    values = run.values(metric, method, layer).dropna()
+    values = run.values(metric, method, layer)[run.has_maps].dropna()
     spec = METRICS.get(metric)
     higher_is_better = spec is None or spec.higher_is_better
     ranked = values.sort_values(ascending=not higher_is_better, kind="stable")

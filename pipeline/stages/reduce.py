@@ -235,10 +235,9 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
                 for layer, maps in merged.maps.items():
                     name = f"maps/{shards[0].method}/{layer}"
                     if name not in f:
-                        f.create_dataset(
-                            name, shape=(len(kept), height, width), dtype="f4", chunks=(1, height, width),
-                            compression="gzip", compression_opts=1, fillvalue=np.nan,
-                        )
+                        layout = {"chunks": (1, height, width), "compression": "gzip", "compression_opts": 1}
+                        f.create_dataset(name, shape=(len(kept), height, width), dtype="f4", fillvalue=np.nan,
+                                         **(layout if len(kept) else {}))
                     if stored.any():
                         f[name][map_row[indices[stored]]] = maps[stored]
             for shard in tqdm(score_shards, desc="scores", disable=quiet):
