@@ -11,8 +11,8 @@ from pipeline.metrics import METRICS, check_metric_parameters, metric_spec
 
 def test_registry_describes_every_metric() -> None:
     expected = {  # name: (label, group, needs model, needs gt, parameters, output)
-        "insertion": ("Insertion ↑", "perturbation", True, False, ("step", "substrate", "batch_size"), 0),
-        "deletion": ("Deletion ↓", "perturbation", True, False, ("step", "substrate", "batch_size"), 0),
+        "insertion": ("Insertion ↑", "perturbation", True, False, ("step", "substrate", "blur", "batch_size"), 0),
+        "deletion": ("Deletion ↓", "perturbation", True, False, ("step", "substrate", "blur", "batch_size"), 0),
         "pcc": ("PCC ↑", "groundtruth", False, True, (), None),
         "ssim": (
             "SSIM ↑", "groundtruth", False, True,
@@ -38,7 +38,7 @@ def test_registry_describes_every_metric() -> None:
 def test_unknown_names_and_parameters_list_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="known metrics: insertion, deletion, pcc"):
         metric_spec("insertoin")
-    with pytest.raises(TypeError, match="'stpe'.*valid parameters: step, substrate, batch_size"):
+    with pytest.raises(TypeError, match="'stpe'.*valid parameters: step, substrate, blur, batch_size"):
         check_metric_parameters("insertion", {"stpe": 10})
     with pytest.raises(TypeError, match=r"valid parameters: \(none\)"):
         check_metric_parameters("pcc", ["sigma"])
@@ -52,6 +52,7 @@ def test_unknown_names_and_parameters_list_the_valid_ones() -> None:
         ("insertion", {"step": 2.5}, "step must be a positive integer, got 2.5"),
         ("deletion", {"step": 1025}, "step 1025 exceeds the 1024 pixels of a 32x32 map"),
         ("deletion", {"substrate": "noise"}, "substrate must be 'blur', 'zeros', 'mean' or a tensor, got 'noise'"),
+        ("insertion", {"blur": "box"}, "blur must be 'rise' or 'gaussian', got 'box'"),
         ("insertion", {"batch_size": True}, "batch_size must be a positive integer, got True"),
         ("ssim", {"sigma": -1}, r"sigma must be a number in \(0, inf\), got -1"),
         ("ssim", {"sigma": -1, "gaussian_weights": False}, "sigma must be a number"),
