@@ -10,6 +10,7 @@ Layout::
     RUN_DIR/results.h5                      the merged results (see pipeline.stages.reduce)
     RUN_DIR/metrics.csv, metrics.parquet    one row per image x method x layer x metric
     RUN_DIR/summary.{csv,md,tex}            mean, variance, ... per method x layer
+    RUN_DIR/comparison.{csv,md}             paired tests between methods (see pipeline.comparison)
     RUN_DIR/failures.csv                    images that could not be read
     RUN_DIR/jobs.json                       SLURM submissions (see pipeline.launching.slurm)
     RUN_DIR/slurm/                          submitit's scripts and logs
@@ -116,6 +117,14 @@ class RunDir:
     @property
     def summary_tex(self) -> Path:
         return self.root / "summary.tex"
+
+    @property
+    def comparison_csv(self) -> Path:
+        return self.root / "comparison.csv"
+
+    @property
+    def comparison_md(self) -> Path:
+        return self.root / "comparison.md"
 
     @property
     def failures_csv(self) -> Path:

@@ -147,7 +147,7 @@ def test_a_misspelled_key_lists_the_valid_keys_with_its_path(
         (lambda r: r["methods"][1].update(id="a/b"), "methods[1]", "must be non-empty and contain no '/'"),
         (lambda r: r["metrics"].append({"name": "ssim2"}), "metrics[3]", "unknown metric 'ssim2'; known metrics"),
         (lambda r: r["metrics"][0]["params"].update(stpe=3), "metrics[0]",
-         "metric 'insertion' has no parameter stpe; valid parameters: step, substrate, batch_size"),
+         "metric 'insertion' has no parameter stpe; valid parameters: step, substrate, blur, batch_size"),
         (lambda r: r["metrics"].append({"name": "pcc"}), "(top level)", "metric(s) listed twice: pcc"),
     ],
 )

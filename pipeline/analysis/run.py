@@ -237,6 +237,17 @@ class Run:
         """Mean, variance, std, 95% CI and count per group and metric (:func:`pipeline.tables.summarize`)."""
         return summarize(self.metrics, by=by, group_by_class=group_by_class)
 
+    def compare(self, metric: str, *, n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+        """Paired comparison of the methods on ``metric``: one row per layer and pair of methods,
+        with bootstrap intervals, Wilcoxon-Holm tests, effect sizes, mean ranks and Friedman's
+        test (:func:`pipeline.comparison.compare`)."""
+        from ..comparison import compare
+
+        if metric not in self.metric_names:
+            raise ValueError(f"unknown metric {metric!r} in {self.path}; metrics: {', '.join(self.metric_names)}")
+        rows = self.metrics[self.metrics["metric"] == metric]
+        return compare(rows, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
     def values(self, metric: str, method: str, layer: str | None = None) -> pd.Series:
         """Per-image values of ``metric`` for one view, indexed by key in the order of :attr:`images`."""
         if metric not in self.metric_names:

@@ -154,3 +154,18 @@ def test_bad_requests_name_what_is_wrong(run: Run, tmp_path: Path) -> None:
         run.curves("ssim", "rise")
     with pytest.raises(FileNotFoundError, match="xai-pipeline reduce"):
         load_run(tmp_path)
+
+
+def test_compare_pairs_the_views_of_one_metric(run: Run) -> None:
+    from scipy import stats
+
+    table = run.compare("insertion", n_resamples=99)
+    assert set(table["metric"]) == {"insertion"} and len(table) >= 1
+    first = table.iloc[0]
+    a = run.values("insertion", first["method_a"], first["layer"] if first["method_a"] != "rise" else None)
+    b = run.values("insertion", first["method_b"], first["layer"] if first["method_b"] != "rise" else None)
+    both = a.notna() & b.notna()
+    assert first["n_images"] == int(both.sum())
+    assert first["p_value"] == pytest.approx(stats.wilcoxon(a[both], b[both]).pvalue)
+    with pytest.raises(ValueError, match="unknown metric"):
+        run.compare("ssim")
