@@ -38,7 +38,9 @@ def _print_results(run_dir: Path, result: "ReduceResult") -> None:
     print(folder.summary_md.read_text())
     if result.failures:
         print(f"{len(result.failures)} image(s) failed; see {folder.failures_csv}")
-    tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md]
+    if folder.comparison_md.is_file():
+        print(folder.comparison_md.read_text())
+    tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md, folder.comparison_csv]
     print(f"results: {result.results}\ntables:  {', '.join(str(p) for p in tables if p.is_file())}")
 
 

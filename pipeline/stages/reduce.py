@@ -22,7 +22,7 @@ moments for the summary, so memory does not grow with the number of images.
 plan's image order (sorted keys). The merged maps do not depend on how the work
 was sharded. Metric rows are in the config's order of methods, then by layer, image
 chunk and metric. Beside it: ``summary.{csv,md,tex}`` and ``failures.csv`` (see
-:mod:`pipeline.tables`).
+:mod:`pipeline.tables`) and ``comparison.{csv,md}`` (see :mod:`pipeline.comparison`).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..comparison import write_comparison
 from ..config import ExperimentConfig, ResultsConfig, load_config
 from ..errors import PipelineError
 from ..planning import Plan, Shard
@@ -52,6 +53,8 @@ __all__ = ["ReduceError", "ReduceResult", "reduce_run", "kept_map_rows", "CSV_MA
 CSV_MAX_ROWS = 1_000_000
 _STR = h5py.string_dtype()
 _ROW_GROUP = 1 << 16
+#: the columns the comparison between methods reads back
+_COMPARED = ["key", "method", "layer", "metric", "value"]
 _SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int64()), ("class_name", pa.string()), ("target", pa.int64()),
     ("predicted", pa.int64()), ("method", pa.string()), ("layer", pa.string()), ("metric", pa.string()),
@@ -276,5 +279,6 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
     columns = ["method", "layer"] + (["class_name"] if group_by_class else []) + ["metric"]
     summary = rows.moments.frame(columns, _summary_order(config, plan, group_by_class))
     write_summary(summary, folder.root, group_by_class=group_by_class)
+    write_comparison(pd.read_parquet(folder.metrics_parquet, columns=_COMPARED), folder.root)
     pd.DataFrame({"key": list(failures), "error": list(failures.values())}).to_csv(folder.failures_csv, index=False)
     return ReduceResult(folder.results, folder.metrics_parquet, summary, failures)
