@@ -103,11 +103,18 @@ class ShardRunner:
             output = self._compute(shard)
             return commit_shard(self.context, shard, output, wall_time_s=time.perf_counter() - started)
         except DataError as error:
-            self.run_dir.record_error(shard.id, str(error), kind="data")
+            self._record(shard.id, str(error), kind="data")
             raise ShardError(f"shard {shard.describe()}: {error}", kind="data") from error
         except Exception as error:
-            self.run_dir.record_error(shard.id, f"{type(error).__name__}: {error}", kind="error")
+            self._record(shard.id, f"{type(error).__name__}: {error}", kind="error")
             raise
+
+    def _record(self, shard_id: str, message: str, *, kind: str) -> None:
+        """Record a shard's failure; when even that fails (a full disk), say so and go on."""
+        try:
+            self.run_dir.record_error(shard_id, message, kind=kind)
+        except OSError as error:
+            logger.warning("cannot record the failure of shard %s (%s): %s", shard_id, error, message)
 
     def _compute(self, shard: Shard) -> ShardOutput:
         """The shard's output; an explain shard a score shard reads that turns out corrupt is
