@@ -18,7 +18,7 @@ from pipeline.rundir import plan_run
 from pipeline.run_dir import RunDir
 from pipeline.stages import ReduceError, ShardRunner, reduce_run, run_shards
 from pipeline.store import read_shard
-from tests.tiny_experiment import ConfigFactory, FinishedRun
+from tests.tiny_experiment import ConfigFactory, FinishedRun, ImageTree
 
 
 def _plan(run_dir: Path) -> Plan:
@@ -153,3 +153,22 @@ def test_results_whole_notices_a_changed_table(finished_run: FinishedRun, tmp_pa
     assert not results_whole(copy)
     (copy / "results.h5").unlink()
     assert not results_whole(copy)
+
+
+def test_a_constant_gt_map_gives_nan_with_its_reason_and_spares_the_others(
+    make_config: ConfigFactory, tree_copy: ImageTree, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    key = sorted(tree_copy.gt_files)[0]
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(tree_copy.gt_files[key])
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(make_config(root=tree_copy.root, gt_dir=tree_copy.gt_dir)), run_dir)
+    assert run_local(run_dir, progress=False) == {}
+    (shard,) = [s for s in plan.stage("score") if "pcc" in s.metrics and s.layers == ("layer3",)
+                and key in plan.keys[s.images[0]:s.images[1]]]
+    output = read_shard(RunDir(run_dir).shard(shard.id))
+    row = output.keys.index(key)
+    assert np.isnan(output.values["pcc"][row]) and "is constant" in output.reasons["pcc"][row]
+    others = [i for i, k in enumerate(output.keys) if k != key and k in tree_copy.gt_files]
+    assert others and np.isfinite(output.values["pcc"][others]).all()
