@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..planning import PLAN_FILE, Plan, Shard
-from ..store import committed_ids
+from ..planning import Plan, Shard
+from ..run_dir import RunDir
 from ..worker import run_shards
 
 __all__ = ["pending_shards", "run_local"]
@@ -12,15 +12,16 @@ __all__ = ["pending_shards", "run_local"]
 
 def pending_shards(run_dir: Path, plan: Plan | None = None) -> list[Shard]:
     """Planned shards that are not committed, explain shards before score shards."""
-    plan = plan or Plan.read(Path(run_dir) / PLAN_FILE)
-    done = committed_ids(run_dir)
+    folder = RunDir(run_dir)
+    plan = plan or Plan.read(folder.plan)
+    done = folder.committed()
     return [s for stage in ("explain", "score") for s in plan.stage(stage) if s.id not in done]
 
 
 def run_local(run_dir: Path, *, progress: bool | None = None, force: bool = False) -> dict[str, str]:
     """Run every pending shard (every shard with ``force``); returns ``{shard id: error}``."""
     if force:
-        plan = Plan.read(Path(run_dir) / PLAN_FILE)
+        plan = Plan.read(RunDir(run_dir).plan)
         ids = [s.id for stage in ("explain", "score") for s in plan.stage(stage)]
     else:
         ids = [s.id for s in pending_shards(run_dir)]

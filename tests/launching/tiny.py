@@ -6,7 +6,8 @@ outputs) whose forward first sleeps as many seconds as the file named by
 jobs fast again).
 Importing this module with ``$XAI_TEST_STALL_SHARD`` set makes the commit of that
 shard stall forever once its data is written, before the file is renamed into place,
-after writing ``<run>/shards/<id>.stalled``: a test can then kill the job mid-write.
+after writing ``<id>.stalled`` beside the shard file: a test can then kill the job mid-write.
+Only the first attempt stalls (the marker exists afterwards), so a retry commits the shard.
 Jobs import this module through the model factory ``tests.launching.tiny:SlowShapesNet``
 (``tests`` must be importable there: :func:`cluster_profile` puts the repository on
 ``PYTHONPATH`` through the profile's setup lines).
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from pipeline.demo_model import ShapesNet
 from pipeline.launching.profiles import ClusterProfile, load_profile
+from pipeline.run_dir import RunDir
 from pipeline.store import atomic_h5
 from tests.tiny_experiment import CLASSES, IMAGE_SIZE
 
@@ -58,16 +60,17 @@ def sleeping_marker(slow_file: Path, task: str) -> Path:
 
 def stall_marker(run_dir: Path, shard_id: str) -> Path:
     """The file a stalled commit writes before it stalls."""
-    return Path(run_dir) / "shards" / f"{shard_id}.stalled"
+    return RunDir(run_dir).shard(shard_id).with_suffix(".stalled")
 
 
 def _install_stall(shard_id: str) -> None:
     original = atomic_h5.__exit__
 
     def stalling_exit(self: atomic_h5, kind: object, error: object, trace: object) -> None:
-        if kind is None and self.path.name == f"{shard_id}.h5":
+        marker = self.path.with_suffix(".stalled")
+        if kind is None and self.path.name == f"{shard_id}.h5" and not marker.exists():
             self.file.flush()
-            stall_marker(self.path.parent.parent, shard_id).write_text(str(os.getpid()))
+            marker.write_text(str(os.getpid()))
             while True:
                 time.sleep(60)
         original(self, kind, error, trace)
@@ -109,5 +112,6 @@ def cluster_profile(*, env: dict[str, str] | None = None, **changes: Any) -> Clu
     ``env`` exported by its setup lines, and ``changes``."""
     profile = load_profile(REPO / "jobs" / "clusters" / "localcluster.yaml")
     exports = [f"export {name}={value}" for name, value in (env or {}).items()]
-    setup = [f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}", *exports, *profile.setup]
+    site = REPO / "tests" / "launching" / "site"  # see tests/launching/layout.py
+    setup = [f"export PYTHONPATH={REPO}:{site}${{PYTHONPATH:+:$PYTHONPATH}}", *exports, *profile.setup]
     return profile.model_copy(update={"setup": setup, **changes})
