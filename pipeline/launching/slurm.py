@@ -27,7 +27,9 @@ A job receives only the run folder and its shard ids (:class:`ShardJob`): it bui
 one :class:`~pipeline.worker.ShardRunner` and runs them in order. SIGUSR2 (sent
 ``signal_delay_s`` before the time limit), SIGTERM (``scontrol requeue``,
 preemption) and SIGINT all save the running sums of the shard in progress at once
-and requeue the job with the shards it has not finished. Timeouts and preemptions
+and leave the job to requeue with the shards it has not finished (SIGUSR2: the job
+requeues itself; SIGTERM: SLURM requeues a requeued or preempted job, and a job
+cancelled with ``scancel`` stays cancelled, its progress kept for a retry). Timeouts and preemptions
 are counted separately (``max_timeouts``, ``max_preemptions``). A shard that fails
 on bad data (``ShardError`` of kind ``data``) is recorded and not retried; any
 other failure is recorded, the job's other shards still run, and the job ends
@@ -163,19 +165,21 @@ class ShardJob(Checkpointable):
         return state
 
     def _catch_signals(self) -> None:
-        """Route SIGUSR2, SIGTERM and SIGINT to submitit's checkpoint-and-requeue handler."""
-        requeue = signal.getsignal(signal.SIGUSR2)
-        if not callable(requeue):
+        """SIGUSR2 (timeout): submitit's checkpoint, ``scontrol requeue`` and exit. SIGTERM and SIGINT:
+        submitit's checkpoint and exit; SLURM itself requeues a preempted or requeued job, and leaves
+        a cancelled one cancelled. Either way the progress of the shard in progress is saved."""
+        on_timeout = signal.getsignal(signal.SIGUSR2)
+        handler = getattr(on_timeout, "__self__", None)  # submitit's SignalHandler
+        if handler is None:
             return
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self._signal = "timeout" if signum == signal.SIGUSR2 else "preemption"
             _say(f"caught {signal.Signals(signum).name}: saving progress ({self._signal})")
-            try:
-                requeue(signum, frame)  # calls self.checkpoint(), requeues and exits
-            except subprocess.CalledProcessError:
-                _say("scontrol requeue refused: the job was cancelled, or SLURM requeues it itself", err=True)
-                sys.exit(-1)
+            if signum == signal.SIGUSR2:
+                handler.checkpoint_and_try_requeue(signum, frame)
+            else:
+                handler.checkpoint_and_exit(signum, frame)
 
         for number in _SIGNALS:
             signal.signal(number, on_signal)

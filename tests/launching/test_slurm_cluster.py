@@ -185,7 +185,7 @@ def timeout_run(experiment: Experiment, image_tree: ImageTree, checkpoint: Path)
 @pytest.fixture(scope="module", autouse=True)
 def sigterm_run(experiment: Experiment, image_tree: ImageTree, checkpoint: Path) -> Iterator[Path]:
     """A RISE shard of forwards of one second each, requeued by `scontrol requeue` once it has
-    run for 8 s (mid-step: SIGTERM, as preemption sends), submitted first to run beside the others."""
+    run for 13 s (mid-step: SIGTERM, as preemption sends), submitted first to run beside the others."""
     config = launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS)
     run_dir = experiment.plan("sigterm", config)
     slow = experiment.folder / "sigterm-slow.txt"
@@ -195,7 +195,7 @@ def sigterm_run(experiment: Experiment, image_tree: ImageTree, checkpoint: Path)
     shard = Plan.read(run_dir / "plan.json").stage("explain")[0]
     task = _task_of(run_dir, shard.id)
     _wait_until(sleeping_marker(slow, "0").is_file, "the RISE shard to start", run_dir)
-    time.sleep(8)
+    time.sleep(13)  # the first forward, then the first step of 8 forwards: inside the second step
     subprocess.run(["scontrol", "requeue", task], check=True)
     yield run_dir
     subprocess.run(["scancel", *{s["job_id"] for s in _jobs(run_dir)}], capture_output=True)

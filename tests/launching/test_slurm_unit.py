@@ -646,11 +646,16 @@ def test_every_signal_saves_progress_at_once_and_counts_timeouts_apart(
     in_job(run_dir / "slurm", "7", "0")
     requeued: list[Any] = []
 
-    def submitit_handler(number: int, frame: Any) -> None:  # what submitit installs for SIGUSR2
-        requeued.append(job.checkpoint())
-        raise SystemExit(-1)
+    class SubmititHandler:  # what submitit installs for SIGUSR2 (its SignalHandler's bound method)
+        def checkpoint_and_try_requeue(self, number: int, frame: Any) -> None:
+            requeued.append(("requeue", job.checkpoint()))
+            raise SystemExit(-1)
 
-    signal.signal(signal.SIGUSR2, submitit_handler)
+        def checkpoint_and_exit(self, number: int, frame: Any) -> None:
+            requeued.append(("exit", job.checkpoint()))
+            raise SystemExit(-1)
+
+    signal.signal(signal.SIGUSR2, SubmititHandler().checkpoint_and_try_requeue)
     job = ShardJob(run_dir, [shard.id], checkpoint_every_s=3600, max_timeouts=0, max_preemptions=1)
     original = Rise.accumulate
     calls: list[int] = []
@@ -666,7 +671,9 @@ def test_every_signal_saves_progress_at_once_and_counts_timeouts_apart(
     with pytest.raises(SystemExit):
         job()
     assert read_shard(checkpoint_path(run_dir, shard.id)).attrs["next_sample"] == 16
-    follow_up = requeued[0].function if requeued[0] is not None else None
+    how, delayed = requeued[0]
+    assert how == ("requeue" if signum == signal.SIGUSR2 else "exit")  # SLURM requeues on SIGTERM itself
+    follow_up = delayed.function if delayed is not None else None
     if signum == signal.SIGUSR2:  # a timeout, and max_timeouts is 0
         assert follow_up is None
         assert "not requeued: timeout 1 is over the profile's max_timeouts (0)" in capsys.readouterr().err
