@@ -7,7 +7,8 @@
     xai-pipeline resume RUN_DIR [--profile P]   run or submit again what is not committed
     xai-pipeline cancel RUN_DIR                 cancel the run's SLURM jobs
     xai-pipeline reduce RUN_DIR                 merge shards into results.h5 and tables
-    xai-pipeline status RUN_DIR                 what is done, pending, failed
+    xai-pipeline status RUN_DIR [--json|--watch] what is done, running, pending, failed, waiting
+    xai-pipeline logs RUN_DIR SHARD_ID          the log section of the shard's last SLURM attempt
     xai-pipeline demo [--out runs/demo]         self-made data and model, then `run`
     xai-pipeline report RUN_DIR                 figures and tables in RUN_DIR/report/index.html
     xai-pipeline compare RUN_DIR                paired tests between methods: RUN_DIR/comparison.{csv,md}
@@ -67,8 +68,8 @@ def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
     profile = resolve_profile(run_dir, args.profile, args.executor)
     force = getattr(args, "force", False)
     result = launch_run(run_dir, profile, force=force, check=check, progress=args.progress)
-    if result.warning:
-        print(f"warning: {result.warning}", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(result.describe())
     if profile.executor == "slurm":
         return 0
@@ -102,10 +103,27 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
     from .status import run_status
 
-    report = run_status(args.run_dir)
-    print(report.describe())
+    while True:
+        report = run_status(args.run_dir)
+        if args.json:
+            print(json.dumps(report.to_json(), indent=1), flush=True)
+        else:
+            clear = "\033[H\033[2J" if args.watch and sys.stdout.isatty() else ""
+            print(f"{clear}{report.describe()}", flush=True)
+        if not args.watch or report.reduced or not report.active:
+            return 0
+        time.sleep(args.interval)
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from .launching.logs import shard_log
+
+    print(shard_log(args.run_dir, args.shard_id, lines=args.lines))
     return 0
 
 
@@ -179,8 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reduce", _cmd_reduce, "merge committed shards into results.h5 and tables")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--by-class", action="store_true", help="summary rows per method, layer and class")
-    p = command("status", _cmd_status, "shards done, running, pending and failed")
+    p = command("status", _cmd_status, "shards done, running, pending, failed and waiting on input")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument("--watch", action="store_true", help="refresh until the run's jobs have ended")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
+    p = command("logs", _cmd_logs, "print the log section of a shard's last SLURM attempt (.out and .err)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("shard_id")
+    p.add_argument("--lines", type=int, default=200, help="the most lines shown per log (default 200)")
     p = command("demo", _cmd_demo, "generate shapes data, train a small CNN, run the pipeline on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo folder (default runs/demo)")
     p.add_argument("--images-per-class", type=int, default=8)

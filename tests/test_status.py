@@ -1,4 +1,6 @@
-"""pipeline.status: done, pending and failed shards read from the run folder."""
+"""pipeline.status: done, pending, failed and waiting shards read from the run folder.
+
+States against a (fake) scheduler are in tests/launching/test_slurm_unit.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,25 +8,35 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import parse_config
+from pipeline.run_dir import RunDir
 from pipeline.rundir import plan_run
 from pipeline.status import run_status
-from pipeline.run_dir import RunDir
 from pipeline.stages import run_shards
-from tests.tiny_experiment import ConfigFactory, FinishedRun, ImageTree
+from tests.tiny_experiment import ConfigFactory, ImageTree
+
+
+def _commit(run_dir: Path, shard_id: str) -> None:
+    path = RunDir(run_dir).shard(shard_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
 
 
 @pytest.mark.parametrize("scheduler", [False, True])
-def test_a_finished_run(finished_run: FinishedRun, scheduler: bool) -> None:
-    status = run_status(finished_run.run_dir, scheduler=scheduler)
+def test_a_finished_run(make_config: ConfigFactory, tmp_path: Path, scheduler: bool) -> None:
+    run_dir = tmp_path / "run"
+    for shard in plan_run(parse_config(make_config()), run_dir).shards:
+        _commit(run_dir, shard.id)
+    RunDir(run_dir).results.write_bytes(b"")
+    status = run_status(run_dir, scheduler=scheduler)
     planned = {s.id for s in status.plan.shards}
     assert status.done == planned and status.total == len(planned) == 27
     assert (status.pending, status.failed, status.running, status.scheduler_note) == (set(), {}, set(), None)
     assert status.finished
     text = status.describe()
-    assert f"13 images, {len(planned)} shards" in text
-    assert "explain  done      9  running      0  pending      0  failed      0" in text
-    assert "score    done     18  running      0  pending      0  failed      0" in text
-    assert f"finished: results in {finished_run.run_dir / 'results.h5'}" in text
+    assert f"12 images, {len(planned)} shards" in text
+    assert "explain  done      9  running      0  pending      0  failed      0  waiting      0" in text
+    assert "score    done     18  running      0  pending      0  failed      0  waiting      0" in text
+    assert f"finished: results in {run_dir / 'results.h5'}" in text
 
 
 def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path) -> None:
@@ -33,9 +45,7 @@ def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path
     status = run_status(run_dir)
     assert status.pending == {s.id for s in plan.shards}
     assert status.done == set() and status.failed == {} and not status.finished
-    committed = RunDir(run_dir).shard(plan.shards[0].id)
-    committed.parent.mkdir()
-    committed.write_bytes(b"")  # committed files are the truth
+    _commit(run_dir, plan.shards[0].id)  # committed files are the truth
     RunDir(run_dir).record_error(plan.shards[0].id, "an old failure", kind="error")  # ... over an older error record
     RunDir(run_dir).record_error("not-in-the-plan", "from another run", kind="error")
     status = run_status(run_dir, scheduler=False)
@@ -67,9 +77,20 @@ def test_done_pending_and_failed_shards(
     assert status.done == {s.id for s in plan.stage("explain")} | set(chunk_scores[(5, 10)])
     assert not status.finished and status.running == set() and status.scheduler_note is None
     text = status.describe()
-    assert "explain  done      9  running      0  pending      0  failed      0" in text
-    assert "score    done      6  running      0  pending      6  failed      6" in text
+    assert "explain  done      9  running      0  pending      0  failed      0  waiting      0" in text
+    assert "score    done      6  running      0  pending      6  failed      6  waiting      0" in text
     for shard_id in status.failed:
         line = next(line for line in text.splitlines() if shard_id in line)
         assert line.strip().startswith(f"failed {plan.shard(shard_id).describe()}: [data] ")
         assert "images that were explained can no longer be read" in line
+
+
+def test_score_shards_of_a_failed_explain_shard_wait_on_input(make_config: ConfigFactory, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(make_config()), run_dir)
+    explain = plan.stage("explain")[0]
+    RunDir(run_dir).record_error(explain.id, "RuntimeError: CUDA error: out of memory", kind="error")
+    status = run_status(run_dir)
+    assert status.failed[explain.id]["message"] == "RuntimeError: CUDA error: out of memory"
+    assert set(status.waiting) == {s.id for s in plan.stage("score") if explain.id in s.after}
+    assert all(inputs == [explain.id] for inputs in status.waiting.values())

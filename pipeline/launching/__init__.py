@@ -1,18 +1,18 @@
-"""Executors: where pending shards run (this machine, or SLURM through submitit)."""
+"""Executors: where pending shards run (this machine, or SLURM through submitit).
+
+Names are imported on first use, so that ``pipeline.launching.accounting`` (what
+``xai-pipeline status`` needs) loads without torch or submitit.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-
-from .launch import LaunchError, cancel_run, launch_run, resolve_profile
-from .local import pending_shards, run_local
-from .profiles import ClusterProfile, ProfileError, load_profile
+import importlib
+from typing import Any
 
 __all__ = [
     "pending_shards",
     "run_local",
-    "scheduler_running",
-    "JOBS_FILE",
     "ClusterProfile",
+    "CpuJobProfile",
     "ProfileError",
     "load_profile",
     "LaunchError",
@@ -21,14 +21,14 @@ __all__ = [
     "resolve_profile",
 ]
 
-#: submitted jobs of a run, written by the SLURM launcher
-JOBS_FILE = "jobs.json"
+_HOMES = {
+    "pending_shards": "local", "run_local": "local",
+    "ClusterProfile": "profiles", "CpuJobProfile": "profiles", "ProfileError": "profiles", "load_profile": "profiles",
+    "LaunchError": "launch", "launch_run": "launch", "cancel_run": "launch", "resolve_profile": "launch",
+}
 
 
-def scheduler_running(run_dir: Path, candidates: set[str]) -> tuple[set[str], str | None]:
-    """Which of ``candidates`` the scheduler reports running or queued, and a note on how it answered."""
-    if not (Path(run_dir) / JOBS_FILE).is_file():
-        return set(), None
-    from .slurm import running_shards
-
-    return running_shards(Path(run_dir), candidates)
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

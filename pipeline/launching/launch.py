@@ -5,11 +5,14 @@ do: it refuses a run folder whose config or model changed since planning (saying
 what changed), runs the pre-flight checks, and then either runs the pending shards
 here (``executor: local``) or submits them to SLURM. Only shards that are not
 committed are run, unless ``force``; on SLURM, a run whose jobs are still queued or
-running is not submitted again.
+running is not submitted again, and a launch warns when the start-up plus one
+forward batch (timed by the pre-flight check) would not fit before the timeout
+signal (``time`` minus ``signal_delay_s``).
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +21,12 @@ from ..models import model_digest
 from ..planning import Plan, Shard
 from ..run_dir import RunDir
 from ..rundir import RunDirError, config_changes, load_run_plan, preflight
+from .accounting import SchedulerError, read_jobs
 from .local import pending_shards, run_local
 from .profiles import DEFAULT_PROFILE, ClusterProfile, load_profile, parse_profile
 
 if TYPE_CHECKING:
-    from .slurm import Submission
+    from .accounting import Submission
 
 __all__ = ["LaunchError", "LaunchResult", "launch_run", "check_unchanged", "resolve_profile", "cancel_run"]
 
@@ -40,7 +44,7 @@ class LaunchResult:
     shards: list[Shard]
     submissions: list["Submission"] = dataclasses.field(default_factory=list)
     failures: dict[str, str] = dataclasses.field(default_factory=dict)
-    warning: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
         """A short report for the command line."""
@@ -52,18 +56,17 @@ class LaunchResult:
         for submission in self.submissions:
             count = sum(len(t) for t in submission.tasks)
             what = (f"{count} shard(s) in {len(submission.tasks)} task(s)" if submission.tasks
-                    else "merge into results.h5")
+                    else f"reduce into results.h5, or resubmit what failed (up to {self.profile.retries} retries)")
             after = f", after {', '.join(submission.depends_on)}" if submission.depends_on else ""
             lines.append(f"  job {submission.job_id} ({submission.stage}): {what}{after}")
         head = f"submitted to SLURM with profile {self.profile.name!r} (logs in {self.submissions[0].log_dir}):"
-        tail = f"follow with `xai-pipeline status {self.run_dir}`; jobs are recorded in {self.run_dir / 'jobs.json'}"
+        tail = (f"follow with `xai-pipeline status {self.run_dir} --watch`; "
+                f"jobs are recorded in {RunDir(self.run_dir).jobs}")
         return "\n".join([head, *lines, tail])
 
 
 def check_unchanged(run_dir: Path, config: ExperimentConfig, plan: Plan) -> None:
     """Refuse a run whose config or model changed since planning; the message lists what changed."""
-    from .slurm import read_jobs
-
     problems = []
     current = config_hash(config)
     if current != plan.config_hash:
@@ -91,8 +94,6 @@ def check_unchanged(run_dir: Path, config: ExperimentConfig, plan: Plan) -> None
 def resolve_profile(run_dir: Path, profile: str | Path | None, executor: str | None) -> ClusterProfile:
     """The profile file given, else the one of the run's last submission, else the local default;
     ``executor`` (local or slurm) overrides the profile's."""
-    from .slurm import read_jobs
-
     if profile is not None:
         chosen = load_profile(profile)
     else:
@@ -103,11 +104,24 @@ def resolve_profile(run_dir: Path, profile: str | Path | None, executor: str | N
     return chosen
 
 
-def _preflight(config: ExperimentConfig, run_dir: Path) -> None:
+def _preflight(config: ExperimentConfig, run_dir: Path) -> float:
+    """Run the pre-flight checks; the seconds they took (loading the model and a forward)."""
+    started = time.perf_counter()
     try:
         preflight(config, run_dir)
     except Exception as error:  # any failure here would fail every job: report it, submit nothing
         raise LaunchError(f"pre-flight check failed, nothing was started: {type(error).__name__}: {error}") from error
+    return time.perf_counter() - started
+
+
+def time_warning(profile: ClusterProfile, startup_s: float) -> str | None:
+    """A warning when start-up plus one forward batch cannot fit before the timeout signal."""
+    before_signal = profile.time * 60 - profile.signal_delay_s
+    if startup_s < before_signal:
+        return None
+    return (f"a job has {before_signal} s before its timeout signal (time {profile.time} min minus signal_delay_s "
+            f"{profile.signal_delay_s} s), but start-up plus one forward batch took {startup_s:.0f} s in the pre-flight "
+            f"check: jobs may be requeued without progress; raise `time` or lower `signal_delay_s`")
 
 
 def launch_run(
@@ -122,13 +136,13 @@ def launch_run(
 
     ``check=False`` skips the pre-flight checks (for a run planned a moment ago).
     Locally, the shards run here and :attr:`LaunchResult.failures` lists those that
-    failed; the caller reduces. On SLURM, the reduce step is a job after the shards.
+    failed; the caller reduces. On SLURM, a finish job after the shards reduces or
+    retries (see :mod:`pipeline.launching.slurm`).
     """
     run_dir = Path(run_dir).resolve()
     config, plan = load_run_plan(run_dir)
     check_unchanged(run_dir, config, plan)
-    if check:
-        _preflight(config, run_dir)
+    startup_s = _preflight(config, run_dir) if check else 0.0
     if force:
         shards = [s for stage in ("explain", "score") for s in plan.stage(stage)]
     else:
@@ -138,33 +152,35 @@ def launch_run(
         if shards:
             result.failures = run_local(run_dir, progress=progress, force=force)
         return result
-    from .slurm import SchedulerError, active_job_ids, submit_shards
+    from .slurm import active_job_ids, submit_round
 
     if not shards and RunDir(run_dir).results.is_file():
         return result
     try:
         active = active_job_ids(run_dir)
     except SchedulerError as error:
-        result.warning = f"could not check for jobs of this run still queued or running: {error}"
+        result.warnings.append(f"could not check for jobs of this run still queued or running: {error}")
         active = []
     if active:
         raise LaunchError(
             f"job(s) {', '.join(active)} of {run_dir} are still queued or running: wait for them, "
             f"or `xai-pipeline cancel {run_dir}` first"
         )
+    warning = time_warning(profile, startup_s)
+    if warning:
+        result.warnings.append(warning)
+    launch = int(read_jobs(run_dir).get("launch", 0)) + 1
     try:
-        result.submissions = submit_shards(run_dir, shards, profile, force=force, config=config_dict(config))
-    except (SchedulerError, OSError, RuntimeError) as error:
-        raise LaunchError(
-            f"submission failed: {error}\n(jobs submitted before the failure are recorded in "
-            f"{run_dir / 'jobs.json'}; `xai-pipeline cancel {run_dir}` cancels them)"
-        ) from error
+        result.submissions = submit_round(run_dir, shards, profile, launch=launch, force=force,
+                                          config=config_dict(config))
+    except SchedulerError as error:
+        raise LaunchError(f"submission failed, nothing was submitted and the run folder is as before: {error}") from error
     return result
 
 
 def cancel_run(run_dir: Path) -> list[str]:
     """Cancel the run's queued and running SLURM jobs; returns their ids."""
-    from .slurm import SchedulerError, cancel_jobs
+    from .slurm import cancel_jobs
 
     try:
         return cancel_jobs(Path(run_dir))

@@ -1,40 +1,49 @@
 """The SLURM executor: pending shards go to SLURM as job arrays through submitit.
 
-Submission (:func:`submit_shards`): the explain shards first, then the score shards,
-then one reduce job, each stage waiting for the previous one (``afterok``; a stage
-whose dependency can no longer be met is cancelled by SLURM, not left pending).
-``shards_per_task`` shards share one array task; arrays hold at most
-``max_array_size`` tasks, of which ``array_parallelism`` run at the same time. A
-job receives only the run folder and its shard ids: it builds one
-:class:`~pipeline.worker.ShardRunner` and runs them in order.
+A submission round (:func:`submit_round`) is the explain arrays, the score arrays
+and one small CPU job, the *finish job* (:func:`finish_run`):
 
-Files::
+- Score arrays start after the explain arrays have ended, however they ended
+  (``afterany``); a score shard whose explain shards are not all committed is
+  skipped as *waiting on input*, so one lost explain task costs only the score
+  shards that need it.
+- The finish job starts after every array of its round has ended (``afterany``).
+  When every shard is committed it reduces the run. Otherwise it resubmits the
+  shards that can still succeed (every missing shard but those with bad data and
+  the score shards that need them) as a new round, followed by a new finish job,
+  while the profile's ``retries`` last; then it records the failures and why in
+  ``jobs.json`` (``outcome``) and ends failed. It runs with the profile's
+  ``cpu_job`` resources (no GPU by default).
+- ``array_parallelism`` holds across all arrays of a stage: the limit is split
+  among the arrays, and when there are more arrays than the limit, array ``i``
+  waits for array ``i - limit`` (each running one task at a time).
+- ``max_array_size`` defaults to the cluster's MaxArraySize - 1 (``scontrol show
+  config``); a larger value is refused before anything is submitted. When ``sbatch``
+  refuses a submission, the jobs of the round already submitted are cancelled and
+  the run folder is left as before (``jobs.json`` and ``RUN_DIR/slurm``), and the
+  message names the profile field at fault.
 
-    RUN_DIR/jobs.json    every submission, appended: {"config": the config at the first launch,
-                         "profile": the last profile used, "submissions": [{"job_id", "stage",
-                         "array", "tasks": [[shard ids of task 0], ...], "depends_on", "profile",
-                         "time", "log_dir"}, ...]}
-    RUN_DIR/slurm/       submitit's folder: sbatch scripts, the pickled job callables (paths and
-                         ids only) and the logs <job>_<task>_0_log.{out,err}
+A job receives only the run folder and its shard ids (:class:`ShardJob`): it builds
+one :class:`~pipeline.worker.ShardRunner` and runs them in order. SIGUSR2 (sent
+``signal_delay_s`` before the time limit), SIGTERM (``scontrol requeue``,
+preemption) and SIGINT all save the running sums of the shard in progress at once
+and leave the job to requeue with the shards it has not finished (SIGUSR2: the job
+requeues itself; SIGTERM: SLURM requeues a requeued or preempted job, and a job
+cancelled with ``scancel`` stays cancelled, its progress kept for a retry). Timeouts and preemptions
+are counted separately (``max_timeouts``, ``max_preemptions``). A shard that fails
+on bad data (``ShardError`` of kind ``data``) is recorded and not retried; any
+other failure is recorded, the job's other shards still run, and the job ends
+failed. Logs are submitit's ``RUN_DIR/slurm/<job>_<task>_0_log.{out,err}``: ``.out``
+has a ``starting <shard id>`` line before each shard, its outcome and requeue
+messages; ``.err`` the tracebacks, after the same ``starting`` line.
 
-Timeouts and preemption: SLURM signals a job ``signal_delay_s`` before its time
-limit (and on preemption); :meth:`ShardJob.checkpoint` saves the running sums of the
-shard in progress and requeues the job with the shards it has not finished, which
-then continue from their saved progress. A job is requeued at most
-``max_requeues`` times. A shard that fails on bad data (``ShardError`` of kind
-``data``) is recorded and not retried; the job goes on with its other shards and
-ends successfully, so the rest of the run proceeds. Any other failure is recorded
-too, and the job ends failed once its other shards are done.
-
-Scheduler state (:func:`running_shards`, :func:`cancel_jobs`) comes from one
-``sacct`` call for all the run's jobs, never one per shard.
+The records (``jobs.json``) and the scheduler's answers are in
+:mod:`pipeline.launching.accounting`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,60 +51,53 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from types import FrameType
+from typing import Any, Sequence
 
 import submitit
-from submitit.core.utils import UncompletedJobError
+from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from ..planning import Shard
+from ..errors import PipelineError
 from ..run_dir import RunDir
-from . import JOBS_FILE
-from .profiles import ClusterProfile
+from .accounting import (
+    SCHEDULER_CALL_TIMEOUT_S,
+    SchedulerError,
+    Submission,
+    cluster_max_array_size,
+    is_active,
+    job_states,
+    last_line,
+    latest_tasks,
+    read_jobs,
+    read_submissions,
+    write_jobs,
+)
+from .logs import STARTING
+from .profiles import ClusterProfile, parse_profile
 
 __all__ = [
     "ShardJob",
     "ShardJobError",
-    "SchedulerError",
-    "Submission",
-    "reduce_job",
+    "RunFailedError",
+    "finish_run",
     "executor_parameters",
-    "make_executor",
-    "submit_shards",
-    "read_jobs",
-    "read_submissions",
-    "parse_sacct",
-    "job_states",
-    "running_shards",
+    "cpu_executor_parameters",
+    "array_size",
+    "submit_round",
     "active_job_ids",
     "cancel_jobs",
-    "LOG_DIR",
-    "ACTIVE_STATES",
-    "ACCOUNTING_GRACE_S",
-    "SCHEDULER_CALL_TIMEOUT_S",
 ]
 
-#: submitit's folder inside the run folder (sbatch scripts, pickles, logs)
-LOG_DIR = "slurm"
-
-#: scheduler states of a job that is queued, running or about to run again
-ACTIVE_STATES = frozenset({
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED",
-    "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "SPECIAL_EXIT", "STOPPED",
-})
-#: how long after its submission a job that ``sacct`` does not list yet still counts as queued
-#: (accounting records reach slurmdbd asynchronously)
-ACCOUNTING_GRACE_S = 600.0
-#: how long one ``sacct``/``scancel`` call may take
-SCHEDULER_CALL_TIMEOUT_S = 60.0
-
-
-class SchedulerError(RuntimeError):
-    """The scheduler's commands are missing or failed; the message says which and why."""
+_DEFAULT_ARRAY_SIZE = 1000
 
 
 class ShardJobError(RuntimeError):
     """Shards of a job failed for other reasons than bad data (see their error records)."""
+
+
+class RunFailedError(PipelineError, RuntimeError):
+    """The finish job found shards that will not be committed: retries are spent, or their data is bad."""
 
 
 # ------------------------------------------------------------------------ jobs
@@ -107,12 +109,6 @@ def _job_log() -> str | None:
         return None
 
 
-def _ignore_checkpoint_signal() -> None:
-    """Ignore SLURM's timeout/preemption signal from now on: the job has no shard left to save,
-    and the signal arriving while the process exits would otherwise kill it and fail the job."""
-    signal.signal(getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}"), signal.SIG_IGN)
-
-
 def _attach_log(run_dir: Path, shard_id: str, log: str | None) -> None:
     """Add the job's log path to the shard's error record."""
     folder = RunDir(run_dir)
@@ -122,14 +118,19 @@ def _attach_log(run_dir: Path, shard_id: str, log: str | None) -> None:
     folder.record_error(shard_id, record["message"], kind=record["kind"], log=log)
 
 
+def _say(message: str, *, err: bool = False) -> None:
+    print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
 class ShardJob(Checkpointable):
     """The job callable: runs ``shard_ids`` of ``run_dir`` in order, in one process.
 
-    Only the run folder and the ids are pickled. Committed shards are skipped
-    (unless ``force``); a score shard whose explain shards are not all committed is
-    skipped with a note in the log. On a timeout or preemption signal,
-    :meth:`checkpoint` saves the progress of the shard in progress and returns this
-    job, restricted to the shards it has not finished, for submitit to requeue.
+    Only the run folder, the ids and the counters are pickled. Committed shards are
+    skipped (unless ``force``); a score shard whose explain shards are not all
+    committed is skipped as waiting on input. See the module docstring for signals.
     """
 
     def __init__(
@@ -139,158 +140,209 @@ class ShardJob(Checkpointable):
         *,
         force: bool = False,
         checkpoint_every_s: float = 300.0,
-        requeues: int = 0,
-        max_requeues: int = 3,
+        timeouts: int = 0,
+        preemptions: int = 0,
+        max_timeouts: int = 3,
+        max_preemptions: int = 20,
     ) -> None:
         self.run_dir = str(run_dir)
         self.shard_ids = list(shard_ids)
         self.force = force
         self.checkpoint_every_s = checkpoint_every_s
-        self.requeues = requeues
-        self.max_requeues = max_requeues
+        self.timeouts = timeouts
+        self.preemptions = preemptions
+        self.max_timeouts = max_timeouts
+        self.max_preemptions = max_preemptions
         self._runner: Any = None
         self._finished: set[str] = set()
+        self._signal: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_runner"] = None
-        state["_finished"] = set()
+        state.update(_runner=None, _finished=set(), _signal=None)
         return state
+
+    def _catch_signals(self) -> None:
+        """SIGUSR2 (timeout): submitit's checkpoint, ``scontrol requeue`` and exit. SIGTERM and SIGINT:
+        submitit's checkpoint and exit; SLURM itself requeues a preempted or requeued job, and leaves
+        a cancelled one cancelled. Either way the progress of the shard in progress is saved."""
+        on_timeout = signal.getsignal(signal.SIGUSR2)
+        handler = getattr(on_timeout, "__self__", None)  # submitit's SignalHandler
+        if handler is None:
+            return
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._signal = "timeout" if signum == signal.SIGUSR2 else "preemption"
+            _say(f"caught {signal.Signals(signum).name}: saving progress ({self._signal})")
+            if signum == signal.SIGUSR2:
+                handler.checkpoint_and_try_requeue(signum, frame)
+            else:
+                handler.checkpoint_and_exit(signum, frame)
+
+        for number in _SIGNALS:
+            signal.signal(number, on_signal)
 
     def __call__(self) -> dict[str, Any]:
         from ..stages import ShardError, ShardRunner
 
-        run_dir = Path(self.run_dir)
-        runner = ShardRunner(run_dir, checkpoint_every=self.checkpoint_every_s)
+        run_dir = RunDir(self.run_dir)
+        log = _job_log()
+        if log is not None:
+            self._catch_signals()
+        runner = ShardRunner(run_dir.root, checkpoint_every=self.checkpoint_every_s)
         self._runner = runner
         shards = {s.id: s for s in runner.plan.shards}
-        log = _job_log()
         failed: dict[str, str] = {}
-        skipped: list[str] = []
+        waiting: list[str] = []
         for shard_id in self.shard_ids:
             shard = shards[shard_id]
-            if not self.force and RunDir(run_dir).shard(shard_id).is_file():
+            if not self.force and runner.committed(shard_id):
                 self._finished.add(shard_id)
                 continue
-            missing = [i for i in shard.after if not RunDir(run_dir).shard(i).is_file()]
+            for err in (False, True):
+                _say(f"{STARTING} {shard.describe()}", err=err)
+            missing = [i for i in shard.after if not run_dir.shard(i).is_file()]
             if missing:
-                print(f"skipped {shard.describe()}: it needs uncommitted shard(s) {', '.join(missing)}", flush=True)
-                skipped.append(shard_id)
+                _say(f"waiting on input, skipped: it needs uncommitted shard(s) {', '.join(missing)}")
+                waiting.append(shard_id)
                 self._finished.add(shard_id)
                 continue
-            if RunDir(run_dir).checkpoint(shard_id).is_file():
-                print(f"continuing {shard_id} from its saved progress", flush=True)
+            if run_dir.checkpoint(shard_id).is_file():
+                _say(f"continuing {shard_id} from its saved progress")
             started = time.perf_counter()
             try:
                 runner.run(shard_id, force=self.force)
             except UncompletedJobError:  # out of requeues: the job ends here
-                _attach_log(run_dir, shard_id, log)
+                _attach_log(run_dir.root, shard_id, log)
                 raise
             except Exception as error:  # recorded; the job's other shards still run
-                _attach_log(run_dir, shard_id, log)
+                _attach_log(run_dir.root, shard_id, log)
                 failed[shard_id] = error.kind if isinstance(error, ShardError) else "error"
+                _say(f"failed {shard_id} ({failed[shard_id]}): see the .err log")
                 if failed[shard_id] == "data":
-                    print(f"bad data, not retried: {error}", file=sys.stderr, flush=True)
+                    _say(f"bad data, not retried: {error}", err=True)
                 else:
                     traceback.print_exc()
                     sys.stderr.flush()
             else:
-                print(f"committed {shard_id} in {time.perf_counter() - started:.1f} s", flush=True)
+                _say(f"committed {shard_id} in {time.perf_counter() - started:.1f} s")
             self._finished.add(shard_id)
-        if log is not None:
-            _ignore_checkpoint_signal()
+        if log is not None:  # no shard left to save: a late signal must not fail the finished job
+            for number in _SIGNALS:
+                signal.signal(number, signal.SIG_IGN)
         errors = sorted(i for i, kind in failed.items() if kind != "data")
         if errors:
-            raise ShardJobError(f"{len(errors)} shard(s) failed: {', '.join(errors)} (see {run_dir / 'shards'})")
+            raise ShardJobError(f"{len(errors)} shard(s) failed: {', '.join(errors)} (see {run_dir.shards})")
         bad_data = sorted(i for i, kind in failed.items() if kind == "data")
-        return {"shards": len(self.shard_ids), "failed_data": bad_data, "skipped": skipped}
+        return {"shards": len(self.shard_ids), "failed_data": bad_data, "waiting": waiting}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
         """Save the progress of the shard in progress; the job to requeue (None: give up)."""
         if self._runner is not None:
             self._runner.save_progress()
-        if self.requeues >= self.max_requeues:
-            print(f"not requeued: already requeued {self.requeues} time(s)", file=sys.stderr, flush=True)
+        kind = self._signal or "timeout"
+        timeouts = self.timeouts + (kind == "timeout")
+        preemptions = self.preemptions + (kind == "preemption")
+        if timeouts > self.max_timeouts or preemptions > self.max_preemptions:
+            count, cap, name = ((timeouts, self.max_timeouts, "max_timeouts") if kind == "timeout"
+                                else (preemptions, self.max_preemptions, "max_preemptions"))
+            _say(f"not requeued: {kind} {count} is over the profile's {name} ({cap})", err=True)
             return None
         remaining = [i for i in self.shard_ids if i not in self._finished]
+        _say(f"requeued after a {kind} (timeouts {timeouts}/{self.max_timeouts}, "
+             f"preemptions {preemptions}/{self.max_preemptions}); {len(remaining)} shard(s) left")
         follow_up = ShardJob(
             self.run_dir, remaining, force=self.force, checkpoint_every_s=self.checkpoint_every_s,
-            requeues=self.requeues + 1, max_requeues=self.max_requeues,
+            timeouts=timeouts, preemptions=preemptions, max_timeouts=self.max_timeouts,
+            max_preemptions=self.max_preemptions,
         )
         return DelayedSubmission(follow_up)
 
 
-def reduce_job(run_dir: str) -> str:
-    """The reduce job: merge the committed shards into ``results.h5`` and the tables."""
-    from ..stages import reduce_run
+def _set_outcome(run_dir: Path, state: str, launch: int, round: int, failures: dict[str, str]) -> None:
+    jobs = read_jobs(run_dir)
+    jobs["outcome"] = {"state": state, "launch": launch, "round": round, "time": time.time(), "failures": failures}
+    write_jobs(run_dir, jobs)
 
-    return str(reduce_run(Path(run_dir), progress=False).results)
+
+def _why_missing(run_dir: Path, missing: Sequence[str], after: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, bool]]:
+    """``{shard id: (why it is not committed, whether a retry can help)}``."""
+    folder = RunDir(run_dir)
+    files = folder.scan()
+    records: dict[str, dict[str, Any]] = {}
+    for shard_id in missing:
+        if shard_id in files.errors:
+            try:
+                records[shard_id] = json.loads(folder.error(shard_id).read_text())
+            except (OSError, ValueError):
+                continue
+    latest = latest_tasks(read_submissions(run_dir))
+    try:
+        states = job_states({latest[i][0].job_id for i in missing if i in latest})
+    except SchedulerError:
+        states = {}
+    bad_data = {i for i, r in records.items() if r.get("kind") == "data"}
+    reasons: dict[str, tuple[str, bool]] = {}
+    for shard_id in missing:
+        record = records.get(shard_id)
+        blocked = sorted(set(after.get(shard_id, ())) & bad_data)
+        where = ""
+        if shard_id in latest:
+            submission, index = latest[shard_id]
+            where = f" (log {record.get('log') if record and record.get('log') else submission.log(index)})"
+        if record and record.get("kind") == "data":
+            reasons[shard_id] = (f"bad data: {last_line(record.get('message'))}{where}", False)
+        elif blocked:
+            reasons[shard_id] = (f"needs shard(s) with bad data: {', '.join(blocked)}", False)
+        elif record:
+            reasons[shard_id] = (f"error: {last_line(record.get('message'))}{where}", True)
+        elif shard_id in latest:
+            submission, index = latest[shard_id]
+            state = states.get(submission.task_job_id(index), "not in sacct")
+            missing_inputs = [i for i in after.get(shard_id, ()) if i not in files.committed]
+            what = (f"waiting on input {', '.join(missing_inputs)}" if missing_inputs
+                    else f"task {submission.task_job_id(index)} ended {state} before committing it")
+            reasons[shard_id] = (f"{what}{where}", True)
+        else:
+            reasons[shard_id] = ("never submitted", True)
+    return reasons
+
+
+def finish_run(run_dir: str, launch: int, round: int) -> str:
+    """The finish job: reduce when every shard is committed, else resubmit or record the failures."""
+    from ..planning import Plan
+
+    folder = RunDir(run_dir)
+    plan = Plan.read(folder.plan)
+    committed = folder.committed()
+    missing = [s.id for s in plan.shards if s.id not in committed]
+    if not missing:
+        from ..stages import reduce_run
+
+        results = reduce_run(folder.root, progress=False).results
+        _set_outcome(folder.root, "finished", launch, round, {})
+        return f"reduced into {results}"
+    jobs = read_jobs(folder.root)
+    profile = parse_profile(jobs["profile"], source=f"{folder.jobs} profile")
+    reasons = _why_missing(folder.root, missing, {s.id: s.after for s in plan.shards})
+    retry = [i for i in missing if reasons[i][1]]
+    if retry and round < profile.retries:
+        by_id = {s.id: s for s in plan.shards}
+        submitted = submit_round(folder.root, [by_id[i] for i in retry], profile, launch=launch, round=round + 1)
+        message = (f"retry {round + 1} of {profile.retries}: resubmitted {len(retry)} shard(s) as job(s) "
+                   f"{', '.join(s.job_id for s in submitted)}")
+        _say(message)
+        return message
+    _set_outcome(folder.root, "failed", launch, round, {i: reason for i, (reason, _) in reasons.items()})
+    listed = "\n  ".join(f"{i}: {reasons[i][0]}" for i in missing[:20])
+    more = f"\n  ... and {len(missing) - 20} more (see {folder.jobs})" if len(missing) > 20 else ""
+    spent = f"after {round} retr{'y' if round == 1 else 'ies'}" if retry else "(not retried)"
+    raise RunFailedError(f"{len(missing)} shard(s) not committed {spent}:\n  {listed}{more}")
 
 
 # ------------------------------------------------------------------ submission
-@dataclasses.dataclass(frozen=True)
-class Submission:
-    """One ``sbatch`` call: an array (or a single job) of one stage."""
-
-    job_id: str
-    stage: str
-    array: bool
-    tasks: tuple[tuple[str, ...], ...]
-    depends_on: tuple[str, ...]
-    profile: str
-    time: float
-    log_dir: str
-
-    def task_job_id(self, index: int) -> str:
-        """The scheduler's id of task ``index`` (``<array>_<index>``, or the job id)."""
-        return f"{self.job_id}_{index}" if self.array else self.job_id
-
-    def log(self, index: int = 0) -> Path:
-        """The stderr log of task ``index``."""
-        return Path(self.log_dir) / f"{self.task_job_id(index)}_0_log.err"
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["tasks"] = [list(t) for t in self.tasks]
-        data["depends_on"] = list(self.depends_on)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Submission":
-        return cls(
-            job_id=str(data["job_id"]),
-            stage=data["stage"],
-            array=bool(data["array"]),
-            tasks=tuple(tuple(t) for t in data["tasks"]),
-            depends_on=tuple(data.get("depends_on", ())),
-            profile=data.get("profile", ""),
-            time=float(data["time"]),
-            log_dir=data["log_dir"],
-        )
-
-
-def read_jobs(run_dir: Path) -> dict[str, Any]:
-    """The content of ``RUN_DIR/jobs.json`` (empty when nothing was submitted)."""
-    path = Path(run_dir) / JOBS_FILE
-    if not path.is_file():
-        return {"submissions": []}
-    return json.loads(path.read_text())
-
-
-def read_submissions(run_dir: Path) -> list[Submission]:
-    """Every recorded submission of the run, oldest first."""
-    return [Submission.from_json(s) for s in read_jobs(run_dir)["submissions"]]
-
-
-def _write_jobs(run_dir: Path, data: dict[str, Any]) -> None:
-    path = Path(run_dir) / JOBS_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, separators=(",", ":")))
-    os.replace(tmp, path)
-
-
 def executor_parameters(profile: ClusterProfile) -> dict[str, Any]:
-    """The parameters of submitit's ``SlurmExecutor`` for ``profile`` (without dependencies)."""
+    """The parameters of submitit's ``SlurmExecutor`` for the arrays (without dependencies)."""
     params: dict[str, Any] = {
         "job_name": profile.job_name,
         "time": profile.time,
@@ -309,185 +361,190 @@ def executor_parameters(profile: ClusterProfile) -> dict[str, Any]:
     return params
 
 
-def make_executor(profile: ClusterProfile, run_dir: Path) -> submitit.SlurmExecutor:
-    """A submitit executor writing into ``RUN_DIR/slurm``, with the profile's parameters."""
+def cpu_executor_parameters(profile: ClusterProfile) -> dict[str, Any]:
+    """The parameters of the finish job: the profile's ``cpu_job`` section, account and qos."""
+    cpu = profile.cpu_job
+    params: dict[str, Any] = {
+        "job_name": f"{profile.job_name}-finish",
+        "time": cpu.time,
+        "cpus_per_task": cpu.cpus_per_task,
+        "setup": list(profile.setup),
+    }
+    if cpu.gpus_per_node:
+        params["gpus_per_node"] = cpu.gpus_per_node
+    for name, value in (("partition", cpu.partition), ("mem", cpu.mem), ("account", profile.account),
+                        ("qos", profile.qos)):
+        if value is not None:
+            params[name] = value
+    params["additional_parameters"] = {"kill-on-invalid-dep": "yes", **cpu.sbatch}
+    return params
+
+
+def _executor(folder: Path, profile: ClusterProfile, params: dict[str, Any]) -> submitit.SlurmExecutor:
     if shutil.which("sbatch") is None:
         raise SchedulerError("sbatch is not on PATH: submit from a machine of the SLURM cluster")
-    executor = submitit.SlurmExecutor(folder=Path(run_dir) / LOG_DIR, max_num_timeout=profile.max_requeues)
-    executor.update_parameters(**executor_parameters(profile))
+    # submitit's own cap never binds before ours: every requeue is a timeout or a preemption
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_timeouts + profile.max_preemptions)
+    executor.update_parameters(**params)
     return executor
 
 
-def _with_dependency(executor: submitit.SlurmExecutor, profile: ClusterProfile, depends_on: Sequence[str]) -> None:
-    extra = dict(executor_parameters(profile)["additional_parameters"])
-    if depends_on:
-        extra["dependency"] = "afterok:" + ":".join(depends_on)
-    executor.update_parameters(additional_parameters=extra)
+def array_size(profile: ClusterProfile) -> int:
+    """The most tasks per array: the profile's ``max_array_size``, else the cluster's MaxArraySize - 1."""
+    limit = cluster_max_array_size()
+    if profile.max_array_size is None:
+        return limit - 1 if limit else _DEFAULT_ARRAY_SIZE
+    if limit is not None and profile.max_array_size > limit - 1:
+        raise SchedulerError(
+            f"the profile's max_array_size ({profile.max_array_size}) is over the cluster's MaxArraySize "
+            f"({limit}, from `scontrol show config`): arrays can hold at most {limit - 1} tasks; lower "
+            f"max_array_size or leave it out (it defaults to the cluster's)"
+        )
+    return profile.max_array_size
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def submit_shards(
+def _shares(limit: int, sizes: Sequence[int]) -> list[int]:
+    """Each array's ``%N`` so that all together run at most ``limit`` tasks (at least 1 each)."""
+    if len(sizes) > limit:
+        return [1] * len(sizes)
+    shares = [limit // len(sizes) + (i < limit % len(sizes)) for i in range(len(sizes))]
+    return [min(share, size) for share, size in zip(shares, sizes)]
+
+
+#: sbatch error messages, and the profile fields that cause them
+_SBATCH_CAUSES = (
+    ("array", "max_array_size (the cluster's MaxArraySize: `scontrol show config`)"),
+    ("partition", "partition (or cpu_job.partition)"),
+    ("account", "account"),
+    ("qos", "qos"),
+    ("time limit", "time (or cpu_job.time)"),
+    ("node configuration", "gpus_per_node, cpus_per_task, mem or constraint (or their cpu_job values)"),
+    ("memory", "mem (or cpu_job.mem)"),
+    ("gres", "gpus_per_node"),
+    ("feature", "constraint"),
+)
+
+
+def _sbatch_problem(error: Exception) -> str:
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if "sbatch: error" in line or "error:" in line.lower()]
+    reason = lines[0] if lines else text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+    fields = [field for needle, field in _SBATCH_CAUSES if needle in reason.lower()]
+    cause = f"; check the profile's {fields[0]}" if fields else ""
+    return f"sbatch refused the submission: {reason}{cause}"
+
+
+class _Round:
+    """The bookkeeping of one submission round: records each submission, undoes them all on failure."""
+
+    def __init__(self, run_dir: Path, profile: ClusterProfile, launch: int, round: int,
+                 config: dict[str, Any] | None) -> None:
+        self.folder = RunDir(run_dir)
+        self.jobs_before = self.folder.jobs.read_text() if self.folder.jobs.is_file() else None
+        self.folder.slurm.mkdir(parents=True, exist_ok=True)
+        self.files_before = set(os.listdir(self.folder.slurm))
+        self.jobs = read_jobs(run_dir)
+        if config is not None:
+            self.jobs.setdefault("config", config)
+        self.jobs["profile"] = profile.model_dump(mode="json")
+        self.jobs["launch"] = launch
+        self.jobs["outcome"] = None
+        self.profile, self.launch, self.round = profile, launch, round
+        self.submitted: list[Submission] = []
+
+    def record(self, job_id: str, stage: str, tasks: Sequence[Sequence[str]], depends: Sequence[str],
+               parallelism: int = 0) -> None:
+        submission = Submission(job_id, stage, len(tasks) > 1, tuple(tuple(t) for t in tasks), tuple(depends),
+                                self.profile.name, time.time(), str(self.folder.slurm), self.launch, self.round,
+                                parallelism)
+        self.jobs["submissions"].append(submission.to_json())
+        write_jobs(self.folder.root, self.jobs)
+        self.submitted.append(submission)
+
+    def undo(self) -> None:
+        """Cancel what was submitted, remove the files it left, restore ``jobs.json``."""
+        if self.submitted:
+            subprocess.run(["scancel", *[s.job_id for s in self.submitted]], capture_output=True,
+                           timeout=SCHEDULER_CALL_TIMEOUT_S)
+        for name in set(os.listdir(self.folder.slurm)) - self.files_before:
+            path = self.folder.slurm / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if self.jobs_before is None:
+            self.folder.jobs.unlink(missing_ok=True)
+        else:
+            self.folder.jobs.write_text(self.jobs_before)
+
+
+def submit_round(
     run_dir: Path,
-    shards: Sequence[Shard],
+    shards: Sequence[Any],
     profile: ClusterProfile,
     *,
+    launch: int,
+    round: int = 0,
     force: bool = False,
-    reduce: bool = True,
     config: dict[str, Any] | None = None,
 ) -> list[Submission]:
-    """Submit ``shards`` (explain, then score) and the reduce job; returns the submissions.
+    """Submit ``shards`` (explain arrays, score arrays) and the finish job; returns the submissions.
 
-    Each submission is appended to ``jobs.json`` as soon as ``sbatch`` accepted it,
-    with ``config`` recorded there at the first launch.
+    Each submission is appended to ``jobs.json`` as soon as ``sbatch`` accepted it
+    (with ``config`` recorded there at the first launch). When a submission fails,
+    the round is undone (see :class:`_Round`) and :class:`SchedulerError` says why.
     """
     run_dir = Path(run_dir).resolve()
-    executor = make_executor(profile, run_dir)
-    jobs = read_jobs(run_dir)
-    if config is not None:
-        jobs.setdefault("config", config)
-    jobs["profile"] = profile.model_dump(mode="json")
-    submitted: list[Submission] = []
+    size = array_size(profile)
+    bookkeeping = _Round(run_dir, profile, launch, round, config)
+    arrays = _executor(bookkeeping.folder.slurm, profile, executor_parameters(profile))
+    try:
+        depends: list[str] = []
+        every_array: list[str] = []
+        for stage in ("explain", "score"):
+            ids = [s.id for s in shards if s.stage == stage]
+            groups = _chunks(_chunks(ids, profile.shards_per_task), size)
+            shares = _shares(profile.array_parallelism, [len(g) for g in groups]) if groups else []
+            stage_jobs: list[str] = []
+            for position, (tasks, share) in enumerate(zip(groups, shares)):
+                lane = position - profile.array_parallelism  # more arrays than the limit: wait for this one
+                after = [*depends, *([stage_jobs[lane]] if lane >= 0 else [])]
+                extra = dict(executor_parameters(profile)["additional_parameters"])
+                if after:
+                    extra["dependency"] = "afterany:" + ":".join(after)
+                arrays.update_parameters(array_parallelism=share, additional_parameters=extra)
+                with arrays.batch():
+                    handles = [arrays.submit(_shard_job(run_dir, task, profile, force)) for task in tasks]
+                job_id = handles[0].job_id.split("_")[0]
+                bookkeeping.record(job_id, stage, tasks, after, share)
+                stage_jobs.append(job_id)
+            depends = stage_jobs or depends
+            every_array += stage_jobs
+        finisher = _executor(bookkeeping.folder.slurm, profile, cpu_executor_parameters(profile))
+        if every_array:
+            extra = dict(cpu_executor_parameters(profile)["additional_parameters"])
+            finisher.update_parameters(additional_parameters={**extra, "dependency": "afterany:" + ":".join(every_array)})
+        handle = finisher.submit(finish_run, str(run_dir), launch, round)
+        bookkeeping.record(handle.job_id, "finish", [], every_array)
+    except (FailedJobError, subprocess.SubprocessError, OSError) as error:
+        bookkeeping.undo()
+        raise SchedulerError(_sbatch_problem(error)) from error
+    except BaseException:
+        bookkeeping.undo()
+        raise
+    return bookkeeping.submitted
 
-    def record(job_id: str, stage: str, array: bool, tasks: Sequence[Sequence[str]], depends: Sequence[str]) -> None:
-        submission = Submission(job_id, stage, array, tuple(tuple(t) for t in tasks), tuple(depends),
-                                profile.name, time.time(), str(executor.folder))
-        jobs["submissions"].append(submission.to_json())
-        _write_jobs(run_dir, jobs)
-        submitted.append(submission)
 
-    depends: list[str] = []
-    for stage in ("explain", "score"):
-        ids = [s.id for s in shards if s.stage == stage]
-        stage_jobs: list[str] = []
-        for tasks in _chunks(_chunks(ids, profile.shards_per_task), profile.max_array_size):
-            _with_dependency(executor, profile, depends)
-            with executor.batch():
-                handles = [
-                    executor.submit(ShardJob(
-                        str(run_dir), list(task), force=force, checkpoint_every_s=profile.checkpoint_every_s,
-                        max_requeues=profile.max_requeues,
-                    ))
-                    for task in tasks
-                ]
-            job_id = handles[0].job_id.split("_")[0]
-            record(job_id, stage, len(handles) > 1, tasks, depends)
-            stage_jobs.append(job_id)
-        depends = stage_jobs or depends
-    if reduce:
-        _with_dependency(executor, profile, depends)
-        handle = executor.submit(reduce_job, str(run_dir))
-        record(handle.job_id, "reduce", False, [], depends)
-    return submitted
+def _shard_job(run_dir: Path, task: Sequence[str], profile: ClusterProfile, force: bool) -> ShardJob:
+    return ShardJob(str(run_dir), list(task), force=force, checkpoint_every_s=profile.checkpoint_every_s,
+                    max_timeouts=profile.max_timeouts, max_preemptions=profile.max_preemptions)
 
 
 # ------------------------------------------------------------------- scheduler
-_ARRAY_RANGE = re.compile(r"^(?P<job>\d+)_\[(?P<ranges>[0-9,\-]+)(%\d+)?\]$")
-
-
-def parse_sacct(text: str) -> dict[str, str]:
-    """``{job id or <array>_<task>: state}`` from ``sacct -X -n -P -o JobID,State`` output."""
-    states: dict[str, str] = {}
-    for line in text.splitlines():
-        if "|" not in line:
-            continue
-        job, state = line.split("|")[:2]
-        state = state.split()[0] if state.strip() else "UNKNOWN"
-        match = _ARRAY_RANGE.match(job.strip())
-        if match is None:
-            states[job.strip()] = state
-            continue
-        for part in match["ranges"].split(","):
-            low, _, high = part.partition("-")
-            for index in range(int(low), int(high or low) + 1):
-                states[f"{match['job']}_{index}"] = state
-    return states
-
-
-def job_states(job_ids: Iterable[str]) -> dict[str, str]:
-    """The state of every task of ``job_ids``, from one ``sacct`` call."""
-    ids = sorted(set(job_ids), key=int)
-    if not ids:
-        return {}
-    command = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=SCHEDULER_CALL_TIMEOUT_S)
-    except FileNotFoundError:
-        raise SchedulerError("sacct is not available (not on PATH)") from None
-    except subprocess.TimeoutExpired:
-        raise SchedulerError(f"sacct did not answer within {SCHEDULER_CALL_TIMEOUT_S:.0f} s") from None
-    if done.returncode != 0:
-        reason = (done.stderr or done.stdout).strip().splitlines()
-        raise SchedulerError(f"sacct failed (exit {done.returncode}): {reason[0] if reason else 'no message'}")
-    return parse_sacct(done.stdout)
-
-
-def _is_active(state: str | None, submission: Submission, now: float) -> bool:
-    if state is None:
-        return now - submission.time < ACCOUNTING_GRACE_S
-    return state in ACTIVE_STATES
-
-
-def _relevant(run_dir: Path, candidates: set[str]) -> list[Submission]:
-    """Submissions holding a candidate shard, and the last reduce job while there are no results."""
-    submissions = read_submissions(run_dir)
-    relevant = [s for s in submissions if any(i in candidates for task in s.tasks for i in task)]
-    reduces = [s for s in submissions if s.stage == "reduce"]
-    if reduces and not RunDir(run_dir).results.is_file():
-        relevant.append(reduces[-1])
-    return relevant
-
-
-def _task_line(submission: Submission, state: str, indices: list[int], uncommitted: int) -> str:
-    if len(indices) == 1:
-        what, log = f"job {submission.task_job_id(indices[0])}", submission.log(indices[0])
-    else:
-        what = f"job {submission.job_id}: {len(indices)} tasks"
-        log = Path(submission.log_dir) / f"{submission.job_id}_*_0_log.err"
-    shards = f"; {uncommitted} shard(s) not committed" if submission.stage != "reduce" else ""
-    return f"{what} ({submission.stage}) {state}{shards}; log {log}"
-
-
-def running_shards(run_dir: Path, candidates: set[str]) -> tuple[set[str], str | None]:
-    """Which of ``candidates`` are in a queued or running job, and a note on the run's jobs.
-
-    One ``sacct`` call for all the run's jobs that still matter. When ``sacct`` is
-    missing or fails, no shard counts as running and the note says why.
-    """
-    run_dir = Path(run_dir)
-    relevant = _relevant(run_dir, candidates)
-    if not relevant:
-        return set(), None
-    try:
-        states = job_states(s.job_id for s in relevant)
-    except SchedulerError as error:
-        return set(), f"{error}; shards that are queued or running are counted as pending"
-    now = time.time()
-    running: set[str] = set()
-    ended: dict[tuple[int, str], list[int]] = {}
-    uncommitted: dict[tuple[int, str], int] = {}
-    active_tasks = 0
-    for position, submission in enumerate(relevant):
-        for index, ids in enumerate(submission.tasks or ((),)):
-            state = states.get(submission.task_job_id(index))
-            waiting = [i for i in ids if i in candidates]
-            if _is_active(state, submission, now):
-                running.update(waiting)
-                active_tasks += 1
-            elif state != "COMPLETED" and (waiting or submission.stage == "reduce"):
-                key = (position, state or "UNKNOWN (not in sacct)")
-                ended.setdefault(key, []).append(index)
-                uncommitted[key] = uncommitted.get(key, 0) + len(waiting)
-    lines = [f"sacct: {active_tasks} job(s) or array task(s) of this run queued or running"]
-    shown = sorted(ended)[:8]
-    lines += [f"    {_task_line(relevant[p], state, ended[(p, state)], uncommitted[(p, state)])}" for p, state in shown]
-    if len(ended) > len(shown):
-        lines.append(f"    ... and {len(ended) - len(shown)} more groups of ended tasks")
-    return running, "\n".join(lines)
-
-
 def active_job_ids(run_dir: Path) -> list[str]:
     """The run's recorded jobs that ``sacct`` reports queued or running (raises SchedulerError)."""
     submissions = read_submissions(run_dir)
@@ -495,7 +552,7 @@ def active_job_ids(run_dir: Path) -> list[str]:
     now = time.time()
     return [
         s.job_id for s in submissions
-        if any(_is_active(states.get(s.task_job_id(i)), s, now) for i in range(max(len(s.tasks), 1)))
+        if any(is_active(states.get(s.task_job_id(i)), s, now) for i in range(max(len(s.tasks), 1)))
     ]
 
 

@@ -1,4 +1,4 @@
-"""Fixtures of the launching tests: a fake SLURM (sbatch, sacct, scancel, srun on PATH) and tiny runs."""
+"""Fixtures of the launching tests: a fake SLURM (sbatch, sacct, scancel, scontrol, srun on PATH) and tiny runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +15,12 @@ from tests.launching.tiny import launch_config
 from tests.tiny_experiment import ImageTree
 
 _SBATCH = """#!/bin/bash
-# fake sbatch: keeps the script, answers like sbatch
+# fake sbatch: keeps the script, answers like sbatch (or fails with the message in sbatch-fail-<n>)
 n=$(( $(cat "$FAKE_SLURM_DIR/counter" 2>/dev/null || echo 0) + 1 ))
+if [[ -f "$FAKE_SLURM_DIR/sbatch-fail-$n" ]]; then
+  cat "$FAKE_SLURM_DIR/sbatch-fail-$n" >&2
+  exit 1
+fi
 echo "$n" > "$FAKE_SLURM_DIR/counter"
 cp "$1" "$FAKE_SLURM_DIR/sbatch-$n.sh"
 echo "Submitted batch job $n"
@@ -32,6 +36,10 @@ cat "$FAKE_SLURM_DIR/sacct-output" 2>/dev/null || true
 """
 _SCANCEL = """#!/bin/bash
 echo "$*" >> "$FAKE_SLURM_DIR/scancel-calls"
+"""
+_SCONTROL = """#!/bin/bash
+# fake scontrol: `show config` answers MaxArraySize (1001 unless the file max-array-size says)
+echo "MaxArraySize            = $(cat "$FAKE_SLURM_DIR/max-array-size" 2>/dev/null || echo 1001)"
 """
 
 
@@ -57,14 +65,23 @@ class FakeSlurm:
     def fail_sacct(self) -> None:
         (self.folder / "sacct-fail").write_text("")
 
+    def fail_sbatch(self, call: int, message: str) -> None:
+        """The ``call``-th sbatch call fails with ``message`` on stderr."""
+        (self.folder / f"sbatch-fail-{call}").write_text(message + "\n")
+
+    def max_array_size(self, value: int) -> None:
+        """What ``scontrol show config`` says the cluster's MaxArraySize is."""
+        (self.folder / "max-array-size").write_text(str(value))
+
 
 @pytest.fixture
 def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSlurm:
-    """sbatch, sacct, scancel and srun scripts first on PATH, recording into a folder."""
+    """sbatch, sacct, scancel, scontrol and srun scripts first on PATH, recording into a folder."""
     folder = tmp_path / "fake-slurm"
     bin_dir = folder / "bin"
     bin_dir.mkdir(parents=True)
-    for name, text in (("sbatch", _SBATCH), ("sacct", _SACCT), ("scancel", _SCANCEL), ("srun", "#!/bin/bash\n")):
+    for name, text in (("sbatch", _SBATCH), ("sacct", _SACCT), ("scancel", _SCANCEL), ("scontrol", _SCONTROL),
+                       ("srun", "#!/bin/bash\n")):
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)

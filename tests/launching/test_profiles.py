@@ -82,3 +82,24 @@ def test_cli_reports_a_bad_profile_without_a_traceback(tmp_path: Path, capsys: p
     assert main(["launch", str(tmp_path / "run"), "--profile", str(profile)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'gpus'" in err and "gpus_per_node" in err
+
+
+def test_the_cpu_job_section_asks_for_no_gpu_by_default() -> None:
+    gpu = load_profile(CLUSTERS / "slurm-gpu.yaml")
+    assert (gpu.cpu_job.partition, gpu.cpu_job.gpus_per_node, gpu.cpu_job.cpus_per_task, gpu.cpu_job.mem) == (
+        "cpu", 0, 4, "16G")
+    default = parse_profile({"executor": "slurm", "partition": "gpu", "gpus_per_node": 1})
+    assert (default.cpu_job.partition, default.cpu_job.gpus_per_node, default.retries) == (None, 0, 2)
+    with pytest.raises(ProfileError, match="cpu_job.mem"):
+        parse_profile({"cpu_job": {"mem": "lots"}})
+
+
+def test_launch_warns_when_start_up_cannot_fit_before_the_timeout_signal() -> None:
+    from pipeline.launching.launch import time_warning
+
+    profile = parse_profile({"executor": "slurm", "time": 1, "signal_delay_s": 30})
+    assert time_warning(profile, 10.0) is None
+    warning = time_warning(profile, 45.0)
+    assert warning is not None
+    assert "30 s before its timeout signal (time 1 min minus signal_delay_s 30 s)" in warning
+    assert "took 45 s" in warning

@@ -2,11 +2,13 @@
 
 A tiny experiment (Grad-CAM and RISE on 12 images, insertion and deletion) is run
 as SLURM arrays and compared with the same plan run locally: a whole run; a run
-with one array task cancelled, then resumed; a run whose score shard is killed
-while its file is being written, then resumed; a RISE shard hitting a one-minute
-time limit, requeued, finishing from its saved progress; a launch stopped by the
-pre-flight checks; and status when ``sacct`` fails or is missing. The slow timeout
-scenario is submitted before the others and runs beside them.
+with one explain task cancelled, whose unaffected score shards still run and which
+the finish job completes by an automatic retry; a run whose score shard is killed
+while its file is being written, retried automatically; a RISE shard hitting a
+one-minute time limit, requeued, finishing from its saved progress; a RISE shard
+requeued with ``scontrol requeue`` (SIGTERM) mid-step, saving its progress at once;
+a launch stopped by the pre-flight checks; and status when ``sacct`` fails or is
+missing. The slow scenarios are submitted before the others and run beside them.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ from pipeline.config import parse_config
 from pipeline.launching import run_local
 from pipeline.planning import Plan
 from pipeline.stages import reduce_run
+from pipeline.run_dir import RunDir
 from pipeline.rundir import plan_run
 from pipeline.store import read_shard
-from pipeline.run_dir import RunDir
 from pipeline.stages import ShardRunner
 from tests.launching.tiny import SLOW_ENV, STALL_ENV, cluster_profile, launch_config, sleeping_marker, stall_marker
 from tests.tiny_experiment import ImageTree
@@ -165,9 +167,28 @@ def timeout_run(experiment: Experiment, image_tree: ImageTree, checkpoint: Path)
     run_dir = experiment.plan("timeout", config)
     slow = experiment.folder / "timeout-slow.txt"
     slow.write_text("1.0")
-    profile = experiment.profile("timeout", env={SLOW_ENV: str(slow)}, time=1, signal_delay_s=10, max_requeues=6,
+    profile = experiment.profile("timeout", env={SLOW_ENV: str(slow)}, time=1, signal_delay_s=10, max_timeouts=6,
                                  checkpoint_every_s=3600)
     assert main(["launch", str(run_dir), "--profile", str(profile)]) == 0
+    yield run_dir
+    subprocess.run(["scancel", *{s["job_id"] for s in _jobs(run_dir)}], capture_output=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sigterm_run(experiment: Experiment, image_tree: ImageTree, checkpoint: Path) -> Iterator[Path]:
+    """A RISE shard of forwards of one second each, requeued by `scontrol requeue` once it has
+    run for 13 s (mid-step: SIGTERM, as preemption sends), submitted first to run beside the others."""
+    config = launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS)
+    run_dir = experiment.plan("sigterm", config)
+    slow = experiment.folder / "sigterm-slow.txt"
+    slow.write_text("1.0")
+    profile = experiment.profile("sigterm", env={SLOW_ENV: str(slow)}, time=10, checkpoint_every_s=3600)
+    assert main(["launch", str(run_dir), "--profile", str(profile)]) == 0
+    shard = Plan.read(run_dir / "plan.json").stage("explain")[0]
+    task = _task_of(run_dir, shard.id)
+    _wait_until(sleeping_marker(slow, "0").is_file, "the RISE shard to start", run_dir)
+    time.sleep(13)  # the first forward, then the first step of 8 forwards: inside the second step
+    subprocess.run(["scontrol", "requeue", task], check=True)
     yield run_dir
     subprocess.run(["scancel", *{s["job_id"] for s in _jobs(run_dir)}], capture_output=True)
 
@@ -203,13 +224,13 @@ def test_small_plan_runs_as_arrays_and_matches_a_local_run(
 ) -> None:
     submissions = _jobs(cluster_run)
     assert [(s["stage"], s["array"], len(s["tasks"])) for s in submissions] == [
-        ("explain", True, 2), ("score", True, 2), ("reduce", False, 0)]
+        ("explain", True, 2), ("score", True, 2), ("finish", False, 0)]
     assert [_state(s["job_id"] + ("_0" if s["array"] else "")) for s in submissions] == ["COMPLETED"] * 3
     _assert_same_results(cluster_run, reference)
     assert f"finished: results in {cluster_run / 'results.h5'}" in _status(cluster_run, capsys)
 
 
-def test_cancelled_array_task_shows_in_status_and_resume_finishes_the_run(
+def test_cancelled_explain_task_costs_only_its_score_shards_and_the_retry_finishes_the_run(
     experiment: Experiment, reference: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = experiment.plan("cancelled")
@@ -227,24 +248,21 @@ def test_cancelled_array_task_shows_in_status_and_resume_finishes_the_run(
     _wait_idle(run_dir)
 
     plan = Plan.read(run_dir / "plan.json")
-    committed = {s.id for s in plan.shards if RunDir(run_dir).shard(s.id).is_file()}
-    lost = [i for i in explain["tasks"][1] if i not in committed]
-    assert lost and not any(RunDir(run_dir).shard(s.id).is_file() for s in plan.stage("score"))
-    out = _status(run_dir, capsys)
-    assert f"explain  done {6 - len(lost):6d}  running      0  pending {len(lost):6d}" in out
-    assert "score    done      0  running      0  pending      4" in out
-    assert f"job {victim} (explain) CANCELLED; {len(lost)} shard(s) not committed" in out
-
-    assert main(["resume", str(run_dir)]) == 0
-    resubmitted = _jobs(run_dir)[3:]
-    assert [s["stage"] for s in resubmitted] == ["explain", "score", "reduce"]
-    assert sorted(i for task in resubmitted[0]["tasks"] for i in task) == sorted(lost)
-    _wait_idle(run_dir)
+    jobs = _jobs(run_dir)
+    assert [(s["stage"], s["round"]) for s in jobs] == [
+        ("explain", 0), ("score", 0), ("finish", 0), ("explain", 1), ("score", 1), ("finish", 1)]
+    lost = set(explain["tasks"][1])
+    retried = {i for s in jobs[3:5] for task in s["tasks"] for i in task}
+    needing = {s.id for s in plan.stage("score") if lost & set(s.after)}
+    assert retried == lost | needing  # the unaffected score shards ran in the first round
+    assert [_state(s["job_id"]) for s in jobs[2::3]] == ["COMPLETED", "COMPLETED"]
     _assert_same_results(run_dir, reference)
+    out = _status(run_dir, capsys)
+    assert "failed      0  waiting      0" in out and f"finished: results in {run_dir / 'results.h5'}" in out
 
 
-def test_shard_killed_while_writing_leaves_no_file_and_resume_redoes_only_it(
-    experiment: Experiment, reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_shard_killed_while_writing_leaves_no_file_and_the_retry_redoes_only_it(
+    experiment: Experiment, reference: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = experiment.plan("killed")
     plan = Plan.read(run_dir / "plan.json")
@@ -253,20 +271,15 @@ def test_shard_killed_while_writing_leaves_no_file_and_resume_redoes_only_it(
     assert main(["launch", str(run_dir), "--profile", str(experiment.profile("kill", shards_per_task=3))]) == 0
     monkeypatch.delenv(STALL_ENV)
     _wait_until(stall_marker(run_dir, victim).is_file, f"shard {victim} to stall in its commit", run_dir)
+    others = [s.id for s in plan.shards if s.id != victim]
+    _wait_until(lambda: all(RunDir(run_dir).shard(i).is_file() for i in others), "the other shards", run_dir)
+    written = {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in others}
     subprocess.run(["scancel", _task_of(run_dir, victim)], check=True)
     _wait_idle(run_dir)
 
-    assert not RunDir(run_dir).shard(victim).exists()
-    assert list(RunDir(run_dir).shard_folder(victim).glob(f".{victim}.h5.tmp-*")), "the killed write left its temporary file"
-    others = [s.id for s in plan.shards if s.id != victim]
-    written = {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in others}
-    out = _status(run_dir, capsys)
-    assert "score    done      3  running      0  pending      1" in out
-
-    assert main(["resume", str(run_dir)]) == 0
-    resubmitted = _jobs(run_dir)[3:]
-    assert [(s["stage"], s["tasks"]) for s in resubmitted] == [("score", [[victim]]), ("reduce", [])]
-    _wait_idle(run_dir)
+    assert list(RunDir(run_dir).shard(victim).parent.glob(f".{victim}.h5.tmp-*")), "the killed write left its file"
+    retried = [(s["stage"], s["tasks"]) for s in _jobs(run_dir)[3:]]
+    assert retried == [("score", [[victim]]), ("finish", [])]
     assert {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in others} == written
     _assert_same_results(run_dir, reference)
 
@@ -334,3 +347,22 @@ def test_timeout_requeues_the_shard_and_it_finishes_from_its_saved_progress(
         np.testing.assert_array_equal(resumed.sums[name], expected.sums[name])
     _wait_idle(timeout_run)
     assert (timeout_run / "results.h5").is_file()
+
+
+def test_scontrol_requeue_mid_step_saves_progress_at_once_and_the_shard_ends_identical(
+    sigterm_run: Path, experiment: Experiment, image_tree: ImageTree, checkpoint: Path
+) -> None:
+    shard = Plan.read(sigterm_run / "plan.json").stage("explain")[0]
+    task = _task_of(sigterm_run, shard.id)
+    _wait_until(RunDir(sigterm_run).shard(shard.id).is_file, "the requeued shard to commit", sigterm_run, timeout=300)
+    (experiment.folder / "sigterm-slow.txt").unlink()
+    log = (sigterm_run / "slurm" / f"{task}_0_log.out").read_text()
+    assert "caught SIGTERM: saving progress (preemption)" in log
+    assert f"continuing {shard.id} from its saved progress" in log
+    uninterrupted = experiment.plan("sigterm-local", launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS))
+    ShardRunner(uninterrupted).run(shard.id)
+    resumed, expected = read_shard(RunDir(sigterm_run).shard(shard.id)), read_shard(RunDir(uninterrupted).shard(shard.id))
+    for name in expected.sums:
+        np.testing.assert_array_equal(resumed.sums[name], expected.sums[name])
+    _wait_idle(sigterm_run)
+    assert (sigterm_run / "results.h5").is_file()

@@ -6,7 +6,8 @@ outputs) whose forward first sleeps as many seconds as the file named by
 jobs fast again).
 Importing this module with ``$XAI_TEST_STALL_SHARD`` set makes the commit of that
 shard stall forever once its data is written, before the file is renamed into place,
-after writing ``<run>/shards/<id>.stalled``: a test can then kill the job mid-write.
+after writing ``<id>.stalled`` beside the shard file: a test can then kill the job mid-write.
+Only the first attempt stalls (the marker exists afterwards), so a retry commits the shard.
 Jobs import this module through the model factory ``tests.launching.tiny:SlowShapesNet``
 (``tests`` must be importable there: :func:`cluster_profile` puts the repository on
 ``PYTHONPATH`` through the profile's setup lines).
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from pipeline.demo_model import ShapesNet
 from pipeline.launching.profiles import ClusterProfile, load_profile
-from pipeline.store import atomic_h5
+from pipeline.run_dir import RunDir, temporary_path
 from tests.tiny_experiment import CLASSES, IMAGE_SIZE
 
 __all__ = ["SlowShapesNet", "sleeping_marker", "SLOW_ENV", "STALL_ENV", "REPO", "launch_config", "cluster_profile", "stall_marker"]
@@ -58,21 +59,25 @@ def sleeping_marker(slow_file: Path, task: str) -> Path:
 
 def stall_marker(run_dir: Path, shard_id: str) -> Path:
     """The file a stalled commit writes before it stalls."""
-    return Path(run_dir) / "shards" / f"{shard_id}.stalled"
+    return RunDir(run_dir).shard(shard_id).with_suffix(".stalled")
 
 
 def _install_stall(shard_id: str) -> None:
-    original = atomic_h5.__exit__
+    import pipeline.store as store
 
-    def stalling_exit(self: atomic_h5, kind: object, error: object, trace: object) -> None:
-        if kind is None and self.path.name == f"{shard_id}.h5":
-            self.file.flush()
-            stall_marker(self.path.parents[2], shard_id).write_text(str(os.getpid()))
+    original = store.atomic_write
+
+    def stalling_write(path: Path, data: str | bytes) -> None:
+        path = Path(path)
+        marker = path.with_suffix(".stalled")
+        if path.name == f"{shard_id}.h5" and not marker.exists():
+            temporary_path(path).write_bytes(data if isinstance(data, bytes) else data.encode())  # never renamed
+            marker.write_text(str(os.getpid()))
             while True:
                 time.sleep(60)
-        original(self, kind, error, trace)
+        original(path, data)
 
-    atomic_h5.__exit__ = stalling_exit  # type: ignore[method-assign]
+    store.atomic_write = stalling_write  # type: ignore[assignment]
 
 
 if os.environ.get(STALL_ENV):
