@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "build_parser"]
 
+#: the commands that write a run folder: one at a time holds its lock
+_WRITERS = frozenset({"plan", "run", "launch", "resume", "reduce", "cancel", "demo", "compare"})
+
 
 def _print_failures(failures: dict[str, str]) -> None:
     print(f"{len(failures)} shard(s) failed:", file=sys.stderr)
@@ -49,10 +52,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .config import load_config
     from .rundir import plan_run
 
-    plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite)
+    from .run_dir import RunDir
+
+    plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite, update=args.update)
     stages = {stage: len(plan.stage(stage)) for stage in ("explain", "score")}
+    done = len(RunDir(args.out).committed() & {s.id for s in plan.shards})
+    kept = f" ({done} already committed)" if done else ""
     print(f"planned {plan.image_count} images: {stages['explain']} explain and {stages['score']} score shards "
-          f"in {args.out}")
+          f"in {args.out}{kept}")
     return 0
 
 
@@ -63,7 +70,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
     from .launching.launch import launch_run, resolve_profile
-    from .stages.reduce import reduce_run
+    from .stages.reduce import CorruptShardsFound, reduce_run
 
     profile = resolve_profile(run_dir, args.profile, args.executor)
     force = getattr(args, "force", False)
@@ -74,12 +81,25 @@ def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
     if profile.executor == "slurm":
         return 0
     if result.failures:
-        _print_failures(result.failures)
-        print(f"see `xai-pipeline status {run_dir}`; fix the cause, then `xai-pipeline resume {run_dir}` "
-              "(committed shards are kept)", file=sys.stderr)
-        return 1
-    _print_results(run_dir, reduce_run(run_dir, progress=args.progress))
+        return _failed(run_dir, result.failures)
+    try:
+        reduced = reduce_run(run_dir, progress=args.progress)
+    except CorruptShardsFound as error:  # quarantined by the reduce: compute them again, once
+        print(f"warning: {error}", file=sys.stderr)
+        again = launch_run(run_dir, profile, check=False, progress=args.progress)
+        print(again.describe())
+        if again.failures:
+            return _failed(run_dir, again.failures)
+        reduced = reduce_run(run_dir, progress=args.progress)
+    _print_results(run_dir, reduced)
     return 0
+
+
+def _failed(run_dir: Path, failures: dict[str, str]) -> int:
+    _print_failures(failures)
+    print(f"see `xai-pipeline status {run_dir}`; fix the cause, then `xai-pipeline resume {run_dir}` "
+          "(committed shards are kept)", file=sys.stderr)
+    return 1
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
@@ -109,7 +129,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .status import run_status
 
     while True:
-        report = run_status(args.run_dir)
+        report = run_status(args.run_dir, verify=args.verify)
         if args.json:
             print(json.dumps(report.to_json(), indent=1), flush=True)
         else:
@@ -133,7 +153,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config_path = prepare_demo(args.out, images_per_class=args.images_per_class)
     print(f"demo config: {config_path}")
     run_dir = Path(args.out) / "run"
-    args.config, args.out, args.overwrite = config_path, run_dir, True
+    args.config, args.out, args.overwrite, args.update = config_path, run_dir, True, False
     args.profile, args.executor = None, "local"
     return _cmd_run(args)
 
@@ -165,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, writes=name in _WRITERS)
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars (default: only on a terminal)")
         return p
@@ -181,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, handler, text)
         p.add_argument("config", type=Path, help="experiment YAML")
         p.add_argument("--out", type=Path, required=True, help="run folder")
-        p.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
+        replace = p.add_mutually_exclusive_group()
+        replace.add_argument("--update", action="store_true",
+                             help="plan a changed config into --out, reusing the shards it still plans")
+        replace.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
         if name == "run":
             launch_options(p, "cluster profile (jobs/clusters/NAME.yaml); default: run locally")
     for name, handler, text in (
@@ -200,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", _cmd_status, "shards done, running, pending, failed and waiting on input")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="read every committed shard and check its checksums and digest (slower)")
     p.add_argument("--watch", action="store_true", help="refresh until the run's jobs have ended")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
     p = command("logs", _cmd_logs, "print the log section of a shard's last SLURM attempt (.out and .err)")
@@ -221,12 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_folder(args: argparse.Namespace) -> Path:
+    """The folder a command works on (``--out`` of plan, run and demo)."""
+    return Path(getattr(args, "run_dir", None) or args.out)
+
+
+def _interrupted(folder: Path) -> int:
+    """Say what an interrupted command leaves; the exit status of SIGINT."""
+    from .run_dir import RunDir
+
+    committed = len(RunDir(folder).committed()) if folder.is_dir() else 0
+    print(f"\ninterrupted: {committed} shard(s) are committed in {folder}; run the same command again to "
+          "continue from there", file=sys.stderr)
+    return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import PipelineError
+    from .run_dir import RunDir
 
     try:
-        return args.handler(args)
+        if not args.writes:
+            return args.handler(args)
+        with RunDir(_run_folder(args)).locked():
+            return args.handler(args)
+    except KeyboardInterrupt:
+        if args.traceback or not args.writes:
+            raise
+        return _interrupted(_run_folder(args))
     except (PipelineError, FileNotFoundError) as error:
         if args.traceback:
             raise

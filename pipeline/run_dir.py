@@ -17,6 +17,7 @@ Layout::
     RUN_DIR/jobs.json                       SLURM submissions (see pipeline.launching.slurm)
     RUN_DIR/slurm/                          submitit's scripts and logs
     RUN_DIR/report/                         the HTML/Markdown report
+    RUN_DIR/.lock                           held by the one command that writes the folder
 
 ``<ab>`` is the first two characters of the shard id, so no folder holds more than a
 few hundred shard files even at tens of thousands of shards (parallel file systems
@@ -25,9 +26,12 @@ slow down on large folders). :meth:`RunDir.scan` lists the shard folder in one p
 Every file is written under a temporary name in its folder and renamed into place
 (:func:`atomic_write`): a reader sees the whole file or none. The temporary files of
 writes that were interrupted are removed by :meth:`RunDir.remove_stale_temporaries`.
+One command at a time writes a run folder (:meth:`RunDir.locked`); SLURM jobs of the
+run write only their own shards and take no lock.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,13 +40,19 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["RunDir", "ShardFiles", "atomic_write", "temporary_path"]
+from .errors import PipelineError
+
+__all__ = ["RunDir", "RunDirBusy", "ShardFiles", "atomic_write", "temporary_path"]
 
 _COMMITTED = ".h5"
 _CHECKPOINT = ".partial.h5"
 _ERROR = ".error.json"
 _CORRUPT = "corrupt"
 _TEMPORARY = ".tmp-"
+
+
+class RunDirBusy(PipelineError, RuntimeError):
+    """Another command holds the run folder's lock; the message says which process."""
 
 
 def temporary_path(path: Path) -> Path:
@@ -146,6 +156,43 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock while the block runs; raises :class:`RunDirBusy` naming the holder
+        when another command has it. A folder created for the lock and left empty is removed.
+
+        The lock file is created exclusively and records the holder's pid and host
+        (filelock's SoftFileLock, safe on NFS); a lock left by a process that died on
+        this host is taken over.
+        """
+        from filelock import SoftFileLock, Timeout
+
+        created = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = SoftFileLock(self.lock, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            try:
+                pid, host = self.lock.read_text().splitlines()[:2]
+            except (OSError, ValueError):
+                pid, host = "?", "?"
+            raise RunDirBusy(
+                f"{self.root} is in use by another xai-pipeline command (pid {pid} on host {host}): wait for it "
+                f"to end; if that process is gone on another host, remove {self.lock}"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+            if created:
+                with contextlib.suppress(OSError):  # left as it was when the command wrote nothing
+                    self.root.rmdir()
 
     def outputs(self) -> list[Path]:
         """The files reduce writes (removed with the shards when a folder is overwritten)."""

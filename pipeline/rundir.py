@@ -2,7 +2,8 @@
 
 :func:`plan_run` writes ``config.yaml`` (the resolved config) and ``plan.json``.
 A folder that holds another config's run is refused (the message lists what
-changed) unless ``overwrite`` is given, which clears its shards and results.
+changed) unless ``update`` is given, which keeps the shards the new plan still has,
+or ``overwrite``, which clears its shards and results.
 :func:`preflight` checks on the submitting machine what would otherwise fail on
 every node: the model and checkpoint load, the layers exist and are spatial, every
 method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
@@ -107,19 +108,31 @@ def _clear(folder: RunDir) -> None:
         path.unlink(missing_ok=True)
 
 
-def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, check: bool = True) -> Plan:
-    """Plan ``config`` into ``run_dir`` (after the pre-flight checks unless ``check=False``)."""
+def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, update: bool = False,
+             check: bool = True) -> Plan:
+    """Plan ``config`` into ``run_dir`` (after the pre-flight checks unless ``check=False``).
+
+    A folder holding another config's run is refused, unless ``update`` (the committed
+    shards whose ids the new plan keeps are reused: a method entry that did not change
+    keeps its shards; the results and tables are removed) or ``overwrite`` (everything
+    is deleted).
+    """
     folder = RunDir(run_dir)
     if folder.config.is_file():
         previous = load_config(folder.config)
         if config_hash(previous) != config_hash(config):
-            if not overwrite:
+            if not (overwrite or update):
                 changes = "\n  ".join(config_changes(previous, config))
                 raise RunDirError(
-                    f"{run_dir} holds the run of another config; use a new folder or --overwrite "
-                    f"(which deletes its results). Changes:\n  {changes}"
+                    f"{run_dir} holds the run of another config; use a new folder, --update (which keeps "
+                    f"the shards the new config still plans) or --overwrite (which deletes every result). "
+                    f"Changes:\n  {changes}"
                 )
-            _clear(folder)
+            if overwrite:
+                _clear(folder)
+            else:
+                for path in folder.outputs():
+                    path.unlink(missing_ok=True)
     images = preflight(config, folder.root) if check else discover_images(config.data)
     plan = make_plan(config, images, model_digest(config.model))
     folder.shards.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,8 @@ class RunStatus:
     finish_job: dict[str, Any] | None = None
     outcome: dict[str, Any] | None = None
     scheduler_note: str | None = None
+    #: committed shards found corrupt by ``verify`` (they count as not done)
+    corrupt: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -66,7 +68,10 @@ class RunStatus:
 
     @property
     def reduced(self) -> bool:
-        return self.finished and RunDir(self.run_dir).results.is_file()
+        """Every shard is committed and results.h5 with its tables is whole and of this plan."""
+        from .integrity import results_whole
+
+        return self.finished and results_whole(self.run_dir)
 
     @property
     def active(self) -> bool:
@@ -87,7 +92,7 @@ class RunStatus:
             "finished": self.finished, "reduced": self.reduced, "active": self.active, "stages": stages,
             "running": sorted(self.running), "pending": dict(sorted(self.pending_reasons.items())),
             "failed": self.failed, "waiting": self.waiting, "finish_job": self.finish_job,
-            "outcome": self.outcome, "scheduler_note": self.scheduler_note,
+            "outcome": self.outcome, "scheduler_note": self.scheduler_note, "corrupt": self.corrupt,
         }
 
     def describe(self) -> str:
@@ -109,6 +114,11 @@ class RunStatus:
                          f"{record.get('message')}{where}")
         if len(self.failed) > 10:
             lines.append(f"  ... and {len(self.failed) - 10} more failed shards (`--json` lists them all)")
+        for shard_id, reason in list(self.corrupt.items())[:10]:
+            lines.append(f"  corrupt {self.plan.shard(shard_id).describe()}: {reason}")
+        if self.corrupt:
+            lines.append(f"  `xai-pipeline resume {self.run_dir}` moves the corrupt shards to "
+                         f"{RunDir(self.run_dir).shards / 'corrupt'} and computes them again")
         for shard_id, inputs in list(self.waiting.items())[:5]:
             lines.append(f"  waiting {shard_id}: on input {', '.join(inputs)}")
         if len(self.waiting) > 5:
@@ -154,13 +164,20 @@ def _pending_reason(state: str | None, submission: Submission, active_jobs: set[
     return "queued"
 
 
-def run_status(run_dir: Path, *, scheduler: bool = True) -> RunStatus:
-    """The run's status; ``scheduler=False`` never asks the scheduler."""
+def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -> RunStatus:
+    """The run's status; ``scheduler=False`` never asks the scheduler; ``verify`` reads every committed
+    shard and checks its checksums and digest (a corrupt shard counts as not done)."""
     folder = RunDir(run_dir)
     plan = Plan.read(folder.plan)
     files = folder.scan()
     planned = {s.id for s in plan.shards}
     done = set(files.committed & planned)
+    corrupt: dict[str, str] = {}
+    if verify:
+        from .integrity import find_corrupt
+
+        corrupt = find_corrupt(folder, sorted(done), deep=True)
+        done -= set(corrupt)
     open_ids = planned - done
     records = _error_records(folder, open_ids & files.errors)
     jobs = read_jobs(folder.root)
@@ -227,4 +244,4 @@ def run_status(run_dir: Path, *, scheduler: bool = True) -> RunStatus:
                       "retries": int(profile.get("retries", 0)), "log": str(last.log(0, "out"))}
     outcome = jobs.get("outcome")
     return RunStatus(folder.root, plan, done, failed, running, set(pending), waiting, pending, finish_job, outcome,
-                     note)
+                     note, corrupt)

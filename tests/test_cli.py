@@ -197,3 +197,68 @@ def test_compare_command_writes_the_comparison(run_copy: Path, capsys: pytest.Ca
     ]
     assert set(table["metric"]) == {"insertion", "deletion", "pcc"}
     assert (run_copy / "comparison.md").read_text().startswith("# Method comparison")
+
+
+def test_update_reuses_the_shards_a_changed_config_still_plans(
+    make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["run", str(write_yaml(make_config(), "a.yaml")), "--out", str(run_dir), "--no-progress"]) == 0
+    before = Plan.read(run_dir / "plan.json")
+    gradcam = {s.id: RunDir(run_dir).shard(s.id).stat().st_mtime_ns for s in before.shards if s.method == "gradcam"}
+    raw = make_config()
+    raw["methods"][1]["params"]["n_masks"] = 32  # only RISE changes
+    changed = write_yaml(raw, "b.yaml")
+    capsys.readouterr()
+    assert main(["run", str(changed), "--out", str(run_dir), "--no-progress"]) == 2
+    assert "--update" in capsys.readouterr().err
+    assert main(["run", str(changed), "--out", str(run_dir), "--no-progress", "--update"]) == 0
+    assert f"({len(gradcam)} already committed)" in capsys.readouterr().out
+    after = Plan.read(run_dir / "plan.json")
+    assert {s.id for s in after.shards if s.method == "gradcam"} == set(gradcam)
+    assert {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in gradcam} == gradcam  # not computed again
+    assert all(RunDir(run_dir).shard(s.id).is_file() for s in after.shards)
+    assert (run_dir / "results.h5").is_file()
+
+
+def test_a_second_command_on_a_folder_in_use_is_refused(
+    make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_yaml(make_config())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.run_dir import RunDir\n"
+         f"with RunDir({str(run_dir)!r}).locked():\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert main(["plan", str(config), "--out", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another xai-pipeline command (pid {holder.pid} on host" in err
+        assert not (run_dir / "plan.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["plan", str(config), "--out", str(run_dir)]) == 0  # the dead holder's lock is taken over
+    assert not (run_dir / ".lock").exists()  # released when the command ended
+
+
+def test_ctrl_c_says_what_is_committed_and_how_to_continue(
+    make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.launching.local as local
+
+    run_dir = tmp_path / "run"
+
+    def interrupted(*args: object, **kwargs: object) -> dict[str, str]:
+        plan = Plan.read(run_dir / "plan.json")
+        run_shards(run_dir, [s.id for s in plan.stage("explain")[:2]], progress=False)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "run_local", interrupted)
+    monkeypatch.setattr("pipeline.launching.launch.run_local", interrupted)
+    assert main(["run", str(write_yaml(make_config())), "--out", str(run_dir), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"interrupted: 2 shard(s) are committed in {run_dir}; run the same command again" in err

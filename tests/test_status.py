@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
+import numpy as np
+import pandas as pd
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.run_dir import RunDir
 from pipeline.rundir import plan_run
 from pipeline.status import run_status
 from pipeline.stages import run_shards
-from tests.tiny_experiment import ConfigFactory, ImageTree
+from tests.tiny_experiment import ConfigFactory, FinishedRun, ImageTree
 
 
 def _commit(run_dir: Path, shard_id: str) -> None:
@@ -26,7 +30,7 @@ def test_a_finished_run(make_config: ConfigFactory, tmp_path: Path, scheduler: b
     run_dir = tmp_path / "run"
     for shard in plan_run(parse_config(make_config()), run_dir).shards:
         _commit(run_dir, shard.id)
-    RunDir(run_dir).results.write_bytes(b"")
+    RunDir(run_dir).results.write_bytes(b"")  # not a whole results file: the run still needs its reduce
     status = run_status(run_dir, scheduler=scheduler)
     planned = {s.id for s in status.plan.shards}
     assert status.done == planned and status.total == len(planned) == 27
@@ -36,7 +40,42 @@ def test_a_finished_run(make_config: ConfigFactory, tmp_path: Path, scheduler: b
     assert f"12 images, {len(planned)} shards" in text
     assert "explain  done      9  running      0  pending      0  failed      0  waiting      0" in text
     assert "score    done     18  running      0  pending      0  failed      0  waiting      0" in text
-    assert f"finished: results in {run_dir / 'results.h5'}" in text
+    assert not status.reduced and f"all shards done: `xai-pipeline reduce {run_dir}`" in text
+
+
+def test_finished_only_while_the_results_and_tables_are_whole(run_copy: Path) -> None:
+    status = run_status(run_copy, scheduler=False)
+    assert status.reduced and f"finished: results in {run_copy / 'results.h5'}" in status.describe()
+    summary = run_copy / "summary.md"
+    summary.write_text(summary.read_text()[:40])  # a table cut short
+    status = run_status(run_copy, scheduler=False)
+    assert not status.reduced and "all shards done" in status.describe()
+
+
+def test_verify_finds_a_damaged_shard_and_resume_recomputes_it(
+    run_copy: Path, finished_run: FinishedRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = run_status(run_copy, scheduler=False).plan
+    victim = plan.stage("explain")[0]
+    path = RunDir(run_copy).shard(victim.id)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte deep inside the file
+    path.write_bytes(bytes(data))
+    assert victim.id in run_status(run_copy, scheduler=False).done  # the listing alone cannot tell
+    status = run_status(run_copy, scheduler=False, verify=True)
+    assert victim.id in status.corrupt and victim.id not in status.done and not status.reduced
+    text = status.describe()
+    assert f"corrupt {victim.describe()}" in text and "xai-pipeline resume" in text
+    assert main(["status", str(run_copy), "--verify"]) == 0
+    assert "corrupt" in capsys.readouterr().out
+    assert main(["resume", str(run_copy), "--no-progress"]) == 0
+    assert run_status(run_copy, scheduler=False, verify=True).corrupt == {}
+    assert list((RunDir(run_copy).shards / "corrupt").iterdir())  # kept for inspection
+    with h5py.File(run_copy / "results.h5", "r") as got, h5py.File(finished_run.run_dir / "results.h5", "r") as ref:
+        for name in ("maps/gradcam/layer2", "maps/rise/-"):
+            np.testing.assert_array_equal(got[name][()], ref[name][()])
+    pd.testing.assert_frame_equal(pd.read_parquet(run_copy / "metrics.parquet"),
+                                  pd.read_parquet(finished_run.run_dir / "metrics.parquet"))
 
 
 def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path) -> None:

@@ -7,7 +7,8 @@
 """
 from __future__ import annotations
 
-from .reduce import ReduceError, ReduceResult, reduce_run
+from .reduce import CorruptShardsFound, ReduceError, ReduceResult, reduce_run
 from .runner import ShardError, ShardRunner, commit_shard, run_shards
 
-__all__ = ["ShardRunner", "ShardError", "run_shards", "commit_shard", "reduce_run", "ReduceError", "ReduceResult"]
+__all__ = ["ShardRunner", "ShardError", "run_shards", "commit_shard", "reduce_run", "ReduceError", "CorruptShardsFound",
+           "ReduceResult"]

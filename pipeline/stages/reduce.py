@@ -54,7 +54,7 @@ from ..store import CorruptShardError, ShardOutput, atomic_h5, read_shard
 from ..tables import METRIC_COLUMNS, Moments, write_summary
 from .merge import merge_outputs
 
-__all__ = ["ReduceError", "ReduceResult", "reduce_run", "kept_map_rows", "CSV_MAX_ROWS"]
+__all__ = ["ReduceError", "CorruptShardsFound", "ReduceResult", "reduce_run", "kept_map_rows", "CSV_MAX_ROWS"]
 
 #: runs with more metric rows than this get metrics.parquet only
 CSV_MAX_ROWS = 1_000_000
@@ -71,6 +71,10 @@ _SCHEMA = pa.schema([
 
 class ReduceError(PipelineError, RuntimeError):
     """The run cannot be reduced yet (shards are missing or corrupt)."""
+
+
+class CorruptShardsFound(ReduceError):
+    """A shard file was corrupt: it was quarantined, and the run needs it computed again."""
 
 
 @dataclasses.dataclass
@@ -165,7 +169,7 @@ def _read(folder: RunDir, plan: Plan, shard: Shard) -> ShardOutput:
         return output
     except CorruptShardError as error:
         again = quarantine_shards(folder, plan, {shard.id: error.reason})
-        raise ReduceError(
+        raise CorruptShardsFound(
             f"{error}; it is moved to {folder.corrupt} and nothing was merged: "
             f"run `xai-pipeline resume {folder.root}` to compute it again ({len(again)} shard(s)), then reduce"
         ) from None
