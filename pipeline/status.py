@@ -69,9 +69,11 @@ class RunStatus:
     @property
     def reduced(self) -> bool:
         """Every shard is committed and results.h5 with its tables is whole and of this plan."""
+        if not self.finished:
+            return False
         from .integrity import results_whole
 
-        return self.finished and results_whole(self.run_dir)
+        return results_whole(self.run_dir)
 
     @property
     def active(self) -> bool:
@@ -88,7 +90,7 @@ class RunStatus:
                              "pending": len(ids & self.pending), "failed": len(ids & set(self.failed)),
                              "waiting": len(ids & set(self.waiting))}
         return {
-            "run_dir": str(self.run_dir), "images": len(self.plan.records), "shards": self.total,
+            "run_dir": str(self.run_dir), "images": self.plan.image_count, "shards": self.total,
             "finished": self.finished, "reduced": self.reduced, "active": self.active, "stages": stages,
             "running": sorted(self.running), "pending": dict(sorted(self.pending_reasons.items())),
             "failed": self.failed, "waiting": self.waiting, "finish_job": self.finish_job,
@@ -97,7 +99,7 @@ class RunStatus:
 
     def describe(self) -> str:
         folder = RunDir(self.run_dir)
-        lines = [f"run {self.run_dir}: {len(self.plan.records)} images, {self.total} shards"]
+        lines = [f"run {self.run_dir}: {self.plan.image_count} images, {self.total} shards"]
         for stage, counts in self.to_json()["stages"].items():
             lines.append(f"  {stage:8s} done {counts['done']:6d}  running {counts['running']:6d}  "
                          f"pending {counts['pending']:6d}  failed {counts['failed']:6d}  waiting {counts['waiting']:6d}")
