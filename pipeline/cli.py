@@ -10,6 +10,7 @@
     xai-pipeline status RUN_DIR                 what is done, pending, failed
     xai-pipeline demo [--out runs/demo]         self-made data and model, then `run`
     xai-pipeline report RUN_DIR                 figures and tables in RUN_DIR/report/index.html
+    xai-pipeline compare RUN_DIR                paired tests between methods: RUN_DIR/comparison.{csv,md}
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def _print_results(run_dir: Path, result: "ReduceResult") -> None:
     print(folder.summary_md.read_text())
     if result.failures:
         print(f"{len(result.failures)} image(s) failed; see {folder.failures_csv}")
-    tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md]
+    if folder.comparison_md.is_file():
+        print(folder.comparison_md.read_text())
+    tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md, folder.comparison_csv]
     print(f"results: {result.results}\ntables:  {', '.join(str(p) for p in tables if p.is_file())}")
 
 
@@ -125,6 +128,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .comparison import write_comparison
+    from .run_dir import RunDir
+
+    folder = RunDir(args.run_dir)
+    write_comparison(pd.read_parquet(folder.metrics_parquet), folder.root)
+    print(f"comparison: {folder.comparison_csv}\n            {folder.comparison_md}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xai-pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
@@ -176,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=3, metavar="N",
                    help="images per group (best, typical, worst) and in the overview sample (default 3)")
     p.add_argument("--pdf", action="store_true", help="also save every figure as PDF")
+    p = command("compare", _cmd_compare, "paired tests between methods into RUN_DIR/comparison.csv and .md")
+    p.add_argument("run_dir", type=Path)
     return parser
 
 

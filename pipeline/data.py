@@ -7,7 +7,11 @@ Keys are unique, sorted, and name the image everywhere (shards, results, tables)
 Ground-truth maps (e.g. gaze fixation density maps) are found in ``gt_dir`` by the
 image's relative path and stem (``gt_dir/crab/img_0001.png``), else by stem among the files directly in
 ``gt_dir`` (``gt_dir/img_0001.png``); a manifest's ``gt`` column takes precedence. PNG/JPEG
-maps are read as grayscale and divided by 255; ``.npy`` maps are used as they are.
+maps are read as grayscale and scaled to [0, 1] by their bit depth; ``.npy`` maps are used as
+they are. A map with NaN or inf values, or one value everywhere, is a :class:`DataError`.
+
+Images are scaled to [0, 1] by their bit depth: 8-bit modes by 255, 16-bit grayscale
+(``I;16``, and ``I`` as PNG reads it) by 65535, then replicated to three channels.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from .config import DataConfig
 from .errors import PipelineError
 
 if TYPE_CHECKING:
+    import numpy as np
+    from PIL.Image import Image as PILImage
     from torch import Tensor
 
 __all__ = [
@@ -191,6 +197,28 @@ def discover_images(config: DataConfig) -> ImageSet:
     return ImageSet(tuple(records), tuple(names))
 
 
+#: Pillow modes of 16-bit grayscale images, read as integers up to 65535
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _sixteen_bit(image: "PILImage", path: Path) -> bool:
+    """True for 16-bit grayscale; other integer or float modes are refused (their range is unknown)."""
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        return True
+    if image.mode in ("I", "F"):
+        raise DataError(f"cannot read image {path}: pixel format {image.mode} ({image.format}) has no known range")
+    return False
+
+
+def _unit_gray(image: "PILImage", path: Path) -> "np.ndarray":
+    """A grayscale image as float32 in [0, 1], scaled by its bit depth."""
+    import numpy as np
+
+    if _sixteen_bit(image, path):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
 def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """A normalized float tensor ``[3, H, W]``; raises :class:`DataError` naming the file."""
     import numpy as np
@@ -199,15 +227,21 @@ def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Se
 
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+            if _sixteen_bit(image, path):
+                gray = Image.fromarray(_unit_gray(image, path), mode="F").resize((size[1], size[0]), Image.BILINEAR)
+                array = np.repeat(np.asarray(gray, dtype=np.float32)[..., None], 3, axis=2)
+            else:
+                rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                array = np.asarray(rgb, dtype=np.float32) / 255.0
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from None
-    array = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (array - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 def load_gt(path: Path, size: tuple[int, int]) -> Tensor:
-    """A ground-truth map ``[H, W]`` (float32) resized bilinearly to ``size``."""
+    """A ground-truth map ``[H, W]`` (float32) resized bilinearly to ``size``; raises :class:`DataError`
+    naming the file when it cannot be read, is not 2-D, has NaN or inf values or is constant."""
     import numpy as np
     import torch
     from PIL import Image
@@ -218,11 +252,15 @@ def load_gt(path: Path, size: tuple[int, int]) -> Tensor:
             array = np.load(path).astype(np.float32)
         else:
             with Image.open(path) as image:
-                array = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+                array = _unit_gray(image, path)
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read ground-truth map {path}: {error}") from None
     if array.ndim != 2:
         raise DataError(f"ground-truth map {path} must be 2-D, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise DataError(f"ground-truth map {path} has NaN or inf values")
+    if array.min() == array.max():
+        raise DataError(f"ground-truth map {path} is constant ({array.flat[0]:g} everywhere): it marks no region")
     tensor = torch.from_numpy(array)[None, None]
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0]
 

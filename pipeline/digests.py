@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-__all__ = ["json_digest", "file_digest", "DIGEST_LENGTH"]
+__all__ = ["json_digest", "file_digest", "content_digest", "DIGEST_LENGTH"]
 
 #: hexadecimal characters kept of a JSON digest (64 bits: collisions are out of reach)
 DIGEST_LENGTH = 16
@@ -28,4 +28,13 @@ def file_digest(path: Path) -> str:
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def content_digest(parts: Iterable[tuple[str, bytes]]) -> str:
+    """SHA-256 (hex) of named byte strings, each framed by its name and length (order matters)."""
+    digest = hashlib.sha256()
+    for name, data in parts:
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
     return digest.hexdigest()

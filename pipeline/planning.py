@@ -4,7 +4,8 @@ Two stages of shards, both planned up front:
 
 - ``explain``: one method entry on one image chunk (``sharding.images_per_shard``
   images, in key order); all layers of a CAM entry come from the same pass. A sampled
-  method (RISE, LIME) is further split by sample range (``sharding.samples_per_shard``).
+  method (RISE, LIME) is further split by sample range (``sharding.samples_per_shard``,
+  rounded down to whole forward batches: see :func:`sample_ranges`).
 - ``score``: one method entry and layer on one image chunk for one metric group
   (``perturbation``: the metrics that run the model; ``groundtruth``: those that
   compare with a ground-truth map). It reads the explain shards of its chunk, listed
@@ -30,12 +31,15 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 from .config import ExperimentConfig, MethodConfig, config_hash
 from .data import ImageRecord, ImageSet
 from .digests import json_digest
 from .run_dir import atomic_write
+
+if TYPE_CHECKING:
+    from .methods import SampledExplainer
 
 __all__ = [
     "Shard",
@@ -43,7 +47,8 @@ __all__ = [
     "ImageColumns",
     "make_plan",
     "method_params",
-    "sample_count",
+    "sampled_method",
+    "sample_ranges",
     "NO_LAYER",
 ]
 
@@ -195,15 +200,24 @@ def method_params(config: ExperimentConfig, entry: MethodConfig) -> dict[str, An
     return params
 
 
-def sample_count(entry: MethodConfig) -> int | None:
-    """How many random samples a sampled method draws (None for other methods)."""
-    from .methods import SampledExplainer, method_class, method_parameters
+def sampled_method(config: ExperimentConfig, entry: MethodConfig) -> "SampledExplainer | None":
+    """The entry's explainer, without a model, when it is a sampled method (RISE, LIME); else None."""
+    from .methods import SampledExplainer, build_method, method_class
 
     if not issubclass(method_class(entry.name), SampledExplainer):
         return None
-    parameters = method_parameters(entry.name)
-    name = next(n for n in ("n_masks", "n_samples") if n in parameters)
-    return int(entry.params.get(name, parameters[name].default))
+    explainer = build_method(entry.name, None, **method_params(config, entry))
+    assert isinstance(explainer, SampledExplainer)
+    return explainer
+
+
+def sample_ranges(explainer: "SampledExplainer", n_images: int, per_shard: int) -> list[tuple[int, int]]:
+    """The sample ranges of a chunk of ``n_images`` images: ``per_shard`` samples each, rounded down to
+    a multiple of the samples of one forward batch (at least one batch), so no forward batch straddles
+    two shards and the merged sums are bitwise the same however the samples are split."""
+    per_forward = explainer.samples_per_forward(n_images)
+    size = max(per_forward, per_shard // per_forward * per_forward)
+    return list(_ranges(explainer.n_samples, size))
 
 
 def _ranges(total: int, size: int) -> Iterator[tuple[int, int]]:
@@ -239,13 +253,12 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
     for entry in config.methods:
         layers = tuple(entry.layers) if entry.layers else (NO_LAYER,)
         method = {"label": entry.label, "name": entry.name, "params": method_params(config, entry), "layers": layers}
-        count = sample_count(entry)
-        sample_ranges: Sequence[tuple[int, int] | None] = (
-            list(_ranges(count, config.sharding.samples_per_shard)) if count else [None]
-        )
+        sampled = sampled_method(config, entry)
         for chunk in chunks:
+            ranges: Sequence[tuple[int, int] | None] = [None] if sampled is None else sample_ranges(
+                sampled, chunk[1] - chunk[0], config.sharding.samples_per_shard)
             explain_ids = []
-            for samples in sample_ranges:
+            for samples in ranges:
                 shard_id = json_digest({**common, "method": method, "keys": chunk_digests[chunk], "samples": samples})
                 explain_ids.append(shard_id)
                 shards.append(Shard(shard_id, "explain", entry.label, layers, chunk, samples))

@@ -7,9 +7,12 @@ Layout::
     RUN_DIR/shards/<ab>/<id>.h5             a committed shard (exists only when whole)
     RUN_DIR/shards/<ab>/<id>.partial.h5     a sampled shard's last saved progress (resumable)
     RUN_DIR/shards/<ab>/<id>.error.json     why the shard's last attempt failed
+    RUN_DIR/shards/corrupt/                 shard and checkpoint files found corrupt, kept for
+                                            inspection beside a ``.reason.txt``, never read again
     RUN_DIR/results.h5                      the merged results (see pipeline.stages.reduce)
     RUN_DIR/metrics.csv, metrics.parquet    one row per image x method x layer x metric
     RUN_DIR/summary.{csv,md,tex}            mean, variance, ... per method x layer
+    RUN_DIR/comparison.{csv,md}             paired tests between methods (see pipeline.comparison)
     RUN_DIR/failures.csv                    images that could not be read
     RUN_DIR/jobs.json                       SLURM submissions (see pipeline.launching.slurm)
     RUN_DIR/slurm/                          submitit's scripts and logs
@@ -20,7 +23,8 @@ few hundred shard files even at tens of thousands of shards (parallel file syste
 slow down on large folders). :meth:`RunDir.scan` lists the shard folder in one pass.
 
 Every file is written under a temporary name in its folder and renamed into place
-(:func:`atomic_write`): a reader sees the whole file or none.
+(:func:`atomic_write`): a reader sees the whole file or none. The temporary files of
+writes that were interrupted are removed by :meth:`RunDir.remove_stale_temporaries`.
 """
 from __future__ import annotations
 
@@ -37,11 +41,13 @@ __all__ = ["RunDir", "ShardFiles", "atomic_write", "temporary_path"]
 _COMMITTED = ".h5"
 _CHECKPOINT = ".partial.h5"
 _ERROR = ".error.json"
+_CORRUPT = "corrupt"
+_TEMPORARY = ".tmp-"
 
 
 def temporary_path(path: Path) -> Path:
     """A hidden, unique name beside ``path`` for writing it before the rename."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    return path.with_name(f".{path.name}{_TEMPORARY}{os.getpid()}-{time.monotonic_ns()}")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -118,6 +124,14 @@ class RunDir:
         return self.root / "summary.tex"
 
     @property
+    def comparison_csv(self) -> Path:
+        return self.root / "comparison.csv"
+
+    @property
+    def comparison_md(self) -> Path:
+        return self.root / "comparison.md"
+
+    @property
     def failures_csv(self) -> Path:
         return self.root / "failures.csv"
 
@@ -136,7 +150,7 @@ class RunDir:
     def outputs(self) -> list[Path]:
         """The files reduce writes (removed with the shards when a folder is overwritten)."""
         return [self.results, self.metrics_csv, self.metrics_parquet, self.summary_csv, self.summary_md,
-                self.summary_tex, self.failures_csv]
+                self.summary_tex, self.failures_csv, self.comparison_csv, self.comparison_md]
 
     # ----------------------------------------------------------------- shards
     def shard_folder(self, shard_id: str) -> Path:
@@ -154,13 +168,45 @@ class RunDir:
         """The record of why shard ``shard_id`` last failed."""
         return self.shard_folder(shard_id) / f"{shard_id}{_ERROR}"
 
+    @property
+    def corrupt(self) -> Path:
+        """Where corrupt shard and checkpoint files are moved (never read again)."""
+        return self.shards / _CORRUPT
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move the corrupt file ``path`` into :attr:`corrupt`, with ``reason`` beside it; returns its new path."""
+        self.corrupt.mkdir(parents=True, exist_ok=True)
+        target = self.corrupt / f"{path.name}.{time.time_ns()}"
+        os.replace(path, target)
+        atomic_write(target.with_name(f"{target.name}.reason.txt"), f"{reason}\n")
+        return target
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files of interrupted writes in the run folder and its shard folders.
+
+        Call it only when no other process writes into the run folder; returns what was removed.
+        """
+        removed: list[Path] = []
+        for folder in [self.root, *self._prefix_folders()]:
+            try:
+                with os.scandir(folder) as entries:
+                    removed += [Path(e.path) for e in entries if e.name.startswith(".") and _TEMPORARY in e.name]
+            except FileNotFoundError:
+                continue
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
+    def _prefix_folders(self) -> list[str]:
+        """The shard folders ``shards/<ab>`` (not :attr:`corrupt`)."""
+        try:
+            return [entry.path for entry in os.scandir(self.shards) if entry.is_dir() and entry.name != _CORRUPT]
+        except FileNotFoundError:
+            return []
+
     def _entries(self) -> Iterator[str]:
         """Every file name in the shard folders, from one pass over them."""
-        try:
-            prefixes = [entry.path for entry in os.scandir(self.shards) if entry.is_dir()]
-        except FileNotFoundError:
-            return
-        for folder in prefixes:
+        for folder in self._prefix_folders():
             with os.scandir(folder) as entries:
                 for entry in entries:
                     yield entry.name

@@ -1,46 +1,72 @@
-"""The HDF5 store: one file per shard, committed atomically.
+"""The HDF5 store: one file per shard, committed atomically and checksummed.
 
 Where the files live is :class:`pipeline.run_dir.RunDir`'s business; this module
-writes and reads them.
+writes, reads and verifies them.
 
 Shard file layout::
 
-    attrs: shard_id, stage, method, config_hash, versions (JSON), device, wall_time_s, created
-    images/keys [n] str, images/labels [n] int64, images/targets [n] int64,
+    attrs: shard_id, stage, method, config_hash, versions (JSON), device, wall_time_s, created,
+           schema (JSON list of every dataset below), digest (SHA-256 of the datasets and attrs)
+    images/keys [n] bytes, images/labels [n] int64, images/targets [n] int64,
     images/predicted [n] int64, images/target_prob [n] float32     (images that loaded)
-    failures/keys [m] str, failures/messages [m] str                 (images that did not)
+    failures/keys [m] bytes, failures/messages [m] bytes             (images that did not)
     maps/<layer> [n, H, W] float32                                   (explain: direct methods)
     partial/sums/<name>, partial/constants/<name> [n, ...]           (explain: sampled methods;
                                                                       attrs sample_start, sample_stop)
     values/<metric> [n] float64, curves/<metric> [n, T] float32      (score shards)
+    reasons/<metric> [n] bytes                                       (score shards: why a value is NaN,
+                                                                      empty when it is not)
 
-A checkpoint (``<id>.partial.h5``) has the same layout plus the attribute
-``next_sample``. Every file is written under a temporary name in the same folder,
-flushed and renamed: a reader sees a whole file or none.
+Strings are fixed-length UTF-8 bytes, so every dataset is covered by HDF5's
+Fletcher-32 filter, checked on every read. A checkpoint (``<id>.partial.h5``) has the
+same layout plus the attribute ``next_sample``, which the digest covers too.
+
+A file is built in memory and written with ordinary file I/O under a temporary name,
+fsync'ed and renamed: a reader sees a whole file or none, and a full disk is a Python
+error (:class:`ShardWriteError`) naming the folder, never a crash inside HDF5.
+:func:`read_shard` checks the schema, the checksums and the digest and raises
+:class:`CorruptShardError` naming the file; :func:`verify_shard` says what is wrong
+without raising.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
-from .run_dir import temporary_path
+from .digests import content_digest
+from .errors import PipelineError
+from .run_dir import atomic_write, temporary_path
 
 __all__ = [
     "ShardOutput",
+    "CorruptShardError",
+    "ShardWriteError",
     "write_shard",
     "read_shard",
+    "verify_shard",
     "library_versions",
     "atomic_h5",
 ]
 
-_STR = h5py.string_dtype()
+class CorruptShardError(PipelineError, ValueError):
+    """A shard or checkpoint file is unreadable, incomplete or altered; the message names it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+class ShardWriteError(PipelineError, OSError):
+    """A shard file could not be written (e.g. the disk is full); the message names the folder."""
 
 
 @dataclasses.dataclass
@@ -58,6 +84,7 @@ class ShardOutput:
     constants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     curves: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    reasons: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -102,61 +129,168 @@ class atomic_h5:
                 self.tmp.unlink()
 
 
-def _put_group(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
-    for name, array in arrays.items():
-        group.create_dataset(name, data=np.asarray(array))
+#: the groups of a shard file, each holding datasets only
+_GROUPS = ("images", "failures", "maps", "partial/sums", "partial/constants", "values", "curves", "reasons")
+
+
+def _encoded(strings: list[str]) -> np.ndarray:
+    """``strings`` as fixed-length UTF-8 bytes (checksummed, unlike variable-length strings)."""
+    encoded = [text.encode() for text in strings]
+    return np.array(encoded, dtype=f"S{max([1, *map(len, encoded)])}")
+
+
+def _datasets(output: ShardOutput) -> dict[str, np.ndarray]:
+    """Every dataset of ``output``'s file by path, as stored."""
+    datasets = {
+        "images/keys": _encoded(output.keys),
+        "images/labels": np.asarray(output.labels).astype(np.int64),
+        "images/targets": np.asarray(output.targets).astype(np.int64),
+        "images/predicted": np.asarray(output.predicted).astype(np.int64),
+        "images/target_prob": np.asarray(output.target_prob).astype(np.float32),
+        "failures/keys": _encoded(list(output.failures)),
+        "failures/messages": _encoded(list(output.failures.values())),
+    }
+    for group, arrays in (("maps", output.maps), ("partial/sums", output.sums),
+                          ("partial/constants", output.constants), ("values", output.values),
+                          ("curves", output.curves)):
+        datasets.update({f"{group}/{name}": np.asarray(array) for name, array in arrays.items()})
+    datasets.update({f"reasons/{name}": _encoded(list(texts)) for name, texts in output.reasons.items()})
+    return datasets
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _digest(datasets: dict[str, np.ndarray], attrs: dict[str, Any]) -> str:
+    """SHA-256 of the datasets (name, dtype, shape, little-endian bytes) and the attributes."""
+
+    def parts() -> Iterator[tuple[str, bytes]]:
+        for name in sorted(datasets):
+            array = np.ascontiguousarray(datasets[name])
+            array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            yield f"{name}:{array.dtype.str}:{array.shape}", array.tobytes()
+        plain = {key: _plain(value) for key, value in attrs.items() if key != "digest"}
+        yield "attrs", json.dumps(plain, sort_keys=True, default=str).encode()
+
+    return content_digest(parts())
 
 
 def write_shard(path: Path, output: ShardOutput) -> None:
-    """Commit ``output`` to ``path`` atomically."""
-    with atomic_h5(path) as f:
-        for key, value in output.attrs.items():
-            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-        images = f.create_group("images")
-        images.create_dataset("keys", data=np.array(output.keys, dtype=object), dtype=_STR)
-        _put_group(images, {
-            "labels": output.labels.astype(np.int64),
-            "targets": output.targets.astype(np.int64),
-            "predicted": output.predicted.astype(np.int64),
-            "target_prob": output.target_prob.astype(np.float32),
-        })
-        failures = f.create_group("failures")
-        failures.create_dataset("keys", data=np.array(list(output.failures), dtype=object), dtype=_STR)
-        failures.create_dataset("messages", data=np.array(list(output.failures.values()), dtype=object), dtype=_STR)
-        _put_group(f.create_group("maps"), output.maps)
-        partial = f.create_group("partial")
-        _put_group(partial.create_group("sums"), output.sums)
-        _put_group(partial.create_group("constants"), output.constants)
-        _put_group(f.create_group("values"), output.values)
-        _put_group(f.create_group("curves"), output.curves)
+    """Commit ``output`` to ``path`` atomically; raises :class:`ShardWriteError` naming the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets = _datasets(output)
+    attrs = {key: json.dumps(value) if isinstance(value, (dict, list)) else value for key, value in output.attrs.items()}
+    attrs["schema"] = json.dumps(sorted(datasets))
+    attrs["digest"] = _digest(datasets, attrs)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.attrs.update(attrs)
+        for group in _GROUPS:
+            _put_group(f.require_group(group), _group(datasets, group))
+    try:
+        atomic_write(path, buffer.getvalue())
+    except OSError as error:
+        raise ShardWriteError(
+            error.errno, f"cannot write {path.name} into {path.parent}: {error.strerror or error}"
+        ) from error
 
 
-def _read_group(group: h5py.Group) -> dict[str, np.ndarray]:
-    return {name: group[name][()] for name in group}
+def _put_group(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` under ``group``, each with the Fletcher-32 checksum (scalars have none)."""
+    for name, array in arrays.items():
+        group.create_dataset(name, data=array, fletcher32=array.ndim > 0)
 
 
-def _strings(dataset: h5py.Dataset) -> list[str]:
-    return [s.decode() if isinstance(s, bytes) else str(s) for s in dataset[()]]
+def _schema(f: h5py.File, attrs: dict[str, Any]) -> list[str]:
+    """The file's dataset list, after checking it is recorded and every dataset is present."""
+    if "schema" not in attrs or "digest" not in attrs:
+        raise ValueError("it has no schema or digest (written before checksums, or not by xai-pipeline)")
+    schema = json.loads(attrs["schema"])
+    missing = [name for name in schema if not isinstance(f.get(name), h5py.Dataset)]
+    if missing:
+        raise ValueError(f"dataset(s) {', '.join(missing)} are missing")
+    return schema
+
+
+def _check_sizes(datasets: dict[str, np.ndarray]) -> None:
+    """Raise unless every per-image dataset has one row per image."""
+    n = len(datasets["images/keys"])
+    for name, array in datasets.items():
+        per_image = name.startswith(("images/", "maps/", "partial/", "values/", "curves/", "reasons/"))
+        if per_image and (array.ndim == 0 or len(array) != n):
+            raise ValueError(f"{name} has {0 if array.ndim == 0 else len(array)} rows for {n} images")
+
+
+def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The checked datasets and attributes of a shard file; raises :class:`CorruptShardError`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {key: _plain(value) for key, value in f.attrs.items()}
+            datasets = {name: f[name][()] for name in _schema(f, attrs)}
+    except OSError as error:  # not HDF5, truncated, or a Fletcher-32 checksum failed
+        raise CorruptShardError(path, f"cannot be read ({error})") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptShardError(path, str(error)) from None
+    if _digest(datasets, attrs) != attrs["digest"]:
+        raise CorruptShardError(path, "its contents do not match the digest written with it (altered after the commit)")
+    try:
+        _check_sizes(datasets)
+    except (ValueError, KeyError) as error:
+        raise CorruptShardError(path, f"bad layout: {error}") from None
+    return datasets, attrs
+
+
+def verify_shard(path: Path, *, deep: bool) -> str | None:
+    """None when the shard file at ``path`` is whole, else one line saying what is wrong, naming the file.
+
+    The cheap check opens the file and checks the schema is recorded and every dataset
+    present; ``deep`` also reads every dataset (Fletcher-32) and recomputes the digest.
+    """
+    if deep:
+        try:
+            _load(path)
+        except (CorruptShardError, FileNotFoundError) as error:
+            return str(error)
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            _schema(f, {key: _plain(value) for key, value in f.attrs.items()})
+    except OSError as error:
+        return f"{path}: cannot be read ({error})"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{path}: {error}"
+    return None
+
+
+def _strings(array: np.ndarray) -> list[str]:
+    return [value.decode() for value in array]
+
+
+def _group(datasets: dict[str, np.ndarray], group: str) -> dict[str, np.ndarray]:
+    prefix = f"{group}/"
+    return {name[len(prefix):]: array for name, array in datasets.items() if name.startswith(prefix)}
 
 
 def read_shard(path: Path) -> ShardOutput:
-    """Load a committed shard file."""
-    with h5py.File(path, "r") as f:
-        attrs = {}
-        for key, value in f.attrs.items():
-            attrs[key] = value.item() if isinstance(value, np.generic) else value
-        images = f["images"]
-        return ShardOutput(
-            keys=_strings(images["keys"]),
-            labels=images["labels"][()],
-            targets=images["targets"][()],
-            predicted=images["predicted"][()],
-            target_prob=images["target_prob"][()],
-            failures=dict(zip(_strings(f["failures/keys"]), _strings(f["failures/messages"]))),
-            maps=_read_group(f["maps"]),
-            sums=_read_group(f["partial/sums"]),
-            constants=_read_group(f["partial/constants"]),
-            values=_read_group(f["values"]),
-            curves=_read_group(f["curves"]),
-            attrs=attrs,
-        )
+    """Load a committed shard (or checkpoint) file; raises :class:`CorruptShardError` naming it
+    when it cannot be read, lacks a dataset of its schema or does not match its digest."""
+    datasets, attrs = _load(path)
+    return ShardOutput(
+        keys=_strings(datasets["images/keys"]),
+        labels=datasets["images/labels"],
+        targets=datasets["images/targets"],
+        predicted=datasets["images/predicted"],
+        target_prob=datasets["images/target_prob"],
+        failures=dict(zip(_strings(datasets["failures/keys"]), _strings(datasets["failures/messages"]))),
+        maps=_group(datasets, "maps"),
+        sums=_group(datasets, "partial/sums"),
+        constants=_group(datasets, "partial/constants"),
+        values=_group(datasets, "values"),
+        curves=_group(datasets, "curves"),
+        reasons={name: _strings(array) for name, array in _group(datasets, "reasons").items()},
+        attrs={key: value for key, value in attrs.items() if key not in ("schema", "digest")},
+    )

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .run_dir import atomic_write
+
 __all__ = ["METRIC_COLUMNS", "Moments", "summarize", "wide_summary", "metric_title", "write_summary"]
 
 METRIC_COLUMNS = ["key", "label", "class_name", "target", "predicted", "method", "layer", "metric", "value"]
@@ -99,14 +101,14 @@ def wide_summary(summary: pd.DataFrame, statistic: str = "mean", by: Sequence[st
 def write_summary(summary: pd.DataFrame, out_dir: Path, *, group_by_class: bool = False) -> None:
     """Write the long ``summary`` as summary.csv and its mean/variance/count tables as summary.md and .tex."""
     out_dir = Path(out_dir)
-    summary.to_csv(out_dir / "summary.csv", index=False)
+    atomic_write(out_dir / "summary.csv", summary.to_csv(index=False))
     by = ["method", "layer"] + (["class_name"] if group_by_class else [])
     sections = {name: wide_summary(summary, statistic, by) for name, statistic in
                 (("Mean", "mean"), ("Variance", "var"), ("Images", "count"))}
-    (out_dir / "summary.md").write_text("".join(
+    atomic_write(out_dir / "summary.md", "".join(
         f"## {name}\n\n{table.to_markdown(index=False, floatfmt='.4f')}\n\n" for name, table in sections.items()
     ))
-    (out_dir / "summary.tex").write_text("\n".join(
+    atomic_write(out_dir / "summary.tex", "\n".join(
         table.to_latex(index=False, float_format="%.4f", na_rep="--", caption=name, escape=True)
         for name, table in sections.items()
     ))

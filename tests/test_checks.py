@@ -60,7 +60,7 @@ BAD_VALUES: list[tuple[Change, str]] = [
     (_set("metrics", 0, batch_size=-3), "metrics[0].params.batch_size: batch_size must be a positive integer, got -3"),
     (_add_metric("ssim", sigma=-1), "metrics[3].params.sigma: sigma must be a number in (0, inf), got -1"),
     (_add_metric("ssim", win_size=4), "metrics[3].params.win_size: win_size must be a positive odd integer, got 4"),
-    (_add_metric("ssim", sigma=5.0), "metrics[3].params.win_size: win_size 37 exceeds the map size (32, 32)"),
+    (_add_metric("ssim", sigma=5.0, gaussian_weights=True), "metrics[3].params.win_size: win_size 37 exceeds the map size (32, 32)"),
     (_add_metric("average_drop", top_percent=0), "metrics[3].params.top_percent: top_percent must be a number in"),
     (_add_metric("average_increase", batch_size=0), "metrics[3].params.batch_size: batch_size must be"),
     (_add_metric("pointing_game", threshold=1.5), "metrics[3].params.threshold: threshold must be a number in [0, 1)"),

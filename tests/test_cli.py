@@ -20,7 +20,7 @@ OUTPUTS = ["results.h5", "metrics.csv", "summary.csv", "summary.md", "summary.te
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    return {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 def test_run_end_to_end_then_again_skipping_every_shard(
@@ -185,3 +185,15 @@ def test_reduce_by_class_groups_the_summary_by_class(run_copy: Path, capsys: pyt
     assert len(summary) == len(expected)
     assert set(summary["class_name"]) == set(metrics["class_name"])
     assert "class_name" in capsys.readouterr().out
+
+
+def test_compare_command_writes_the_comparison(run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", str(run_copy)]) == 0
+    assert "comparison.csv" in capsys.readouterr().out
+    table = pd.read_csv(run_copy / "comparison.csv", keep_default_na=False)
+    # gradcam on layer2 and layer3 against rise (no layers) in each layer's group
+    assert sorted(set(zip(table["layer"], table["method_a"], table["method_b"]))) == [
+        ("layer2", "gradcam", "rise"), ("layer3", "gradcam", "rise"),
+    ]
+    assert set(table["metric"]) == {"insertion", "deletion", "pcc"}
+    assert (run_copy / "comparison.md").read_text().startswith("# Method comparison")

@@ -44,7 +44,7 @@ def test_valid_config_loads_with_defaults(make_config: ConfigFactory, write_yaml
     assert config.model.kwargs == {"width": 4}
     assert [m.label for m in config.methods] == ["gradcam", "rise"]
     assert config.methods[0].layers == ["layer2", "layer3"]
-    assert config.methods[1].params == {"n_masks": 64, "grid_size": 4, "batch_size": 16}
+    assert config.methods[1].params == {"n_masks": 64, "grid_size": 4, "batch_size": 5}
     assert [m.name for m in config.metrics] == ["insertion", "deletion", "pcc"]
     assert (config.sharding.images_per_shard, config.sharding.samples_per_shard) == (5, 32)
     assert (config.target, config.device, config.seed) == ("predicted", "cpu", 0)
@@ -99,7 +99,7 @@ def test_home_relative_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize(
     ("section", "typo", "path", "valid"),
     [
-        (None, "nmae", "nmae", "name, data, model, methods, metrics, target, sharding, device, seed"),
+        (None, "nmae", "nmae", "name, data, model, methods, metrics, target, sharding, results, device, seed"),
         ("data", "imagesize", "data.imagesize",
          "root, manifest, gt_dir, image_size, mean, std, class_names, subset"),
         ("model", "chekpoint", "model.chekpoint", "arch, factory, kwargs, num_classes, checkpoint, weights"),
@@ -147,7 +147,7 @@ def test_a_misspelled_key_lists_the_valid_keys_with_its_path(
         (lambda r: r["methods"][1].update(id="a/b"), "methods[1]", "must be non-empty and contain no '/'"),
         (lambda r: r["metrics"].append({"name": "ssim2"}), "metrics[3]", "unknown metric 'ssim2'; known metrics"),
         (lambda r: r["metrics"][0]["params"].update(stpe=3), "metrics[0]",
-         "metric 'insertion' has no parameter stpe; valid parameters: step, substrate, batch_size"),
+         "metric 'insertion' has no parameter stpe; valid parameters: step, substrate, blur, batch_size"),
         (lambda r: r["metrics"].append({"name": "pcc"}), "(top level)", "metric(s) listed twice: pcc"),
     ],
 )

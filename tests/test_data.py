@@ -263,10 +263,10 @@ def test_load_gt_png_npy_and_resizing(tmp_path: Path) -> None:
     array = np.random.default_rng(1).random((4, 4)) * 7.0
     np.save(tmp_path / "map.npy", array)
     np.testing.assert_allclose(load_gt(tmp_path / "map.npy", (4, 4)).numpy(), array, rtol=1e-6)
-    np.save(tmp_path / "flat.npy", np.full((3, 5), 2.5))
-    resized = load_gt(tmp_path / "flat.npy", (9, 7))
+    np.save(tmp_path / "two.npy", np.repeat([[2.0], [3.0], [3.0]], 5, axis=1))  # constant maps are refused
+    resized = load_gt(tmp_path / "two.npy", (9, 7))
     assert resized.shape == (9, 7)
-    np.testing.assert_allclose(resized.numpy(), 2.5, rtol=1e-6)
+    assert float(resized.min()) >= 2.0 and float(resized.max()) <= 3.0
     np.save(tmp_path / "cube.npy", np.zeros((2, 3, 3)))
     with pytest.raises(DataError, match=r"cube.npy must be 2-D, got shape \(2, 3, 3\)"):
         load_gt(tmp_path / "cube.npy", (3, 3))
@@ -290,3 +290,32 @@ def test_load_batch_records_an_unreadable_image_and_loads_the_others(tree_copy: 
     bad = [r for r in records if r.key == broken]
     loaded, images, failures = load_batch(bad, data)
     assert (loaded, images.shape, list(failures)) == ([], (0, 3, IMAGE_SIZE, IMAGE_SIZE), [broken])
+
+
+def test_a_16_bit_png_is_scaled_like_its_8_bit_version(tmp_path: Path) -> None:
+
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, size=(12, 10), dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # 255 -> 65535
+    with Image.open(tmp_path / "sixteen.png") as image:
+        assert image.mode.startswith("I")  # really read as 16-bit
+    reference = load_image(tmp_path / "eight.png", (12, 10), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    sixteen = load_image(tmp_path / "sixteen.png", (12, 10), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert float(sixteen.max()) <= 1.0 and float(sixteen.min()) < 0.5  # not all white
+    np.testing.assert_allclose(sixteen.numpy(), reference.numpy(), atol=1e-6)
+    np.testing.assert_allclose(load_gt(tmp_path / "sixteen.png", (12, 10)).numpy(),
+                               load_gt(tmp_path / "eight.png", (12, 10)).numpy(), atol=1e-6)
+
+
+def test_a_nan_or_constant_gt_map_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
+
+
+    np.save(tmp_path / "nan.npy", np.full((4, 4), np.nan, np.float32))
+    np.save(tmp_path / "inf.npy", np.where(np.eye(4) > 0, np.inf, 0.5).astype(np.float32))
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(tmp_path / "flat.png")
+    for name, reason in (("nan.npy", "NaN or inf"), ("inf.npy", "NaN or inf"), ("flat.png", "constant")):
+        with pytest.raises(DataError, match=reason) as error:
+            load_gt(tmp_path / name, (4, 4))
+        assert str(tmp_path / name) in str(error.value)

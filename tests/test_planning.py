@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import config_hash, parse_config
 from pipeline.data import discover_images
 from pipeline.models import model_digest
-from pipeline.planning import NO_LAYER, Plan, Shard, make_plan, sample_count
+from pipeline.planning import NO_LAYER, Plan, Shard, make_plan, sampled_method
 from tests.tiny_experiment import ConfigFactory, write_checkpoint
 
 DIGEST = "model-digest-0"
@@ -73,20 +73,37 @@ def test_sample_ranges_cover_every_mask_once(make_config: ConfigFactory, n_masks
         ranges = sorted(s.samples for s in plan.stage("explain") if s.method == "rise" and s.images == chunk)
         covered = [i for start, stop in ranges for i in range(start, stop)]  # type: ignore[misc]
         assert covered == list(range(n_masks))
-        assert all(stop - start <= per_shard for start, stop in ranges)  # type: ignore[misc]
-        assert len(ranges) == -(-n_masks // per_shard)
+        per_forward = 5 // min(chunk[1] - chunk[0], 5)  # the tiny RISE's batch_size is 5
+        size = max(per_forward, per_shard // per_forward * per_forward)
+        assert all(start % per_forward == 0 for start, _ in ranges)  # type: ignore[misc]
+        assert all(stop - start == size for start, stop in ranges[:-1])  # type: ignore[misc]
+        assert len(ranges) == -(-n_masks // size)
+
+
+def test_sample_ranges_are_whole_forward_batches(make_config: ConfigFactory) -> None:
+    raw = make_config()
+    raw["methods"] = [{"name": "rise", "params": {"n_masks": 100, "batch_size": 16}}]
+    raw["sharding"]["samples_per_shard"] = 32
+    plan = _plan(raw)
+    ranges = {chunk: sorted(s.samples for s in plan.stage("explain") if s.images == chunk)  # type: ignore[type-var]
+              for chunk in plan.chunks()}
+    assert ranges[(0, 5)] == [(0, 30), (30, 60), (60, 90), (90, 100)]  # 16 // 5 = 3 masks per forward
+    assert ranges[(10, 12)] == [(0, 32), (32, 64), (64, 96), (96, 100)]  # 16 // 2 = 8 masks per forward
 
 
 def test_lime_is_split_by_its_samples(make_config: ConfigFactory) -> None:
     raw = make_config()
     raw["methods"] = [{"name": "lime"}]
     raw["sharding"]["samples_per_shard"] = 300
+    raw["methods"] = [{"name": "lime", "params": {"batch_size": 60}}]
     config = parse_config(raw)
-    assert sample_count(config.methods[0]) == 1000
+    lime = sampled_method(config, config.methods[0])
+    assert lime is not None and lime.n_samples == 1000
     plan = make_plan(config, discover_images(config.data), DIGEST)
-    ranges = sorted({s.samples for s in plan.stage("explain")})
-    assert ranges == [(0, 300), (300, 600), (600, 900), (900, 1000)]
-    assert sample_count(parse_config(make_config()).methods[0]) is None  # gradcam draws no samples
+    ranges = sorted({s.samples for s in plan.stage("explain") if s.images == (0, 5)})  # type: ignore[type-var]
+    assert ranges == [(0, 300), (300, 600), (600, 900), (900, 1000)]  # 12 samples per forward
+    config = parse_config(make_config())
+    assert sampled_method(config, config.methods[0]) is None  # gradcam draws no samples
 
 
 def _compare(before: Plan, after: Plan, method: str) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
@@ -125,13 +142,10 @@ def test_changing_the_image_set_changes_only_the_affected_chunks(make_config: Co
     raw["data"]["subset"] = {"first_n": 11}  # the last chunk loses an image
     after = _plan(raw)
     old, new = _ids(before, "rise"), _ids(after, "rise")
-    for key, shard_id in old.items():
-        stage, chunk = key[0], key[1]
-        if chunk == (10, 12):
-            changed_key = (stage, (10, 11), *key[2:])
-            assert new[changed_key] != shard_id
-        else:
-            assert new[key] == shard_id
+    assert {k: v for k, v in old.items() if k[1] != (10, 12)} == {k: v for k, v in new.items() if k[1] != (10, 11)}
+    last_old = {v for k, v in old.items() if k[1] == (10, 12)}
+    last_new = {v for k, v in new.items() if k[1] == (10, 11)}
+    assert last_old and last_new and not last_old & last_new
     gradcam_old, gradcam_new = _ids(before, "gradcam"), _ids(after, "gradcam")
     assert {k: v for k, v in gradcam_old.items() if k[1] != (10, 12)} == {
         k: v for k, v in gradcam_new.items() if k[1] != (10, 11)

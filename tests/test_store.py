@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import pipeline.store as store
+from pipeline.errors import PipelineError
 from pipeline.run_dir import RunDir
 from pipeline.store import ShardOutput, library_versions, read_shard, write_shard
 
@@ -109,7 +110,7 @@ def test_a_write_that_fails_midway_commits_nothing(tmp_path: Path, monkeypatch: 
     assert RunDir(tmp_path).committed() == {"abc"}
 
 
-def test_a_writer_killed_midway_leaves_no_committed_file(tmp_path: Path) -> None:
+def test_a_writer_killed_midway_leaves_nothing(tmp_path: Path) -> None:
     path = RunDir(tmp_path).shard("killed")
     script = textwrap.dedent(f"""
         import sys, time
@@ -142,11 +143,88 @@ def test_a_writer_killed_midway_leaves_no_committed_file(tmp_path: Path) -> None
         process.wait()
     assert not path.exists()
     assert RunDir(tmp_path).committed() == set()
-    leftovers = os.listdir(path.parent)
-    assert len(leftovers) == 1 and leftovers[0].startswith(f".{path.name}.tmp-")  # hidden, never counted
+    assert os.listdir(path.parent) == []  # the file is built in memory: nothing reached the disk
 
 
 def test_library_versions_name_the_stack() -> None:
     versions = library_versions()
     assert {"xai_pipeline", "torch", "torchvision", "numpy", "h5py", "python"} <= versions.keys()
     assert versions["numpy"] == np.__version__
+
+
+def test_every_dataset_is_checksummed_and_the_schema_and_digest_are_recorded(tmp_path: Path) -> None:
+    output = _output()
+    write_shard(tmp_path / "s.h5", output)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        datasets: list[str] = []
+        f.visititems(lambda name, item: datasets.append(name) if isinstance(item, h5py.Dataset) else None)
+        assert all(f[name].fletcher32 for name in datasets)
+        assert sorted(json.loads(f.attrs["schema"])) == sorted(datasets)
+        assert len(f.attrs["digest"]) == 64
+    assert "schema" not in read_shard(tmp_path / "s.h5").attrs
+    empty = ShardOutput(keys=[], labels=np.zeros(0, int), targets=np.zeros(0, int), predicted=np.zeros(0, int),
+                        target_prob=np.zeros(0, np.float32))
+    write_shard(tmp_path / "e.h5", empty)
+    assert store.verify_shard(tmp_path / "e.h5", deep=True) is None
+
+
+def _corrupt(path: Path, how: str) -> None:
+    """Damage a shard file the way the issue found them damaged."""
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "zero bytes":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif how == "flipped byte":  # inside a dataset's chunk: Fletcher-32 catches it
+        data = bytearray(path.read_bytes())
+        with h5py.File(path, "r") as f:
+            chunk = f["maps/layer3"].id.get_chunk_info(0).byte_offset
+        data[chunk + 8] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "dataset deleted":
+        with h5py.File(path, "a") as f:
+            del f["maps/layer3"]
+    elif how == "zeros written":
+        with h5py.File(path, "a") as f:
+            f["maps/layer3"][...] = 0
+    elif how == "attribute edited":
+        with h5py.File(path, "a") as f:
+            f.attrs["next_sample"] = 32
+    elif how == "rows dropped":
+        with h5py.File(path, "a") as f:
+            values = f["values/pcc"][()]
+            del f["values/pcc"]
+            f["values/pcc"] = values[:2]
+
+
+CHEAPLY_FOUND = ["truncated", "zero bytes", "garbage", "dataset deleted"]
+DEEPLY_FOUND = ["flipped byte", "zeros written", "attribute edited", "rows dropped"]
+
+
+@pytest.mark.parametrize("how", CHEAPLY_FOUND + DEEPLY_FOUND)
+def test_a_damaged_shard_is_refused_naming_the_file(tmp_path: Path, how: str) -> None:
+    path = RunDir(tmp_path).shard("abc")
+    write_shard(path, _output())
+    assert store.verify_shard(path, deep=True) is None
+    _corrupt(path, how)
+    with pytest.raises(store.CorruptShardError) as error:
+        read_shard(path)
+    assert str(path) in str(error.value) and error.value.path == path
+    assert isinstance(error.value, PipelineError)
+    deep = store.verify_shard(path, deep=True)
+    assert deep is not None and deep.startswith(str(path)) and "\n" not in deep
+    cheap = store.verify_shard(path, deep=False)
+    assert (cheap is not None) == (how in CHEAPLY_FOUND)
+    if how == "dataset deleted":
+        assert "maps/layer3" in cheap  # type: ignore[operator]
+
+
+def test_a_file_without_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as f:
+        f["images/keys"] = np.array([b"a"])
+    assert "no schema" in store.verify_shard(path, deep=False)  # type: ignore[operator]
+    with pytest.raises(store.CorruptShardError, match="no schema"):
+        read_shard(path)

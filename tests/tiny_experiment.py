@@ -138,7 +138,7 @@ def tiny_config(root: Path, gt_dir: Path | None, checkpoint: Path) -> dict[str, 
         },
         "methods": [
             {"name": "gradcam", "layers": ["layer2", "layer3"]},
-            {"name": "rise", "params": {"n_masks": 64, "grid_size": 4, "batch_size": 16}},
+            {"name": "rise", "params": {"n_masks": 64, "grid_size": 4, "batch_size": 5}},
         ],
         "metrics": [
             {"name": "insertion", "params": {"step": 64}},

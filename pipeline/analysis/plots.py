@@ -35,6 +35,7 @@ __all__ = [
     "curve_plot",
     "metric_distributions",
     "metric_heatmap",
+    "critical_difference_diagram",
     "ground_truth_comparison",
     "save_figure",
     "normalize_map",
@@ -284,6 +285,51 @@ def metric_distributions(
         ax.tick_params(axis="y", labelsize=8)
     for ax in axes[len(metrics):]:
         figure.delaxes(ax)
+    return figure
+
+
+def critical_difference_diagram(run: Run, metric: str, *, n_resamples: int = 999) -> Figure:
+    """Mean ranks of the methods on ``metric``, one panel per layer (Demšar 2006's diagram, with
+    the Wilcoxon-Holm groups of :meth:`Run.compare` instead of Nemenyi's critical difference):
+    rank 1, the best, on the left; a bar joins methods whose every pair is not significantly
+    different (Holm-adjusted p >= 0.05). ``n_resamples`` goes to :meth:`Run.compare` (the
+    diagram does not use the intervals, so fewer is faster)."""
+    table = run.compare(metric, n_resamples=n_resamples)
+    if table.empty:
+        raise ValueError(f"metric: {metric!r} has no two methods with values on the same images")
+    layers = list(dict.fromkeys(table["layer"]))
+    figure = _figure(6.4, 0.3 + 1.2 * len(layers) + 0.25 * table["method_a"].nunique())
+    axes = np.atleast_1d(figure.subplots(len(layers), 1, squeeze=False)[:, 0])
+    for ax, layer in zip(axes, layers):
+        group = table[table["layer"] == layer]
+        ranks = dict(zip(group["method_a"], group["mean_rank_a"])) | dict(zip(group["method_b"], group["mean_rank_b"]))
+        methods = sorted(ranks, key=ranks.__getitem__)
+        different = {frozenset((r.method_a, r.method_b)) for r in group.itertuples() if r.significant}
+        ax.set_xlim(0.8, len(methods) + 0.2)
+        ax.set_ylim(-len(methods) - 1, 1)
+        ax.axhline(0, color="black", linewidth=0.8)
+        for position, method in enumerate(methods):
+            y = -1 - position
+            ax.plot([ranks[method]] * 2, [0, y], color="grey", linewidth=0.6)
+            ax.text(ranks[method], y, f" {method} ({ranks[method]:.2f})", fontsize=7, va="center")
+        bars = []
+        for start in range(len(methods)):
+            stop = start
+            while stop + 1 < len(methods) and all(
+                frozenset((methods[i], methods[stop + 1])) not in different for i in range(start, stop + 1)
+            ):
+                stop += 1
+            if stop > start and not any(a <= start and stop <= b for a, b in bars):
+                bars.append((start, stop))
+        for level, (start, stop) in enumerate(bars):
+            y = 0.3 + 0.2 * level
+            ax.plot([ranks[methods[start]], ranks[methods[stop]]], [y, y], color="black", linewidth=2.5)
+        ax.set_ylim(-len(methods) - 1, 0.5 + 0.2 * len(bars))
+        ax.set_yticks([])
+        ax.set_xlabel("mean rank (1 = best)", fontsize=8)
+        ax.set_title(f"{metric_title(metric)}" + ("" if layer == NO_LAYER else f", layer {layer}"), fontsize=9)
+        for side in ("left", "right", "top"):
+            ax.spines[side].set_visible(False)
     return figure
 
 

@@ -29,9 +29,11 @@ from PIL import Image
 from ..config import config_dict
 from ..errors import PipelineError
 from ..metrics import METRICS
+from ..planning import NO_LAYER
 from ..tables import metric_title, summarize, wide_summary
 from .plots import (
     DPI,
+    critical_difference_diagram,
     curve_plot,
     ground_truth_comparison,
     metric_distributions,
@@ -63,11 +65,13 @@ def default_metric(run: Run) -> str | None:
 
 
 def sample_images(run: Run, count: int, *, with_ground_truth: bool = False) -> list[str]:
-    """Up to ``count`` keys of images that did not fail, taken in turn from each class (key order).
+    """Up to ``count`` keys of images that did not fail and whose maps the run kept, taken in turn
+    from each class (key order).
 
     ``with_ground_truth`` keeps only images that have a ground-truth map.
     """
-    usable = run.images[~run.images["failed"] & (run.images["has_gt"] | (not with_ground_truth))]
+    images = run.images
+    usable = images[~images["failed"] & run.has_maps & (images["has_gt"] | (not with_ground_truth))]
     by_class = [list(group["key"]) for _, group in usable.groupby("label", sort=True)]
     chosen: list[str] = []
     for position in range(max((len(keys) for keys in by_class), default=0)):
@@ -82,11 +86,11 @@ def select_images(run: Run, metric: str, method: str, layer: str | None = None,
     Best and worst follow the metric's direction (higher is better for insertion, lower
     for deletion); typical images are those nearest the median. The three groups do not
     overlap; with few images the later groups (worst, then typical) get fewer. Ties are
-    broken by key order.
+    broken by key order. Only images whose maps the run kept are chosen.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    values = run.values(metric, method, layer).dropna()
+    values = run.values(metric, method, layer)[run.has_maps].dropna()
     spec = METRICS.get(metric)
     higher_is_better = spec is None or spec.higher_is_better
     ranked = values.sort_values(ascending=not higher_is_better, kind="stable")
@@ -186,6 +190,37 @@ def _overview(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["", "value"])
 
 
+def _significance(run: Run, metric: str | None) -> _Section:
+    """Mean rank of every method per metric and layer, ★ marking the best group (``comparison.csv``
+    of the run folder when there is one, else :func:`pipeline.comparison.compare`)."""
+    from ..comparison import best_group, compare
+
+    saved = run.path / "comparison.csv"
+    table = pd.read_csv(saved, keep_default_na=False) if saved.is_file() else compare(run.metrics)
+    section = _Section("Which differences are significant", "significance")
+    if table.empty:
+        section.blocks.append(_Text("No metric has two methods with values on the same images."))
+        return section
+    cells: dict[str, dict[str, str]] = {}
+    for (name, layer), group in table.groupby(["metric", "layer"], sort=True):
+        best = set(best_group(group))
+        column = metric_title(str(name)) + ("" if layer == NO_LAYER else f" ({layer})")
+        ranks = dict(zip(group["method_a"], group["mean_rank_a"])) | dict(zip(group["method_b"], group["mean_rank_b"]))
+        cells[column] = {m: f"{r:.2f}{' ★' if m in best else ''}" for m, r in ranks.items()}
+    frame = pd.DataFrame(cells).fillna("")
+    frame.index.name = "method"
+    section.blocks.append(_Table(frame.reset_index(), "Mean rank over the images each group shares (1 = best); ★: "
+                                 "the best-ranked method and those not significantly different from it (Wilcoxon "
+                                 "signed-rank, Holm-adjusted p >= 0.05). Methods without layers are ranked in every "
+                                 "layer's group. Tests, intervals and effect sizes: comparison.csv / comparison.md."))
+    if metric is not None and metric in set(table["metric"]):
+        section.blocks.append(_Figure(
+            f"critical_difference_{_safe(metric)}",
+            f"{metric_title(metric)}: mean ranks; bars join methods not significantly different.",
+            lambda: critical_difference_diagram(run, metric)))
+    return section
+
+
 def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
     sample = sample_images(run, count)
     views = run.views()
@@ -210,6 +245,7 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
             tables.append(_Text(f"{len(run.class_names)} classes: the means per class are left out here; "
                                 "see `load_run(RUN_DIR).summary(group_by_class=True)`."))
         sections.append(_Section("Summary", "summary", tables))
+        sections.append(_significance(run, metric))
     figures = _Section("Figures", "figures")
     if sample:
         figures.blocks.append(_Figure(

@@ -3,7 +3,7 @@
 A :class:`Run` reads the small per-image arrays of ``results.h5`` once (keys, labels,
 targets, predictions, target probabilities, ground-truth and failure flags) and
 everything else on demand: :meth:`Run.maps` and :meth:`Run.curves` open the file,
-read only the rows asked for from one dataset and close it again; ``metrics.csv``
+read only the rows asked for from one dataset and close it again; ``metrics.parquet``
 is read the first time :attr:`Run.metrics` is used. Rows follow the plan's image
 order (sorted keys), the order of :attr:`Run.images`.
 
@@ -32,7 +32,6 @@ __all__ = ["Run", "load_run", "view_label", "View"]
 #: one (method label, layer) pair of the results
 View = tuple[str, str]
 
-_STRING_COLUMNS = ("key", "class_name", "method", "layer", "metric")
 
 
 def view_label(method: str, layer: str) -> str:
@@ -65,7 +64,7 @@ class Run:
             images = f["images"]
             keys = _names(images["keys"])
             columns = {name: images[name][()] for name in
-                       ("labels", "targets", "predicted", "target_prob", "has_gt", "failed")}
+                       ("labels", "targets", "predicted", "target_prob", "has_gt", "failed", "map_row")}
             datasets: list[str] = []
             f.visititems(lambda name, item: datasets.append(name) if isinstance(item, h5py.Dataset) else None)
             failures = f["failures"]
@@ -83,6 +82,7 @@ class Run:
             "failed": columns["failed"].astype(bool),
         })
         self._row = {key: row for row, key in enumerate(keys)}
+        self._map_row = columns["map_row"]
         self._maps: dict[str, list[str]] = {}
         self._curves: dict[str, dict[str, list[str]]] = {}
         for name in datasets:
@@ -143,7 +143,7 @@ class Run:
 
     @property
     def metric_names(self) -> list[str]:
-        """Metrics with per-image values in ``metrics.csv``, in the config's order."""
+        """Metrics with per-image values in ``metrics.parquet``, in the config's order."""
         present = set(self.metrics["metric"])
         ordered = [m.name for m in self.config.metrics if m.name in present]
         return ordered + sorted(present - set(ordered))
@@ -178,12 +178,26 @@ class Run:
             return rows % count if count else rows
         return np.arange(count, dtype=np.int64)
 
-    def _read(self, name: str, keys: str | Sequence[str] | None, indices: int | Sequence[int] | None) -> np.ndarray:
+    @property
+    def has_maps(self) -> np.ndarray:
+        """Per image (in the order of :attr:`images`), whether ``results.h5`` keeps its maps
+        (the config's ``results.maps``: all, none or a sample)."""
+        return self._map_row >= 0
+
+    def _read(self, name: str, keys: str | Sequence[str] | None, indices: int | Sequence[int] | None,
+              *, maps: bool = False) -> np.ndarray:
         rows = self.rows(keys, indices)
         single = isinstance(keys, str) or (indices is not None and np.ndim(indices) == 0)
+        if maps:
+            missing = rows[self._map_row[rows] < 0]
+            if missing.size:
+                shown = ", ".join(repr(self.images["key"].iloc[r]) for r in missing[:5])
+                raise ValueError(f"{self.results_path} keeps no maps of image(s) {shown} (results.maps of the "
+                                 f"config: maps are kept for all images, none or a sample)")
+            rows = self._map_row[rows]
         with h5py.File(self.results_path, "r") as f:
             dataset = f[name]
-            if keys is None and indices is None:
+            if keys is None and indices is None and not maps:
                 data = dataset[()]
             else:
                 unique = np.unique(rows)
@@ -196,9 +210,10 @@ class Run:
         """Saliency maps ``[n, H, W]`` of one view, for ``keys`` or ``indices`` (default: every image).
 
         A single key (a ``str``) or a single index (an ``int``) gives one map ``[H, W]``.
-        ``layer`` may be left out for a method with one layer. Failed images have NaN maps.
+        ``layer`` may be left out for a method with one layer. Failed images have NaN maps; an
+        image whose maps the run did not keep (:attr:`has_maps`) raises ValueError.
         """
-        return self._read(f"maps/{method}/{self._layer(method, layer)}", keys, indices)
+        return self._read(f"maps/{method}/{self._layer(method, layer)}", keys, indices, maps=True)
 
     def curves(self, metric: str, method: str, layer: str | None = None, *,
                keys: str | Sequence[str] | None = None, indices: int | Sequence[int] | None = None) -> np.ndarray:
@@ -215,17 +230,23 @@ class Run:
 
     @functools.cached_property
     def metrics(self) -> pd.DataFrame:
-        """The tidy per-image table of ``metrics.csv`` (one row per image, method, layer and metric)."""
-        return pd.read_csv(
-            self.path / "metrics.csv",
-            dtype={column: str for column in _STRING_COLUMNS},
-            keep_default_na=False,
-            na_values={"value": ["", "nan", "NaN"]},
-        )
+        """The tidy per-image table of ``metrics.parquet`` (one row per image, method, layer and metric)."""
+        return pd.read_parquet(RunDir(self.path).metrics_parquet)
 
     def summary(self, by: Sequence[str] = ("method", "layer"), group_by_class: bool = False) -> pd.DataFrame:
         """Mean, variance, std, 95% CI and count per group and metric (:func:`pipeline.tables.summarize`)."""
         return summarize(self.metrics, by=by, group_by_class=group_by_class)
+
+    def compare(self, metric: str, *, n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+        """Paired comparison of the methods on ``metric``: one row per layer and pair of methods,
+        with bootstrap intervals, Wilcoxon-Holm tests, effect sizes, mean ranks and Friedman's
+        test (:func:`pipeline.comparison.compare`)."""
+        from ..comparison import compare
+
+        if metric not in self.metric_names:
+            raise ValueError(f"unknown metric {metric!r} in {self.path}; metrics: {', '.join(self.metric_names)}")
+        rows = self.metrics[self.metrics["metric"] == metric]
+        return compare(rows, n_resamples=n_resamples, confidence=confidence, seed=seed)
 
     def values(self, metric: str, method: str, layer: str | None = None) -> pd.Series:
         """Per-image values of ``metric`` for one view, indexed by key in the order of :attr:`images`."""

@@ -1,6 +1,8 @@
 """Explanation methods: ``build_method(name, model, **params)`` and the ``METHODS`` registry.
 
 Each method lives in its own module over the bases of :mod:`pipeline.methods.base`.
+``random`` and ``centre`` are baselines (chance and centre bias) that every evaluation
+should print beside the real methods.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ _REGISTRY: dict[str, str] = {
     "scorecam": "scorecam:ScoreCam",
     "lime": "lime:Lime",
     "extremal": "extremal:ExtremalPerturbation",
+    "random": "random_map:RandomMap",
+    "centre": "centre:CentreBias",
 }
 
 #: the names of all methods

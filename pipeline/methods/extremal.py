@@ -33,8 +33,8 @@ __all__ = [
 #: inverse temperature of the smooth max that pools the grid points (TorchRay's value)
 SMOOTH_MAX_COLDNESS = 20.0
 
-#: what the area constraint ranks (see :class:`ExtremalPerturbation`)
-AREA_MODES = ("margin", "image", "torchray")
+#: what the area constraint ranks (see :class:`ExtremalPerturbation`); the first is the default
+AREA_MODES = ("torchray", "margin", "image")
 
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
@@ -216,17 +216,17 @@ class ExtremalPerturbation(Explainer):
     - ``jitter`` (TorchRay, not in the paper): the perturbed images are flipped
       horizontally on even iterations.
 
-    The area constraint (``area_mode``), where the paper and TorchRay differ. The paper
-    ranks the image pixels (``"image"``). Then grid points near the border, whose
-    kernels reach partly outside the image, pay less area penalty than inner ones and
-    the masks drift into the corners. TorchRay ranks the pixels of a canvas reaching
-    ``sigma`` pixels beyond the image, with ``a`` a fraction of that canvas
-    (``"torchray"``), so its masks cover more than ``a`` of the image (1.4 times for
-    224 x 224 inputs). The default, ``"margin"``, ranks the same canvas (margin
-    ``round(sigma)`` on every side) but with a step profile of ``a * H * W`` ones: a
-    mask inside the image covers the fraction ``a`` of it, and mask spread beyond the
-    border counts too. The masks returned are those of the final parameters (TorchRay
-    returns those of the last forward, one step earlier).
+    The area constraint (``area_mode``), where the paper and the reference implementation
+    (TorchRay, ``torchray.attribution.extremal_perturbation``) differ. The default,
+    ``"torchray"``, is the reference's: it ranks the pixels of a canvas reaching
+    ``sigma`` pixels beyond the image (here ``round(sigma)`` on every side), with ``a``
+    a fraction of that canvas, so the masks cover more than ``a`` of the image (1.4
+    times for 224 x 224 inputs). ``"margin"`` ranks the same canvas with a step profile
+    of ``a * H * W`` ones, so a mask inside the image covers the fraction ``a`` of it.
+    ``"image"``, the paper's formula, ranks the image pixels only; then grid points near
+    the border, whose kernels reach partly outside the image, pay less area penalty than
+    inner ones and the masks drift into the corners. The masks returned are those of the
+    final parameters (TorchRay returns those of the last forward, one step earlier).
 
     :meth:`explain_masks` gives the masks ``[B, K, H, W]``. :meth:`explain` returns
     their sum over the areas, smoothed with :func:`gaussian_blur` of
@@ -255,7 +255,7 @@ class ExtremalPerturbation(Explainer):
         momentum: float = 0.9,
         dampening: float = 0.9,
         jitter: bool = True,
-        area_mode: str = "margin",
+        area_mode: str = "torchray",
         smooth: float = 0.09,
     ) -> None:
         super().__init__(model)

@@ -39,12 +39,17 @@ __all__ = [
     "make_substrate",
     "model_device",
     "SUBSTRATES",
+    "BLURS",
 ]
 
 Substrate = Literal["blur", "zeros", "mean"] | Tensor
+Blur = Literal["rise", "gaussian"]
 
 #: the substrates named by a string
 SUBSTRATES = ("blur", "zeros", "mean")
+
+#: the kernels of the ``"blur"`` substrate (see :func:`blur_substrate`)
+BLURS = ("rise", "gaussian")
 
 #: radius of SciPy's ``gaussian_filter`` (truncate 4.0), used by the RISE reference kernel
 _SCIPY_TRUNCATE = 4.0
@@ -59,17 +64,22 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
-def check_curve_parameters(size: tuple[int, int], *, step: int, substrate: Substrate, batch_size: int) -> None:
+def check_curve_parameters(
+    size: tuple[int, int], *, step: int, substrate: Substrate, blur: Blur, batch_size: int
+) -> None:
     """Raise ``ValueError`` naming the parameter unless insertion and deletion can score ``size`` maps so.
 
     ``step`` and ``batch_size`` are positive integers, ``substrate`` is one of
-    :data:`SUBSTRATES` or a tensor, and ``step`` is at most the number of pixels (a larger
-    step gives the same one-step curve from the start image to the end image).
+    :data:`SUBSTRATES` or a tensor, ``blur`` one of :data:`BLURS` (checked whatever the
+    substrate), and ``step`` is at most the number of pixels (a larger step gives the
+    same one-step curve from the start image to the end image).
     """
     positive_integer("step", step)
     positive_integer("batch_size", batch_size)
     if not isinstance(substrate, Tensor) and substrate not in SUBSTRATES:
         raise ValueError(f"substrate must be 'blur', 'zeros', 'mean' or a tensor, got {substrate!r}")
+    if blur not in BLURS:
+        raise ValueError(f"blur must be 'rise' or 'gaussian', got {blur!r}")
     pixels = size[0] * size[1]
     if step > pixels:
         raise ValueError(f"step {step} exceeds the {pixels} pixels of a {size[0]}x{size[1]} map")
@@ -87,17 +97,18 @@ def pixel_rank(maps: Tensor) -> Tensor:
     return torch.empty_like(order, dtype=torch.int32).scatter_(1, order, positions)
 
 
-def blur_substrate(
-    images: Tensor, *, kernel_size: int = 11, sigma: float = 5.0, kernel: Literal["gaussian", "rise"] = "gaussian"
-) -> Tensor:
+def blur_substrate(images: Tensor, *, kernel_size: int = 11, sigma: float = 5.0, kernel: Blur = "rise") -> Tensor:
     """Blur each channel of ``images`` ``[B, C, H, W]`` with zero padding (same shape and dtype).
 
-    ``kernel="gaussian"`` (used by ``substrate="blur"``) is the sampled Gaussian
-    ``exp(-(x^2 + y^2) / (2 sigma^2))`` on a ``kernel_size`` square, normalized to sum 1.
-    ``kernel="rise"`` is the kernel of the RISE reference code, which smooths an
-    ``kernel_size`` square delta with SciPy's ``gaussian_filter`` (``sigma``, reflecting
-    borders): the Gaussian tails beyond the square fold back, so it is flatter. Pass
-    ``blur_substrate(images, kernel="rise")`` as ``substrate`` to use it.
+    ``kernel="rise"`` (the default) is the kernel of the RISE evaluation code
+    (github.com/eclique/RISE, ``evaluation.py``: ``gkern(11, 5)``), with which the RISE
+    paper's and the users' Insertion numbers were computed: SciPy's
+    ``gaussian_filter(delta, sigma)`` of a ``kernel_size`` square unit impulse (default
+    ``mode="reflect"``, ``truncate=4.0``), applied as a 2-D convolution. The reflections
+    fold the Gaussian's tails back into the square, so it is flatter than a sampled
+    Gaussian and sums to 1 only up to what lies beyond the reach. ``kernel="gaussian"``
+    is the sampled Gaussian ``exp(-(x^2 + y^2) / (2 sigma^2))`` on the square,
+    normalized to sum 1.
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
@@ -115,10 +126,11 @@ def blur_substrate(
     return filter_2d(images.to(work_dtype), taps, "zeros").to(images.dtype)
 
 
-def make_substrate(images: Tensor, substrate: Substrate) -> Tensor:
+def make_substrate(images: Tensor, substrate: Substrate, blur: Blur = "rise") -> Tensor:
     """The substrate images for ``images`` ``[B, C, H, W]``, broadcast to their shape.
 
-    ``"blur"``: :func:`blur_substrate` (kernel 11, sigma 5, zero padding, per channel);
+    ``"blur"``: :func:`blur_substrate` with kernel ``blur`` (11 x 11, sigma 5, zero
+    padding, per channel);
     ``"zeros"``: zeros in the (normalized) input space; ``"mean"``: each image's
     per-channel mean; a tensor: used as given, broadcast to ``images``.
     """
@@ -133,7 +145,7 @@ def make_substrate(images: Tensor, substrate: Substrate) -> Tensor:
             )
         return substrate.to(device=images.device, dtype=images.dtype).expand_as(images)
     if substrate == "blur":
-        return blur_substrate(images)
+        return blur_substrate(images, kernel=blur)
     if substrate == "zeros":
         return images.new_zeros(()).expand_as(images)
     if substrate == "mean":
@@ -149,18 +161,20 @@ def insertion(
     *,
     step: int = 224,
     substrate: Substrate = "blur",
+    blur: Blur = "rise",
     batch_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
     """Insertion AUC ``[B]`` and curves ``[B, n_steps + 1]`` (float32, on the model's device).
 
     ``images`` ``[B, C, H, W]`` are model inputs (normalized), ``maps`` ``[B, H, W]``
     saliency at the images' size, ``targets`` ``[B]`` class indices. The curve starts on
-    the substrate (see :func:`make_substrate`) and inserts the original pixels, most
-    salient first (ties: :func:`pixel_rank`). AUC is
+    the substrate (see :func:`make_substrate`; by default the images blurred with the
+    RISE evaluation code's kernel, ``blur="rise"``, as in the RISE paper) and inserts
+    the original pixels, most salient first (ties: :func:`pixel_rank`). AUC is
     ``(sum(curve) - (curve[0] + curve[-1]) / 2) / n_steps``. The model runs under
     ``no_grad`` in its current mode, on ``batch_size`` step images at a time.
     """
-    return _perturbation_curves(model, images, maps, targets, step, substrate, batch_size, inserting=True)
+    return _perturbation_curves(model, images, maps, targets, step, substrate, blur, batch_size, inserting=True)
 
 
 def deletion(
@@ -171,14 +185,16 @@ def deletion(
     *,
     step: int = 224,
     substrate: Substrate = "zeros",
+    blur: Blur = "rise",
     batch_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
     """Deletion AUC ``[B]`` and curves ``[B, n_steps + 1]`` (float32, on the model's device).
 
     As :func:`insertion`, but the curve starts on the original images and replaces their
-    pixels, most salient first, by the substrate (default zeros, as in RISE).
+    pixels, most salient first, by the substrate (default zeros, as in RISE; ``blur``
+    matters only for ``substrate="blur"``).
     """
-    return _perturbation_curves(model, images, maps, targets, step, substrate, batch_size, inserting=False)
+    return _perturbation_curves(model, images, maps, targets, step, substrate, blur, batch_size, inserting=False)
 
 
 def _perturbation_curves(
@@ -188,6 +204,7 @@ def _perturbation_curves(
     targets: Tensor,
     step: int,
     substrate: Substrate,
+    blur: Blur,
     batch_size: int,
     *,
     inserting: bool,
@@ -196,13 +213,13 @@ def _perturbation_curves(
     n_images, _, height, width = images.shape
     if maps.shape != (n_images, height, width):
         raise ValueError(f"maps must be [B, H, W]={[n_images, height, width]}, got shape {tuple(maps.shape)}")
-    check_curve_parameters((height, width), step=step, substrate=substrate, batch_size=batch_size)
+    check_curve_parameters((height, width), step=step, substrate=substrate, blur=blur, batch_size=batch_size)
     device = model_device(model, images.device)
     images, maps, targets = images.to(device), maps.to(device), targets.to(device)
     if torch.isnan(maps).any():
         raise ValueError("maps contain NaN; the pixel order is undefined")
 
-    background = make_substrate(images, substrate)
+    background = make_substrate(images, substrate, blur)
     start, end = (background, images) if inserting else (images, background)
     n_steps = -(-height * width // step)
     points = n_steps + 1

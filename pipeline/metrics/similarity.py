@@ -81,19 +81,20 @@ def ssim(
     maps: Tensor,
     gt: Tensor,
     *,
-    gaussian_weights: bool = True,
+    gaussian_weights: bool = False,
     sigma: float = 1.5,
     win_size: int | None = None,
-    use_sample_covariance: bool = False,
+    use_sample_covariance: bool = True,
 ) -> Tensor:
     """Mean structural similarity ``[B]`` between each map and its ground truth.
 
     Equals ``skimage.metrics.structural_similarity(a, b, data_range=1,
     gaussian_weights=..., sigma=..., win_size=..., use_sample_covariance=...)`` on the
-    prepared maps ``a, b`` (:func:`prepare_pair`). The defaults are those of Wang et al.
-    (2004): a Gaussian window (sigma 1.5, reaching ``int(3.5 * sigma + 0.5)`` pixels, so
-    11 x 11) and population covariances; scikit-image's own defaults differ (uniform
-    window, sample covariance). ``win_size`` (odd, default ``2 * radius + 1`` for the
+    prepared maps ``a, b`` (:func:`prepare_pair`). The defaults are scikit-image's, which
+    the users call as ``structural_similarity(a, b, data_range=1)``: a 7 x 7 uniform
+    window and sample covariances. Wang et al. (2004) use a Gaussian window
+    (``gaussian_weights=True``, sigma 1.5, reaching ``int(3.5 * sigma + 0.5)`` pixels,
+    so 11 x 11) and population covariances (``use_sample_covariance=False``). ``win_size`` (odd, default ``2 * radius + 1`` for the
     Gaussian window and 7 for the uniform one) sets the uniform window, the border of
     ``(win_size - 1) // 2`` pixels left out of the mean, and the sample-covariance
     factor; the local statistics use reflecting borders, as scikit-image does.

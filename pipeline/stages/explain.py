@@ -4,12 +4,16 @@ Direct methods (CAM, extremal) store maps. A sampled method (RISE, LIME) walks i
 sample range and keeps its running sums; they are saved to the shard's checkpoint
 every ``checkpoint_every`` seconds and whenever :meth:`ExplainStage.save_progress`
 is called (e.g. on a scheduler's signal). A later attempt continues from there and
-ends identical to an uninterrupted run.
+ends identical to an uninterrupted run. A checkpoint that is corrupt, or whose
+``next_sample`` disagrees with the sample count of its sums, is moved to
+``shards/corrupt/`` and the shard starts afresh.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -17,10 +21,12 @@ from torch import Tensor
 
 from ..methods import CamExplainer, Partial, SampledExplainer, build_method
 from ..planning import NO_LAYER, Shard, method_params
-from ..store import ShardOutput, read_shard, write_shard
+from ..store import CorruptShardError, ShardOutput, read_shard, write_shard
 from .context import RunContext
 
 __all__ = ["ExplainStage"]
+
+logger = logging.getLogger(__name__)
 
 
 class ExplainStage:
@@ -89,7 +95,12 @@ class ExplainStage:
         start, stop = shard.samples  # type: ignore[misc]
         path = self.context.run_dir.checkpoint(shard.id)
         if path.is_file():
-            saved = read_shard(path)
+            try:
+                saved = read_progress(path, start)
+            except CorruptShardError as error:
+                target = self.context.run_dir.quarantine(path, error.reason)
+                logger.warning("corrupt checkpoint moved to %s, the shard starts afresh: %s", target, error.reason)
+                return explainer.steps(images, targets, start, stop)
             if saved.keys == output.keys:
                 device = self.context.device
                 partial = Partial(
@@ -103,6 +114,19 @@ class ExplainStage:
                     pass
             path.unlink()
         return explainer.steps(images, targets, start, stop)
+
+
+def read_progress(path: Path, start: int) -> ShardOutput:
+    """A checkpoint whose ``next_sample`` agrees with its sums (their ``count`` of samples, when they
+    keep one); raises :class:`CorruptShardError` naming the file otherwise."""
+    saved = read_shard(path)
+    next_sample = saved.attrs.get("next_sample")
+    if not isinstance(next_sample, int):
+        raise CorruptShardError(path, f"its next_sample is {next_sample!r}, not a sample index")
+    count = saved.sums.get("count")
+    if count is not None and (count != next_sample - start).any():
+        raise CorruptShardError(path, f"its next_sample {next_sample} disagrees with the sample count of its sums")
+    return saved
 
 
 def with_partial(output: ShardOutput, partial: Partial) -> ShardOutput:

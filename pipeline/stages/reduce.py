@@ -22,7 +22,12 @@ moments for the summary, so memory does not grow with the number of images.
 plan's image order (sorted keys). The merged maps do not depend on how the work
 was sharded. Metric rows are in the config's order of methods, then by layer, image
 chunk and metric. Beside it: ``summary.{csv,md,tex}`` and ``failures.csv`` (see
-:mod:`pipeline.tables`).
+:mod:`pipeline.tables`) and ``comparison.{csv,md}`` (see
+:mod:`pipeline.comparison`); their SHA-256 digests are in the attribute ``tables`` of
+``results.h5``, which is renamed into place last (see :func:`pipeline.integrity.results_whole`).
+
+A shard file that is corrupt is never merged: it is moved to ``shards/corrupt/`` (with
+the score shards that read it) and the reduce stops, naming it and ``xai-pipeline resume``.
 """
 from __future__ import annotations
 
@@ -38,11 +43,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..comparison import write_comparison
 from ..config import ExperimentConfig, ResultsConfig, load_config
+from ..digests import file_digest
 from ..errors import PipelineError
+from ..integrity import TABLES_ATTRIBUTE, quarantine_shards
 from ..planning import Plan, Shard
-from ..run_dir import RunDir, temporary_path
-from ..store import atomic_h5, read_shard
+from ..run_dir import RunDir, atomic_write, temporary_path
+from ..store import CorruptShardError, ShardOutput, atomic_h5, read_shard
 from ..tables import METRIC_COLUMNS, Moments, write_summary
 from .merge import merge_outputs
 
@@ -52,6 +60,8 @@ __all__ = ["ReduceError", "ReduceResult", "reduce_run", "kept_map_rows", "CSV_MA
 CSV_MAX_ROWS = 1_000_000
 _STR = h5py.string_dtype()
 _ROW_GROUP = 1 << 16
+#: the columns the comparison between methods reads back
+_COMPARED = ["key", "method", "layer", "metric", "value"]
 _SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int64()), ("class_name", pa.string()), ("target", pa.int64()),
     ("predicted", pa.int64()), ("method", pa.string()), ("layer", pa.string()), ("metric", pa.string()),
@@ -60,7 +70,7 @@ _SCHEMA = pa.schema([
 
 
 class ReduceError(PipelineError, RuntimeError):
-    """The run cannot be reduced yet (shards are missing)."""
+    """The run cannot be reduced yet (shards are missing or corrupt)."""
 
 
 @dataclasses.dataclass
@@ -145,6 +155,22 @@ class _MetricRows:
                 self._csv_tmp.unlink(missing_ok=True)
 
 
+def _read(folder: RunDir, plan: Plan, shard: Shard) -> ShardOutput:
+    """Shard ``shard``'s output; a corrupt file is quarantined and the reduce stops, saying how to fix it."""
+    try:
+        output = read_shard(folder.shard(shard.id))
+        missing = [m for m in shard.metrics if m not in output.values] if output.keys else []
+        if missing:
+            raise CorruptShardError(folder.shard(shard.id), f"it has no values of {', '.join(missing)}")
+        return output
+    except CorruptShardError as error:
+        again = quarantine_shards(folder, plan, {shard.id: error.reason})
+        raise ReduceError(
+            f"{error}; it is moved to {folder.corrupt} and nothing was merged: "
+            f"run `xai-pipeline resume {folder.root}` to compute it again ({len(again)} shard(s)), then reduce"
+        ) from None
+
+
 def _explain_groups(plan: Plan) -> Iterator[list[Shard]]:
     """The explain shards of each (method entry, image chunk), in plan order, by sample range."""
     groups: dict[tuple[str, tuple[int, int]], list[Shard]] = {}
@@ -211,7 +237,7 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
     score_shards = _score_order(config, plan)
     expected_rows = sum((s.images[1] - s.images[0]) * len(s.metrics) for s in score_shards)
     rows = _MetricRows(folder, expected_rows <= CSV_MAX_ROWS, group_by_class)
-    written = False
+    closed = False
     try:
         with atomic_h5(folder.results) as f:
             f.attrs.update(
@@ -223,7 +249,7 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
             )
             groups = list(_explain_groups(plan))
             for shards in tqdm(groups, desc="merge", disable=quiet):
-                merged = merge_outputs(config, shards, [read_shard(folder.shard(s.id)) for s in shards])
+                merged = merge_outputs(config, shards, [_read(folder, plan, s) for s in shards])
                 indices = np.array([row[k] for k in merged.images.keys], dtype=np.int64)
                 failures.update(merged.images.failures)
                 if not len(indices):
@@ -235,14 +261,13 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
                 for layer, maps in merged.maps.items():
                     name = f"maps/{shards[0].method}/{layer}"
                     if name not in f:
-                        f.create_dataset(
-                            name, shape=(len(kept), height, width), dtype="f4", chunks=(1, height, width),
-                            compression="gzip", compression_opts=1, fillvalue=np.nan,
-                        )
+                        layout = {"chunks": (1, height, width), "compression": "gzip", "compression_opts": 1}
+                        f.create_dataset(name, shape=(len(kept), height, width), dtype="f4", fillvalue=np.nan,
+                                         **(layout if len(kept) else {}))
                     if stored.any():
                         f[name][map_row[indices[stored]]] = maps[stored]
             for shard in tqdm(score_shards, desc="scores", disable=quiet):
-                output = read_shard(folder.shard(shard.id))
+                output = _read(folder, plan, shard)
                 layer = shard.layers[0]
                 indices = np.array([row[k] for k in output.keys], dtype=np.int64)
                 if not len(indices):
@@ -271,11 +296,17 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
             group = f.create_group("failures")
             group.create_dataset("keys", data=np.array(list(failures), dtype=object), dtype=_STR)
             group.create_dataset("messages", data=np.array(list(failures.values()), dtype=object), dtype=_STR)
-        written = True
+            closed = True
+            rows.close(committed=True)
+            columns = ["method", "layer"] + (["class_name"] if group_by_class else []) + ["metric"]
+            summary = rows.moments.frame(columns, _summary_order(config, plan, group_by_class))
+            write_summary(summary, folder.root, group_by_class=group_by_class)
+            write_comparison(pd.read_parquet(folder.metrics_parquet, columns=_COMPARED), folder.root)
+            table = pd.DataFrame({"key": list(failures), "error": list(failures.values())})
+            atomic_write(folder.failures_csv, table.to_csv(index=False))
+            written = [p for p in folder.outputs() if p != folder.results and p.is_file()]
+            f.attrs[TABLES_ATTRIBUTE] = json.dumps({p.name: file_digest(p) for p in written})
     finally:
-        rows.close(committed=written)
-    columns = ["method", "layer"] + (["class_name"] if group_by_class else []) + ["metric"]
-    summary = rows.moments.frame(columns, _summary_order(config, plan, group_by_class))
-    write_summary(summary, folder.root, group_by_class=group_by_class)
-    pd.DataFrame({"key": list(failures), "error": list(failures.values())}).to_csv(folder.failures_csv, index=False)
+        if not closed:
+            rows.close(committed=False)
     return ReduceResult(folder.results, folder.metrics_parquet, summary, failures)

@@ -5,24 +5,31 @@ shards by id: the explain stage (:mod:`pipeline.stages.explain`) or the score st
 (:mod:`pipeline.stages.score`) computes the shard's output and :func:`commit_shard`
 writes it, the one way a shard is committed. A failure is recorded beside the shard
 (``kind`` ``data`` for bad input, not worth retrying; ``error`` otherwise).
+
+A committed shard that turns out corrupt (see :mod:`pipeline.integrity`) is moved to
+``shards/corrupt/`` and computed again, with the score shards that read it.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from pathlib import Path
 from typing import Iterator
 
 from ..data import DataError
+from ..integrity import find_corrupt, quarantine_shards
 from ..planning import Plan, Shard
 from ..run_dir import RunDir
-from ..store import ShardOutput, library_versions, write_shard
+from ..store import CorruptShardError, ShardOutput, library_versions, verify_shard, write_shard
 from .context import RunContext
 from .explain import ExplainStage
 from .score import ScoreStage
 
 __all__ = ["ShardRunner", "ShardError", "run_shards", "commit_shard"]
+
+logger = logging.getLogger(__name__)
 
 
 class ShardError(RuntimeError):
@@ -62,6 +69,8 @@ class ShardRunner:
         self.context = RunContext.load(run_dir, device)
         self.explain = ExplainStage(self.context, checkpoint_every=checkpoint_every)
         self.score = ScoreStage(self.context)
+        #: shards whose committed file was found corrupt or read one, removed to be computed again
+        self.invalidated: set[str] = set()
 
     @property
     def run_dir(self) -> RunDir:
@@ -71,23 +80,57 @@ class ShardRunner:
     def plan(self) -> Plan:
         return self.context.plan
 
+    def committed(self, shard_id: str) -> bool:
+        """True when shard ``shard_id`` is committed and its file whole (cheap check); a corrupt
+        file is moved to ``shards/corrupt/``, with the score shards that read it, and False returned."""
+        path = self.run_dir.shard(shard_id)
+        if not path.is_file():
+            return False
+        reason = verify_shard(path, deep=False)
+        if reason is None:
+            return True
+        self.invalidated.update(quarantine_shards(self.run_dir, self.plan, {shard_id: reason}))
+        return False
+
     def run(self, shard_id: str, *, force: bool = False) -> Path:
-        """Compute and commit one shard (skipped when already committed, unless ``force``)."""
+        """Compute and commit one shard (skipped when committed and whole, unless ``force``)."""
         shard = self.plan.shard(shard_id)
         path = self.run_dir.shard(shard.id)
-        if path.is_file() and not force:
+        if not force and self.committed(shard.id):
             return path
         started = time.perf_counter()
-        stage = self.explain if shard.stage == "explain" else self.score
         try:
-            output = stage.compute(shard)
+            output = self._compute(shard)
             return commit_shard(self.context, shard, output, wall_time_s=time.perf_counter() - started)
         except DataError as error:
-            self.run_dir.record_error(shard.id, str(error), kind="data")
+            self._record(shard.id, str(error), kind="data")
             raise ShardError(f"shard {shard.describe()}: {error}", kind="data") from error
         except Exception as error:
-            self.run_dir.record_error(shard.id, f"{type(error).__name__}: {error}", kind="error")
+            self._record(shard.id, f"{type(error).__name__}: {error}", kind="error")
             raise
+
+    def _record(self, shard_id: str, message: str, *, kind: str) -> None:
+        """Record a shard's failure; when even that fails (a full disk), say so and go on."""
+        try:
+            self.run_dir.record_error(shard_id, message, kind=kind)
+        except OSError as error:
+            logger.warning("cannot record the failure of shard %s (%s): %s", shard_id, error, message)
+
+    def _compute(self, shard: Shard) -> ShardOutput:
+        """The shard's output; an explain shard a score shard reads that turns out corrupt is
+        quarantined and computed again first."""
+        if shard.stage == "explain":
+            return self.explain.compute(shard)
+        for _ in shard.after:
+            try:
+                return self.score.compute(shard)
+            except CorruptShardError as error:
+                culprit = next((i for i in shard.after if self.run_dir.shard(i) == error.path), None)
+                if culprit is None:
+                    raise
+                self.invalidated.update(quarantine_shards(self.run_dir, self.plan, {culprit: error.reason}))
+                self.run(culprit)
+        return self.score.compute(shard)
 
     def save_progress(self) -> None:
         """Save the running sums of the sampled shard in progress, if any (safe from a signal handler)."""
@@ -106,24 +149,44 @@ def _progress_bar(total: int, enabled: bool | None) -> Iterator[object]:
 def run_shards(
     run_dir: str | Path | RunDir, shard_ids: list[str], *, progress: bool | None = None, force: bool = False
 ) -> dict[str, str]:
-    """Run shards in this process, in order; returns ``{shard id: error}`` for those that failed.
+    """Run shards in this process, explain before score; returns ``{shard id: error}`` for those that failed.
 
-    Committed shards are skipped (unless ``force``). A failing shard is recorded and the
-    others go on; a score shard whose explain shards failed is skipped with that reason.
+    Temporary files of interrupted writes are removed first, and every committed shard of
+    the plan is checked: a corrupt one is quarantined and computed again, with the score
+    shards that read it, besides ``shard_ids``. Committed shards are skipped (unless
+    ``force``). A failing shard is recorded and the others go on; a score shard whose
+    explain shards failed is skipped with that reason.
     """
     runner = ShardRunner(run_dir)
-    done = runner.run_dir.committed()
+    folder, plan = runner.run_dir, runner.plan
+    removed = folder.remove_stale_temporaries()
+    if removed:
+        logger.warning("removed %d temporary file(s) of interrupted writes in %s", len(removed), folder.root)
+    again = quarantine_shards(folder, plan, find_corrupt(folder, [s.id for s in plan.shards]))
+    queue = _explain_first(plan, [*shard_ids, *(i for i in again if i not in set(shard_ids))])
     failed: dict[str, str] = {}
-    with _progress_bar(len(shard_ids), progress) as bar:
-        for shard_id in shard_ids:
-            shard = runner.plan.shard(shard_id)
+    with _progress_bar(len(queue), progress) as bar:
+        position = 0
+        while position < len(queue):
+            shard_id = queue[position]
+            position += 1
+            shard = plan.shard(shard_id)
             blocked = [i for i in shard.after if i in failed]
             if blocked:
                 failed[shard_id] = f"skipped: it needs failed shard(s) {', '.join(blocked)}"
-            elif force or shard_id not in done:
+            elif force or not runner.committed(shard_id):
                 try:
                     runner.run(shard_id, force=force)
                 except Exception as error:  # every failure is recorded; the other shards go on
                     failed[shard_id] = str(error)
+            redo = [i for i in sorted(runner.invalidated) if i not in queue[position:] and not runner.committed(i)]
+            runner.invalidated.clear()
+            queue[position:] = _explain_first(plan, [*queue[position:], *redo])
+            bar.total = len(queue)  # type: ignore[attr-defined]
             bar.update(1)  # type: ignore[attr-defined]
     return failed
+
+
+def _explain_first(plan: Plan, shard_ids: list[str]) -> list[str]:
+    """``shard_ids`` with the explain shards first, each stage in the given order."""
+    return sorted(shard_ids, key=lambda i: plan.shard(i).stage != "explain")

@@ -2,8 +2,9 @@
 
 It merges the chunk's explain shards (listed in the shard's ``after``), reloads the
 images and scores the maps. Ground-truth metrics (PCC, SSIM, pointing game) are
-computed for the images that have a ground-truth map; the others get NaN. Model
-metrics never need one.
+computed for the images that have a ground-truth map; the others get NaN, and an
+unusable map (unreadable, NaN or constant) is named in the shard's ``reasons``
+without failing the other images. Model metrics never need one.
 """
 from __future__ import annotations
 
@@ -46,7 +47,16 @@ class ScoreStage:
         metrics = [m for m in context.config.metrics if m.name in shard.metrics]
         needs_gt = any(METRICS[m.name].needs_ground_truth for m in metrics)
         size = context.config.data.image_size
-        gt = [load_gt(r.gt_path, size) if needs_gt and r.gt_path else None for r in loaded]
+        gt: list[Tensor | None] = []
+        gt_reasons: list[str] = []
+        for record in loaded:
+            try:
+                gt.append(load_gt(record.gt_path, size) if needs_gt and record.gt_path else None)
+                gt_reasons.append("")
+            except DataError as error:  # that image's ground-truth metrics are NaN; the others go on
+                gt.append(None)
+                gt_reasons.append(str(error))
+        output.reasons = {m.name: list(gt_reasons) for m in metrics if METRICS[m.name].needs_ground_truth}
         maps = torch.from_numpy(merged.maps[layer]).to(context.device)
         targets = torch.from_numpy(output.targets).to(context.device)
         output.values, output.curves = score_maps(

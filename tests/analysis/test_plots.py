@@ -144,8 +144,8 @@ def test_ground_truth_comparison_skips_images_without_one(run: Run, tiny_run: Pa
     figure = ground_truth_comparison(run, [no_gt_key, "cross/cross_0000"], ["gradcam"])
     panels = [ax for ax in figure.axes if ax.get_images()]
     assert len(panels) == 1 * (2 + 2)
-    plan = json.loads((tiny_run / "plan.json").read_text())
-    gt_path = next(i["gt"] for i in plan["images"] if i["key"] == "cross/cross_0000")
+    images = json.loads((tiny_run / "plan.json").read_text())["images"]
+    gt_path = images["gt"][images["keys"].index("cross/cross_0000")]
     gt = np.asarray(Image.open(gt_path).convert("L"), dtype=np.float64) / 255
     np.testing.assert_allclose(panels[1].get_images()[0].get_array(), _minmax(gt), atol=1e-5)
     assert [ax.get_title().split("\n")[0] for ax in panels[1:]] == ["ground truth", "gradcam / layer2",

@@ -149,3 +149,10 @@ def test_report_opens_in_a_browser_without_a_server(report: Path, tmp_path: Path
     assert images == expected_images + 1
     assert (broken, missing) == (1, "figures/__missing__.png")
     assert tables >= 6
+
+
+def test_report_says_which_differences_are_significant(report: Path) -> None:
+    markdown = (report / "report.md").read_text(encoding="utf-8")
+    assert "Which differences are significant" in markdown and "★" in markdown
+    assert "Insertion ↑ (layer2)" in markdown
+    assert (report / "figures" / "critical_difference_deletion.png").is_file()  # the report's --metric

@@ -25,12 +25,12 @@ def run(tiny_run: Path) -> Run:
 
 def test_images_table_follows_the_plan(run: Run, tiny_run: Path, broken_key: str) -> None:
     plan = json.loads((tiny_run / "plan.json").read_text())
-    expected_keys = [image["key"] for image in plan["images"]]
+    expected_keys = plan["images"]["keys"]
     assert list(run.images["key"]) == expected_keys == sorted(expected_keys)
-    assert list(run.images["label"]) == [image["label"] for image in plan["images"]]
+    assert list(run.images["label"]) == plan["images"]["labels"]
     names = plan["class_names"]
-    assert list(run.images["class_name"]) == [names[image["label"]] for image in plan["images"]]
-    assert list(run.images["has_gt"]) == [image["gt"] is not None for image in plan["images"]]
+    assert list(run.images["class_name"]) == [names[label] for label in plan["images"]["labels"]]
+    assert list(run.images["has_gt"]) == [gt is not None for gt in plan["images"]["gt"]]
     failed = run.images.set_index("key")["failed"]
     assert failed[broken_key] and failed.sum() == 1
     with h5py.File(tiny_run / "results.h5", "r") as f:
@@ -127,13 +127,13 @@ def test_metrics_and_summary(run: Run, tiny_run: Path) -> None:
 
 
 def test_image_and_ground_truth_are_read_from_disk(run: Run, tiny_run: Path, no_gt_key: str) -> None:
-    plan = json.loads((tiny_run / "plan.json").read_text())
-    record = next(image for image in plan["images"] if image["key"] == "cross/cross_0001")
-    expected = np.asarray(Image.open(record["path"]).convert("RGB"), dtype=np.float64) / 255
+    images = json.loads((tiny_run / "plan.json").read_text())["images"]
+    path = images["paths"][images["keys"].index("cross/cross_0001")]
+    expected = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
     image = run.image("cross/cross_0001")
     assert image.shape == (32, 32, 3)
     np.testing.assert_allclose(image, expected, atol=1e-5)
-    gt = np.asarray(Image.open(record["gt"]).convert("L"), dtype=np.float64) / 255
+    gt = np.asarray(Image.open(images["gt"][images["keys"].index("cross/cross_0001")]).convert("L"), dtype=np.float64) / 255
     np.testing.assert_allclose(run.ground_truth("cross/cross_0001"), gt, atol=1e-5)
     with pytest.raises(ValueError, match="no ground-truth map"):
         run.ground_truth(no_gt_key)
@@ -154,3 +154,18 @@ def test_bad_requests_name_what_is_wrong(run: Run, tmp_path: Path) -> None:
         run.curves("ssim", "rise")
     with pytest.raises(FileNotFoundError, match="xai-pipeline reduce"):
         load_run(tmp_path)
+
+
+def test_compare_pairs_the_views_of_one_metric(run: Run) -> None:
+    from scipy import stats
+
+    table = run.compare("insertion", n_resamples=99)
+    assert set(table["metric"]) == {"insertion"} and len(table) >= 1
+    first = table.iloc[0]
+    a = run.values("insertion", first["method_a"], first["layer"] if first["method_a"] != "rise" else None)
+    b = run.values("insertion", first["method_b"], first["layer"] if first["method_b"] != "rise" else None)
+    both = a.notna() & b.notna()
+    assert first["n_images"] == int(both.sum())
+    assert first["p_value"] == pytest.approx(stats.wilcoxon(a[both], b[both]).pvalue)
+    with pytest.raises(ValueError, match="unknown metric"):
+        run.compare("ssim")

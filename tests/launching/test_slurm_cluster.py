@@ -257,7 +257,7 @@ def test_shard_killed_while_writing_leaves_no_file_and_resume_redoes_only_it(
     _wait_idle(run_dir)
 
     assert not RunDir(run_dir).shard(victim).exists()
-    assert list((run_dir / "shards").glob(f".{victim}.h5.tmp-*")), "the killed write left its temporary file"
+    assert list(RunDir(run_dir).shard_folder(victim).glob(f".{victim}.h5.tmp-*")), "the killed write left its temporary file"
     others = [s.id for s in plan.shards if s.id != victim]
     written = {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in others}
     out = _status(run_dir, capsys)

@@ -44,6 +44,12 @@ GOLDEN = Path(__file__).parent / "golden" / "slurm-gpu.sbatch"
 GPU_PROFILE = REPO / "jobs" / "clusters" / "slurm-gpu.yaml"
 
 
+def _touch(path: Path) -> None:
+    """An empty file at ``path``: a committed shard as far as planning and status can tell."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+
+
 def _normalized(script: str, run_dir: Path) -> str:
     return script.replace(str(run_dir), "{RUN_DIR}").replace(shlex.quote(sys.executable), "{PYTHON}")
 
@@ -128,7 +134,7 @@ def test_resume_submits_exactly_the_uncommitted_shards(fake_slurm: FakeSlurm, pl
     plan = _plan(run_dir)
     explain = plan.stage("explain")
     for shard in explain[:4]:
-        RunDir(run_dir).shard(shard.id).touch()  # committed, as far as planning and status can tell
+        _touch(RunDir(run_dir).shard(shard.id))  # committed, as far as planning and status can tell
     launch_run(run_dir, cluster_profile(shards_per_task=3))
     submitted = {i for s in read_submissions(run_dir) for task in s.tasks for i in task}
     assert submitted == {s.id for s in plan.shards} - {s.id for s in explain[:4]}
@@ -210,7 +216,7 @@ def test_status_reads_files_first_and_asks_sacct_once(fake_slurm: FakeSlurm, pla
     launch_run(run_dir, cluster_profile(shards_per_task=2))
     explain = read_submissions(run_dir)[0]
     for shard_id in explain.tasks[0]:
-        RunDir(run_dir).shard(shard_id).touch()
+        _touch(RunDir(run_dir).shard(shard_id))
     fake_slurm.answer(["1_0|COMPLETED", "1_1|RUNNING", "1_2|CANCELLED by 0", "2_[0-1%2]|PENDING", "3|PENDING"])
     status = run_status(run_dir)
     assert status.done == set(explain.tasks[0])
@@ -231,7 +237,7 @@ def test_status_without_a_working_sacct_still_counts_committed_shards(
     plan = _plan(run_dir)
     launch_run(run_dir, cluster_profile())
     for shard in plan.stage("explain")[:3]:
-        RunDir(run_dir).shard(shard.id).touch()
+        _touch(RunDir(run_dir).shard(shard.id))
     if broken == "failing":
         fake_slurm.fail_sacct()
     else:
@@ -291,27 +297,27 @@ def test_job_records_failures_with_the_log_and_fails_only_for_non_data_errors(
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN  # a late timeout signal cannot fail the done job
     assert summary["failed_data"] == [scores[0].id]
     assert not RunDir(run_dir).shard(scores[0].id).exists() and RunDir(run_dir).shard(scores[1].id).is_file()
-    record = RunDir(run_dir).read_error(scores[0).id]
+    record = RunDir(run_dir).read_error(scores[0].id)
     assert (record["kind"], record["log"]) == ("data", str(log))
     assert main(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert f"failed {scores[0].describe()}: [data]" in out and f"(log: {log})" in out
 
-    original = Rise.accumulate
+    original = Rise.group_sums
 
     def failing_on_the_first_samples(self: Rise, images: torch.Tensor, targets: torch.Tensor, start: int,
-                                     stop: int) -> Any:
+                                     stop: int, constants: dict[str, torch.Tensor]) -> Any:
         if start == 0:
             raise RuntimeError("CUDA error: an illegal memory access")
-        return original(self, images, targets, start, stop)
+        return original(self, images, targets, start, stop, constants)
 
-    monkeypatch.setattr(Rise, "accumulate", failing_on_the_first_samples)
+    monkeypatch.setattr(Rise, "group_sums", failing_on_the_first_samples)
     rise = [s for s in plan.stage("explain") if s.method == "rise" and s.images == scores[1].images]
     assert [s.samples for s in rise] == [(0, 16), (16, 32)]
     with pytest.raises(ShardJobError, match=f"1 shard\\(s\\) failed: {rise[0].id}"):
         ShardJob(run_dir, [rise[0].id, rise[1].id])()
     assert RunDir(run_dir).shard(rise[1].id).is_file()  # the job went on after the failure
-    record = RunDir(run_dir).read_error(rise[0).id]
+    record = RunDir(run_dir).read_error(rise[0].id)
     assert record["kind"] == "error" and "illegal memory access" in record["message"] and record["log"] == str(log)
     assert "Traceback" in capsys.readouterr().err
 
@@ -320,24 +326,25 @@ def test_checkpoint_saves_progress_and_the_requeued_job_ends_like_an_uninterrupt
     plan_tiny: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     options = {"gradcam": False, "first_n": 2, "images_per_shard": 2, "samples_per_shard": 32, "rise_masks": 32,
-               "rise_batch": 2}
+               "rise_batch": 16}
     run_dir = plan_tiny("interrupted", **options)
     reference = plan_tiny("uninterrupted", **options)
-    shard = _plan(run_dir).stage("explain")[0]  # one RISE shard, walked in 4 steps of 8 masks
+    shard = _plan(run_dir).stage("explain")[0]  # one RISE shard, walked in 4 forwards of 2 images x 8 masks
     ShardRunner(reference).run(shard.id)
     job = ShardJob(run_dir, [shard.id], max_requeues=1)
     calls: list[tuple[int, int]] = []
     requeued = []
-    original = Rise.accumulate
+    original = Rise.group_sums
 
-    def signalled_at_third_step(self: Rise, images: torch.Tensor, targets: torch.Tensor, start: int, stop: int) -> Any:
+    def signalled_at_third_step(self: Rise, images: torch.Tensor, targets: torch.Tensor, start: int, stop: int,
+                                constants: dict[str, torch.Tensor]) -> Any:
         calls.append((start, stop))
         if len(calls) == 3:
             requeued.append(job.checkpoint())  # what submitit does on the timeout signal ...
             raise SystemExit(-1)  # ... before it exits
-        return original(self, images, targets, start, stop)
+        return original(self, images, targets, start, stop, constants)
 
-    monkeypatch.setattr(Rise, "accumulate", signalled_at_third_step)
+    monkeypatch.setattr(Rise, "group_sums", signalled_at_third_step)
     with pytest.raises(SystemExit):
         job()
     assert not RunDir(run_dir).shard(shard.id).exists()
@@ -348,12 +355,13 @@ def test_checkpoint_saves_progress_and_the_requeued_job_ends_like_an_uninterrupt
     assert isinstance(follow_up, ShardJob)
     assert (follow_up.shard_ids, follow_up.requeues, follow_up.run_dir) == ([shard.id], 1, str(run_dir))
 
-    def counting(self: Rise, images: torch.Tensor, targets: torch.Tensor, start: int, stop: int) -> Any:
+    def counting(self: Rise, images: torch.Tensor, targets: torch.Tensor, start: int, stop: int,
+                 constants: dict[str, torch.Tensor]) -> Any:
         calls.append((start, stop))
-        return original(self, images, targets, start, stop)
+        return original(self, images, targets, start, stop, constants)
 
     calls.clear()
-    monkeypatch.setattr(Rise, "accumulate", counting)
+    monkeypatch.setattr(Rise, "group_sums", counting)
     delayed.result()
     assert calls == [(16, 24), (24, 32)]
     assert not RunDir(run_dir).checkpoint(shard.id).exists()
@@ -410,7 +418,7 @@ def test_a_plan_of_20000_shards_is_planned_submitted_and_shown_in_seconds(
     assert sorted(i for s in submissions for t in s.tasks for i in t) == sorted(s.id for s in plan.shards)
     first_array = [i for task in submissions[0].tasks for i in task]
     for shard_id in first_array:
-        RunDir(run_dir).shard(shard_id).touch()
+        _touch(RunDir(run_dir).shard(shard_id))
     fake_slurm.answer(["1_[0-399]|COMPLETED", "2_[0-9]|RUNNING", "2_[10-399%2]|PENDING", "3_[0-199]|PENDING",
                        "4_[0-399]|PENDING", "5_[0-399]|PENDING", "6_[0-199]|PENDING", "7|PENDING"])
     shown = time.perf_counter()

@@ -67,7 +67,7 @@ def _install_stall(shard_id: str) -> None:
     def stalling_exit(self: atomic_h5, kind: object, error: object, trace: object) -> None:
         if kind is None and self.path.name == f"{shard_id}.h5":
             self.file.flush()
-            stall_marker(self.path.parent.parent, shard_id).write_text(str(os.getpid()))
+            stall_marker(self.path.parents[2], shard_id).write_text(str(os.getpid()))
             while True:
                 time.sleep(60)
         original(self, kind, error, trace)

@@ -70,10 +70,20 @@ def test_last_step_smaller_than_step() -> None:
     torch.testing.assert_close(curves[0], torch.tensor([sigmoid(v) for v in logits]), rtol=0, atol=1e-6)
 
 
-def numpy_blur(images: np.ndarray, size: int = 11, sigma: float = 5.0) -> np.ndarray:
+def sampled_gaussian(size: int = 11, sigma: float = 5.0) -> np.ndarray:
     offsets = np.arange(size) - size // 2
     g = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma**2))
-    kernel = g / g.sum()
+    return g / g.sum()
+
+
+def rise_kernel(size: int = 11, sigma: float = 5.0) -> np.ndarray:
+    """The RISE evaluation code's ``gkern``: SciPy's Gaussian filter of a unit impulse."""
+    delta = np.zeros((size, size))
+    delta[size // 2, size // 2] = 1.0
+    return scipy.ndimage.gaussian_filter(delta, sigma)
+
+
+def numpy_blur(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     out = np.empty_like(images)
     for b in range(images.shape[0]):
         for c in range(images.shape[1]):
@@ -111,7 +121,7 @@ def test_batched_equals_plain_loop(substrate: str, inserting: bool) -> None:
     fill = torch.randn(3, 1, 1, generator=generator)
     images_np = images.numpy().astype(np.float64)
     background = {
-        "blur": numpy_blur(images_np),
+        "blur": numpy_blur(images_np, rise_kernel()),
         "zeros": np.zeros_like(images_np),
         "mean": np.broadcast_to(images_np.mean(axis=(2, 3), keepdims=True), images_np.shape).copy(),
         "tensor": np.broadcast_to(fill.numpy(), images_np.shape).copy(),
@@ -166,23 +176,70 @@ def test_pixel_rank_matches_python_sort() -> None:
         assert [int(rank[i]) for i in order] == list(range(35))
 
 
-def test_blur_equals_explicit_convolution() -> None:
+@pytest.mark.parametrize(("kernel", "reference"), [("rise", rise_kernel), ("gaussian", sampled_gaussian)])
+def test_blur_equals_explicit_convolution(kernel: str, reference) -> None:
     images = torch.randn(2, 3, 7, 13, dtype=torch.float64)  # smaller than the kernel on one side
-    blurred = blur_substrate(images)
+    expected = numpy_blur(images.numpy(), reference())
+    blurred = blur_substrate(images, kernel=kernel)
     assert blurred.dtype == torch.float64
-    np.testing.assert_allclose(blurred.numpy(), numpy_blur(images.numpy()), rtol=0, atol=1e-12)
-    blurred32 = blur_substrate(images.float())
-    np.testing.assert_allclose(blurred32.numpy(), numpy_blur(images.numpy()), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(blurred.numpy(), expected, rtol=0, atol=1e-12)
+    blurred32 = blur_substrate(images.float(), kernel=kernel)
+    np.testing.assert_allclose(blurred32.numpy(), expected, rtol=0, atol=1e-5)
 
 
-def test_rise_kernel_equals_scipy_smoothed_delta() -> None:
-    delta = np.zeros((11, 11))
-    delta[5, 5] = 1.0
-    rise_kernel = scipy.ndimage.gaussian_filter(delta, 5)  # how the RISE reference code builds it
+def test_default_kernel_is_scipy_smoothed_delta() -> None:
     image = torch.zeros(1, 1, 21, 21, dtype=torch.float64)
     image[0, 0, 10, 10] = 1.0
-    response = blur_substrate(image, kernel="rise")[0, 0, 5:16, 5:16]
-    np.testing.assert_allclose(response.numpy(), rise_kernel, rtol=0, atol=1e-12)
+    response = blur_substrate(image)[0, 0, 5:16, 5:16]
+    np.testing.assert_allclose(response.numpy(), rise_kernel(), rtol=0, atol=1e-12)
+    # not the sampled Gaussian: the reflected tails make it flatter
+    assert np.abs(rise_kernel() - sampled_gaussian()).max() > 1e-4
+
+
+def rise_evaluation_insertion(
+    model: nn.Module, image: torch.Tensor, saliency: np.ndarray, target: int, step: int
+) -> np.ndarray:
+    """Insertion as the RISE evaluation code computes it (``CausalMetric.single_run``, mode "ins"):
+    the substrate is ``conv2d`` with ``gkern(11, 5)`` on the diagonal of a 3 x 3 channel kernel
+    and padding 5; pixels in the order ``flip(argsort(saliency))`` are copied ``step`` at a time."""
+    kernel = np.zeros((3, 3, 11, 11))
+    for c in range(3):
+        kernel[c, c] = rise_kernel()
+    start = torch.nn.functional.conv2d(image, torch.from_numpy(kernel).float(), padding=5).numpy()
+    finish = image.numpy()
+    height, width = saliency.shape
+    pixels = height * width
+    n_steps = (pixels + step - 1) // step
+    order = np.flip(np.argsort(saliency.reshape(-1, pixels), axis=1), axis=-1)
+    scores = np.empty(n_steps + 1)
+    for i in range(n_steps + 1):
+        with torch.no_grad():
+            probabilities = torch.softmax(model(torch.from_numpy(start)), dim=1)
+        scores[i] = float(probabilities[0, target])
+        if i < n_steps:
+            coords = order[:, step * i : step * (i + 1)]
+            start.reshape(1, 3, pixels)[0, :, coords] = finish.reshape(1, 3, pixels)[0, :, coords]
+    return scores
+
+
+def test_default_insertion_equals_the_rise_evaluation_code() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 5)).eval()  # sensitive to every pixel
+    with torch.no_grad():
+        model[1].weight.mul_(20)
+    generator = torch.Generator().manual_seed(5)
+    image = torch.randn(1, 3, 16, 16, generator=generator)
+    saliency = torch.rand(1, 16, 16, generator=generator, dtype=torch.float64)  # no ties
+    with torch.no_grad():
+        target = model(image).argmax(dim=1)
+    expected = rise_evaluation_insertion(model, image, saliency[0].numpy(), int(target), 20)
+    auc, curves = insertion(model, image, saliency.float(), target, step=20)
+    np.testing.assert_allclose(curves[0].numpy(), expected, rtol=0, atol=1e-6)
+    expected_auc = (expected.sum() - expected[0] / 2 - expected[-1] / 2) / (len(expected) - 1)
+    assert auc.item() == pytest.approx(expected_auc, abs=1e-6)
+    # the sampled Gaussian gives another curve
+    _, gaussian = insertion(model, image, saliency.float(), target, step=20, blur="gaussian")
+    assert np.abs(gaussian[0].numpy() - expected).max() > 1e-3
 
 
 def test_model_mode_and_gradients_untouched() -> None:
@@ -212,6 +269,8 @@ def test_bad_input_is_rejected() -> None:
         insertion(model, images, maps, targets, batch_size=0)
     with pytest.raises(ValueError, match="substrate"):
         deletion(model, images, maps, targets, substrate="noise")
+    with pytest.raises(ValueError, match="blur must be 'rise' or 'gaussian'"):
+        insertion(model, images, maps, targets, blur="box")
     with pytest.raises(ValueError, match="substrate"):
         deletion(model, images, maps, targets, substrate=torch.zeros(2, 1, 1))
     with pytest.raises(ValueError, match="NaN"):

@@ -11,8 +11,8 @@ from pipeline.metrics import METRICS, check_metric_parameters, metric_spec
 
 def test_registry_describes_every_metric() -> None:
     expected = {  # name: (label, group, needs model, needs gt, parameters, output)
-        "insertion": ("Insertion ↑", "perturbation", True, False, ("step", "substrate", "batch_size"), 0),
-        "deletion": ("Deletion ↓", "perturbation", True, False, ("step", "substrate", "batch_size"), 0),
+        "insertion": ("Insertion ↑", "perturbation", True, False, ("step", "substrate", "blur", "batch_size"), 0),
+        "deletion": ("Deletion ↓", "perturbation", True, False, ("step", "substrate", "blur", "batch_size"), 0),
         "pcc": ("PCC ↑", "groundtruth", False, True, (), None),
         "ssim": (
             "SSIM ↑", "groundtruth", False, True,
@@ -38,7 +38,7 @@ def test_registry_describes_every_metric() -> None:
 def test_unknown_names_and_parameters_list_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="known metrics: insertion, deletion, pcc"):
         metric_spec("insertoin")
-    with pytest.raises(TypeError, match="'stpe'.*valid parameters: step, substrate, batch_size"):
+    with pytest.raises(TypeError, match="'stpe'.*valid parameters: step, substrate, blur, batch_size"):
         check_metric_parameters("insertion", {"stpe": 10})
     with pytest.raises(TypeError, match=r"valid parameters: \(none\)"):
         check_metric_parameters("pcc", ["sigma"])
@@ -52,13 +52,14 @@ def test_unknown_names_and_parameters_list_the_valid_ones() -> None:
         ("insertion", {"step": 2.5}, "step must be a positive integer, got 2.5"),
         ("deletion", {"step": 1025}, "step 1025 exceeds the 1024 pixels of a 32x32 map"),
         ("deletion", {"substrate": "noise"}, "substrate must be 'blur', 'zeros', 'mean' or a tensor, got 'noise'"),
+        ("insertion", {"blur": "box"}, "blur must be 'rise' or 'gaussian', got 'box'"),
         ("insertion", {"batch_size": True}, "batch_size must be a positive integer, got True"),
         ("ssim", {"sigma": -1}, r"sigma must be a number in \(0, inf\), got -1"),
         ("ssim", {"sigma": -1, "gaussian_weights": False}, "sigma must be a number"),
-        ("ssim", {"sigma": 5.0}, r"win_size 37 exceeds the map size \(32, 32\)"),
+        ("ssim", {"sigma": 5.0, "gaussian_weights": True}, r"win_size 37 exceeds the map size \(32, 32\)"),
         ("ssim", {"win_size": 4}, "win_size must be a positive odd integer, got 4"),
         ("ssim", {"gaussian_weights": "no"}, "gaussian_weights must be true or false, got 'no'"),
-        ("ssim", {"win_size": 1, "use_sample_covariance": True}, "use_sample_covariance needs win_size > 1"),
+        ("ssim", {"win_size": 1}, "use_sample_covariance needs win_size > 1"),
         ("average_drop", {"top_percent": 0}, r"top_percent must be a number in \(0, 100\], got 0"),
         ("average_increase", {"top_percent": "10"}, "top_percent must be a number"),
         ("average_drop", {"batch_size": 0}, "batch_size must be a positive integer"),
@@ -82,8 +83,8 @@ def test_check_values_accepts_the_defaults_and_good_values() -> None:
     METRICS["ssim"].check_values({"gaussian_weights": False, "win_size": 31}, (32, 32))
     METRICS["average_drop"].check_values({"top_percent": 100}, (8, 8))
     METRICS["pointing_game"].check_values({"threshold": 7.5, "relative": False, "tolerance": 0}, (32, 32))
-    with pytest.raises(ValueError, match=r"win_size 11 exceeds the map size \(8, 8\)"):
-        METRICS["ssim"].check_values({}, (8, 8))  # the default Gaussian window does not fit
+    with pytest.raises(ValueError, match=r"win_size 7 exceeds the map size \(6, 6\)"):
+        METRICS["ssim"].check_values({}, (6, 6))  # the default 7 x 7 window does not fit
 
 
 def test_public_api() -> None:

@@ -68,12 +68,20 @@ def test_pcc_of_a_constant_map_is_nan() -> None:
     assert not torch.isnan(result[0]) and torch.isnan(result[1])
 
 
+def test_ssim_defaults_equal_scikit_image_defaults() -> None:
+    maps, gt = random_pair(1)
+    result = ssim(maps, gt)
+    for b in range(4):
+        expected = structural_similarity(minmax(maps[b].numpy()), minmax(gt[b].numpy()), data_range=1)
+        assert result[b].item() == pytest.approx(expected, abs=1e-10)
+
+
 @pytest.mark.parametrize(
     "options",
     [
-        {},  # the defaults: Gaussian window, population covariance
+        {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False},  # Wang et al. (2004)
         {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": True},
-        {"gaussian_weights": True, "sigma": 2.0, "win_size": 7},  # window narrower than the Gaussian's reach
+        {"gaussian_weights": True, "sigma": 2.0, "win_size": 7, "use_sample_covariance": False},  # window narrower than the Gaussian's reach
         {"gaussian_weights": False},
         {"gaussian_weights": False, "win_size": 5, "use_sample_covariance": True},
     ],
@@ -81,22 +89,19 @@ def test_pcc_of_a_constant_map_is_nan() -> None:
 def test_ssim_equals_scikit_image(options: dict) -> None:
     maps, gt = random_pair(1)
     result = ssim(maps, gt, **options)
-    skimage_options = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False, **options}
     for b in range(4):
-        expected = structural_similarity(
-            minmax(maps[b].numpy()), minmax(gt[b].numpy()), data_range=1, **skimage_options
-        )
+        expected = structural_similarity(minmax(maps[b].numpy()), minmax(gt[b].numpy()), data_range=1, **options)
         assert result[b].item() == pytest.approx(expected, abs=1e-10)
 
 
 def test_ssim_float32_and_resized_gt() -> None:
     maps = torch.rand(2, 16, 16)
     gt = torch.rand(2, 8, 8)
-    result = ssim(maps, gt, gaussian_weights=False)
+    result = ssim(maps, gt)
     for b in range(2):
         a = minmax(maps[b].double().numpy())
         g = minmax(bilinear(gt[b].double().numpy(), 16, 16))
-        expected = structural_similarity(a, g, data_range=1, gaussian_weights=False, use_sample_covariance=False)
+        expected = structural_similarity(a, g, data_range=1)
         assert result[b].item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -111,7 +116,9 @@ def test_bad_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="win_size"):
         ssim(maps, gt, win_size=4)
     with pytest.raises(ValueError, match="win_size"):
-        ssim(maps, gt)  # the 11 x 11 Gaussian window does not fit
+        ssim(maps, gt, gaussian_weights=True)  # the 11 x 11 Gaussian window does not fit
+    with pytest.raises(ValueError, match="win_size"):
+        ssim(maps[:, :6, :6], gt)  # nor the default 7 x 7 window
     with pytest.raises(ValueError, match="sigma"):
         ssim(maps, gt, sigma=0)
     with pytest.raises(ValueError, match="gt"):

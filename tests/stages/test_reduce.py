@@ -1,7 +1,8 @@
-"""pipeline.reduce: results.h5 layout, merged maps, metric tables, independence of the sharding."""
+"""pipeline.stages.reduce: results.h5 layout, merged maps, metric tables, independence of the sharding."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from pipeline.analysis import load_run
 from pipeline.config import parse_config
 from pipeline.launching import run_local
 from pipeline.planning import Plan
@@ -188,3 +191,98 @@ def test_a_chunk_whose_images_all_fail_gives_nan_rows(
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert len(metrics) == 7 * len(LAYERS) * len(METRICS) and not set(lost) & set(metrics["key"])
     assert sorted(pd.read_csv(run_dir / "failures.csv")["key"]) == lost
+
+
+def test_sample_splits_give_bitwise_identical_maps(make_config: ConfigFactory, tmp_path: Path) -> None:
+    results = []
+    for samples_per_shard in (64, 6):
+        raw = make_config()
+        raw["methods"] = [
+            {"name": "rise", "params": {"n_masks": 24, "grid_size": 4, "batch_size": 5}},
+            {"name": "rise-gaussian", "params": {"n_masks": 24, "grid_size": 4, "batch_size": 10}},
+            {"name": "lime", "params": {"n_samples": 24, "segmentation": "slic", "n_segments": 8, "batch_size": 10}},
+        ]
+        raw["metrics"] = [{"name": "pcc"}]
+        raw["sharding"] = {"images_per_shard": 5, "samples_per_shard": samples_per_shard}
+        results.append(_run(raw, tmp_path / f"run-{samples_per_shard}"))
+    assert len(_plan(results[1].parent).stage("explain")) > 3 * len(_plan(results[0].parent).stage("explain"))
+    with h5py.File(results[0], "r") as one, h5py.File(results[1], "r") as other:
+        for method in ("rise", "rise-gaussian", "lime"):
+            a, b = one[f"maps/{method}/-"][()], other[f"maps/{method}/-"][()]
+            assert np.abs(a).max() > 0
+            np.testing.assert_array_equal(a, b, err_msg=method)  # bit for bit, on any CPU
+    tables = [pd.read_parquet(r.parent / "metrics.parquet") for r in results]
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_reduce_lists_the_shard_folders_once_and_builds_no_model(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = make_config()
+    raw["sharding"] = {"images_per_shard": 1, "samples_per_shard": 16}
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(raw), run_dir)
+    assert len(plan.shards) > 100
+    assert run_local(run_dir, progress=False) == {}
+    listed: list[str] = []
+    scandir, listdir = os.scandir, os.listdir
+
+    def counting_scandir(path: Any) -> Any:
+        listed.append(os.fspath(path))
+        return scandir(path)
+
+    def counting_listdir(path: Any = ".") -> Any:
+        listed.append(os.fspath(path))
+        return listdir(path)
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("reduce built the model")
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    monkeypatch.setattr("pipeline.models.build_model", no_model)
+    monkeypatch.setattr("pipeline.stages.context.build_model", no_model)
+    reduce_run(run_dir, progress=False)
+    in_shards = [p for p in listed if p.startswith(str(run_dir / "shards"))]
+    prefixes = {s.id[:2] for s in plan.shards}
+    assert len(in_shards) == len(set(in_shards)) == 1 + len(prefixes)
+
+
+def test_metric_table_as_parquet_and_csv(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parquet = pd.read_parquet(run_copy / "metrics.parquet")
+    csv = pd.read_csv(run_copy / "metrics.csv", keep_default_na=False, na_values=[""])
+    assert list(parquet.columns) == list(csv.columns)
+    pd.testing.assert_frame_equal(parquet, csv, check_dtype=False)
+    monkeypatch.setattr("pipeline.stages.reduce.CSV_MAX_ROWS", len(parquet) - 1)
+    result = reduce_run(run_copy, progress=False)
+    assert not (run_copy / "metrics.csv").exists()  # too many rows for CSV: Parquet only
+    pd.testing.assert_frame_equal(result.metrics, parquet)
+    assert not [p for p in run_copy.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.parametrize("maps", ["none", "sample"])
+def test_results_keep_maps_of_no_image_or_a_sample(finished_run: FinishedRun, run_copy: Path, maps: str) -> None:
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    config["results"] = {"maps": maps, "sample_size": 4}
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    reduce_run(run_copy, progress=False)
+    kept = 0 if maps == "none" else 4
+    with h5py.File(run_copy / "results.h5", "r") as f, h5py.File(finished_run.run_dir / "results.h5", "r") as full:
+        map_row = f["images/map_row"][()]
+        rows = np.flatnonzero(map_row >= 0)
+        assert len(rows) == kept and sorted(map_row[rows]) == list(range(kept))
+        for method, layer in LAYERS:
+            stored = f[f"maps/{method}/{layer}"][()]
+            assert stored.shape == (kept, IMAGE_SIZE, IMAGE_SIZE)
+            np.testing.assert_array_equal(stored[map_row[rows]], full[f"maps/{method}/{layer}"][()][rows])
+            np.testing.assert_array_equal(f[f"curves/insertion/{method}/{layer}"][()],
+                                          full[f"curves/insertion/{method}/{layer}"][()])
+    pd.testing.assert_frame_equal(pd.read_parquet(run_copy / "metrics.parquet"),
+                                  pd.read_parquet(finished_run.run_dir / "metrics.parquet"))
+    run = load_run(run_copy)
+    assert run.has_maps.sum() == kept
+    if kept:
+        key = run.images["key"][run.has_maps].iloc[0]
+        np.testing.assert_array_equal(run.maps("rise", keys=key), load_run(finished_run.run_dir).maps("rise", keys=key))
+    with pytest.raises(ValueError, match="keeps no maps"):
+        run.maps("rise", keys=run.images["key"][~run.has_maps].iloc[0])
