@@ -203,11 +203,15 @@ def _put_group(group: h5py.Group, arrays: dict[str, np.ndarray]) -> None:
         group.create_dataset(name, data=array, fletcher32=array.ndim > 0)
 
 
-def _schema(f: h5py.File, attrs: dict[str, Any]) -> list[str]:
-    """The file's dataset list, after checking it is recorded and every dataset is present."""
+def _schema(attrs: dict[str, Any]) -> list[str]:
+    """The file's recorded dataset list."""
     if "schema" not in attrs or "digest" not in attrs:
         raise ValueError("it has no schema or digest (written before checksums, or not by xai-pipeline)")
-    schema = json.loads(attrs["schema"])
+    return json.loads(attrs["schema"])
+
+
+def _present(f: h5py.File, schema: list[str]) -> list[str]:
+    """The file's dataset list, after checking every dataset is present."""
     missing = [name for name in schema if not isinstance(f.get(name), h5py.Dataset)]
     if missing:
         raise ValueError(f"dataset(s) {', '.join(missing)} are missing")
@@ -230,7 +234,12 @@ def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     try:
         with h5py.File(path, "r") as f:
             attrs = {key: _plain(value) for key, value in f.attrs.items()}
-            datasets = {name: f[name][()] for name in _schema(f, attrs)}
+            schema = _schema(attrs)
+            try:
+                datasets = {name: f[name][()] for name in schema}
+            except KeyError:
+                _present(f, schema)  # names the missing datasets
+                raise
     except OSError as error:  # not HDF5, truncated, or a Fletcher-32 checksum failed
         raise CorruptShardError(path, f"cannot be read ({error})") from None
     except (ValueError, KeyError, TypeError) as error:
@@ -258,7 +267,7 @@ def verify_shard(path: Path, *, deep: bool) -> str | None:
         return None
     try:
         with h5py.File(path, "r") as f:
-            _schema(f, {key: _plain(value) for key, value in f.attrs.items()})
+            _present(f, _schema({key: _plain(value) for key, value in f.attrs.items()}))
     except OSError as error:
         return f"{path}: cannot be read ({error})"
     except (ValueError, KeyError, TypeError) as error:

@@ -107,7 +107,7 @@ class _MetricRows:
         self.run_dir = run_dir
         self.group_by_class = group_by_class
         self.moments = Moments()
-        self._pending: list[pa.RecordBatch] = []
+        self._pending: list[dict[str, Any]] = []
         self._pending_rows = 0
         self._parquet_tmp = temporary_path(run_dir.metrics_parquet)
         self._parquet = pq.ParquetWriter(self._parquet_tmp, _SCHEMA)
@@ -116,26 +116,32 @@ class _MetricRows:
             pd.DataFrame(columns=METRIC_COLUMNS).to_csv(self._csv_tmp, index=False)
 
     def add(self, columns: dict[str, Any]) -> None:
+        """Rows of one method, layer and metric: ``method``, ``layer``, ``metric`` are strings, the others arrays."""
         values = columns["value"]
         self.moments.add((columns["method"], columns["layer"], columns["metric"]), values)
         if self.group_by_class:
             for name in np.unique(columns["class_name"]):
                 chosen = columns["class_name"] == name
                 self.moments.add((columns["method"], columns["layer"], str(name), columns["metric"]), values[chosen])
-        count = len(values)
-        arrays = [
-            pa.array([columns[name]] * count if isinstance(columns[name], str) else columns[name], type=field.type)
-            for name, field in zip(_SCHEMA.names, _SCHEMA)
-        ]
-        self._pending.append(pa.RecordBatch.from_arrays(arrays, schema=_SCHEMA))
-        self._pending_rows += count
+        self._pending.append(columns)
+        self._pending_rows += len(values)
         if self._pending_rows >= _ROW_GROUP:
             self._flush()
 
     def _flush(self) -> None:
+        """Write the pending rows as one row group (one Arrow conversion per column)."""
         if not self._pending:
             return
-        table = pa.Table.from_batches(self._pending, schema=_SCHEMA)
+        counts = [len(part["value"]) for part in self._pending]
+        arrays = []
+        for name, field in zip(_SCHEMA.names, _SCHEMA):
+            parts = [part[name] for part in self._pending]
+            if isinstance(parts[0], str):
+                column = np.repeat(np.array(parts, dtype=object), counts)
+            else:
+                column = np.concatenate(parts)
+            arrays.append(pa.array(column, type=field.type))
+        table = pa.Table.from_arrays(arrays, schema=_SCHEMA)
         self._parquet.write_table(table, row_group_size=max(table.num_rows, 1))
         if self._csv_tmp is not None:
             table.to_pandas().to_csv(self._csv_tmp, mode="a", header=False, index=False)
@@ -173,6 +179,14 @@ def _read(folder: RunDir, plan: Plan, shard: Shard) -> ShardOutput:
             f"{error}; it is moved to {folder.corrupt} and nothing was merged: "
             f"run `xai-pipeline resume {folder.root}` to compute it again ({len(again)} shard(s)), then reduce"
         ) from None
+
+
+def _write_rows(dataset: h5py.Dataset, rows: np.ndarray, data: np.ndarray) -> None:
+    """``dataset[rows] = data``, as one slice when the rows are consecutive (a chunk's images are)."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and bool((np.diff(rows) == 1).all()):
+        dataset[int(rows[0]) : int(rows[-1]) + 1] = data
+    else:
+        dataset[rows] = data
 
 
 def _explain_groups(plan: Plan) -> Iterator[list[Shard]]:
@@ -251,6 +265,7 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
                 image_size=[height, width],
                 maps=config.results.maps,
             )
+            datasets: dict[str, h5py.Dataset] = {}
             groups = list(_explain_groups(plan))
             for shards in tqdm(groups, desc="merge", disable=quiet):
                 merged = merge_outputs(config, shards, [_read(folder, plan, s) for s in shards])
@@ -264,12 +279,12 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
                 stored = map_row[indices] >= 0
                 for layer, maps in merged.maps.items():
                     name = f"maps/{shards[0].method}/{layer}"
-                    if name not in f:
+                    if name not in datasets:
                         layout = {"chunks": (1, height, width), "compression": "gzip", "compression_opts": 1}
-                        f.create_dataset(name, shape=(len(kept), height, width), dtype="f4", fillvalue=np.nan,
-                                         **(layout if len(kept) else {}))
+                        datasets[name] = f.create_dataset(name, shape=(len(kept), height, width), dtype="f4",
+                                                          fillvalue=np.nan, **(layout if len(kept) else {}))
                     if stored.any():
-                        f[name][map_row[indices[stored]]] = maps[stored]
+                        _write_rows(datasets[name], map_row[indices[stored]], maps[stored])
             for shard in tqdm(score_shards, desc="scores", disable=quiet):
                 output = _read(folder, plan, shard)
                 layer = shard.layers[0]
@@ -285,9 +300,10 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
                     })
                 for metric, curve in output.curves.items():
                     name = f"curves/{metric}/{shard.method}/{layer}"
-                    if name not in f:
-                        f.create_dataset(name, shape=(n, curve.shape[1]), dtype="f4", fillvalue=np.nan)
-                    f[name][indices] = curve
+                    if name not in datasets:
+                        datasets[name] = f.create_dataset(name, shape=(n, curve.shape[1]), dtype="f4",
+                                                          fillvalue=np.nan)
+                    _write_rows(datasets[name], indices, curve)
             images = f.create_group("images")
             images.create_dataset("keys", data=np.array(plan.images.keys, dtype=object), dtype=_STR)
             images.create_dataset("labels", data=labels)
