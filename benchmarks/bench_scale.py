@@ -58,25 +58,38 @@ class Measured:
     output: str
 
 
+#: runs its arguments as a child and reports the child's rusage: a child forked from this (large)
+#: benchmark process would report the parent's resident size as its own peak, so the measured
+#: command is forked from this small interpreter instead
+_RUSAGE = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "print(f'@rusage {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime} {os.waitstatus_to_exitcode(status)}')\n"
+)
+
+
 def measure(command: Sequence[str], repeats: int = 1, before: Callable[[], object] | None = None) -> Measured:
     """Run ``command`` ``repeats`` times, each in a fresh process: best wall and CPU (user + system) time,
-    highest peak RSS."""
+    highest peak RSS (of the command's own process)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     walls, cpus, peaks, output = [], [], [], ""
     for _ in range(repeats):
         if before is not None:
             before()
         start = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        output = process.stdout.read().decode()  # type: ignore[union-attr]
-        _, status, usage = os.wait4(process.pid, 0)  # the rusage of this child alone
+        done = subprocess.run([sys.executable, "-c", _RUSAGE, *command], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
         walls.append(time.perf_counter() - start)
-        cpus.append(usage.ru_utime + usage.ru_stime)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        process.stdout.close()  # type: ignore[union-attr]
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output}")
-        peaks.append(usage.ru_maxrss / 1024)  # KiB on Linux
+        *lines, report = done.stdout.rstrip("\n").split("\n")
+        output = "\n".join(lines)
+        _, maxrss, cpu, code = report.split()
+        if int(code) != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{output}")
+        cpus.append(float(cpu))
+        peaks.append(int(maxrss) / 1024)  # KiB on Linux
     return Measured(min(walls), min(cpus), max(peaks), output)
 
 
