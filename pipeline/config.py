@@ -32,6 +32,12 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
     results: {maps: all}             # maps kept in results.h5: all, none (metrics only) or
                                      # sample (`sample_size` images drawn with `seed`)
     device: auto                     # auto (CUDA when there is one), cpu, cuda, cuda:1
+    compute:                         # how the model runs (omitted from the saved config when default)
+      precision: float32             # or bfloat16 / float16: autocast of the model's forwards;
+                                     # sums, maps and metrics stay float32/float64 (float16: CUDA)
+      channels_last: false           # the model and its inputs in channels-last memory layout
+      loader_workers: auto           # image decoding processes; auto: SLURM_CPUS_PER_TASK - 1,
+                                     # else min(4, CPUs); 0 decodes in the main process
     seed: 0                          # default seed of stochastic methods (>= 0)
 
 :func:`load_config` validates everything at once and raises :class:`ConfigError`
@@ -60,6 +66,7 @@ __all__ = [
     "ShardingConfig",
     "ResultsConfig",
     "ExperimentConfig",
+    "ComputeConfig",
     "load_config",
     "parse_config",
     "config_hash",
@@ -209,6 +216,19 @@ def _default_metrics() -> list[MetricConfig]:
     return [MetricConfig(name="insertion"), MetricConfig(name="deletion")]
 
 
+class ComputeConfig(_Strict):
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    channels_last: bool = False
+    loader_workers: Literal["auto"] | int = Field(default="auto", union_mode="left_to_right")
+
+    @field_validator("loader_workers")
+    @classmethod
+    def _workers(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
+        if value != "auto" and (isinstance(value, bool) or value < 0):
+            raise ValueError(f"loader_workers must be auto or an integer >= 0, got {value!r}")
+        return value
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     data: DataConfig
@@ -219,6 +239,7 @@ class ExperimentConfig(_Strict):
     sharding: ShardingConfig = ShardingConfig()
     results: ResultsConfig = ResultsConfig()
     device: str = "auto"
+    compute: ComputeConfig = ComputeConfig()
     seed: int = Field(default=0, ge=0)
 
     @field_validator("device")
@@ -346,8 +367,12 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 
 def config_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The config as plain JSON-compatible data (paths as strings)."""
-    return config.model_dump(mode="json")
+    """The config as plain JSON-compatible data (paths as strings); a default ``compute`` section is
+    left out, so configs written before it existed keep their hash."""
+    data = config.model_dump(mode="json")
+    if config.compute == ComputeConfig():
+        del data["compute"]
+    return data
 
 
 def config_hash(config: ExperimentConfig) -> str:

@@ -38,6 +38,8 @@ __all__ = [
     "load_image",
     "load_gt",
     "load_batch",
+    "load_images",
+    "loader_workers",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -278,6 +280,67 @@ def load_batch(
             loaded.append(record)
         except DataError as error:
             failures[record.key] = str(error)
+    height, width = config.image_size
+    stacked = torch.stack(tensors) if tensors else torch.empty(0, 3, height, width)
+    return loaded, stacked, failures
+
+
+class _RecordImages:
+    """A map-style dataset of ``records``: item ``i`` is ``(i, image or None, error or None)``."""
+
+    def __init__(self, records: Sequence[ImageRecord], config: DataConfig) -> None:
+        self.records, self.config = list(records), config
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[int, "Tensor | None", str | None]:
+        record = self.records[index]
+        try:
+            return index, load_image(record.path, self.config.image_size, self.config.mean, self.config.std), None
+        except DataError as error:
+            return index, None, str(error)
+
+
+def _as_list(items: list[tuple[int, "Tensor | None", str | None]]) -> list[tuple[int, "Tensor | None", str | None]]:
+    return items
+
+
+def loader_workers(setting: int | str) -> int:
+    """Decoding processes for ``setting``: a number, or ``"auto"``: the CPUs of the Slurm task but one
+    (``SLURM_CPUS_PER_TASK``), else ``min(4, CPUs)``."""
+    if setting != "auto":
+        return int(setting)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit():
+        return max(0, int(slurm) - 1)
+    return min(4, os.cpu_count() or 1)
+
+
+def load_images(
+    records: Sequence[ImageRecord], config: DataConfig, *, workers: int = 0
+) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
+    """As :func:`load_batch`, decoding and resizing in ``workers`` processes of a
+    :class:`torch.utils.data.DataLoader` (0: in this process). The result, in record order,
+    does not depend on ``workers``."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    workers = min(workers, len(records))
+    if workers == 0:
+        return load_batch(records, config)
+    per_batch = -(-len(records) // (2 * workers))  # two batches per worker: decoding overlaps collecting
+    loader = DataLoader(
+        _RecordImages(records, config), batch_size=per_batch, num_workers=workers, collate_fn=_as_list
+    )
+    loaded, tensors, failures = [], [], {}
+    for batch in loader:
+        for index, image, error in batch:
+            if image is None:
+                failures[records[index].key] = str(error)
+            else:
+                loaded.append(records[index])
+                tensors.append(image)
     height, width = config.image_size
     stacked = torch.stack(tensors) if tensors else torch.empty(0, 3, height, width)
     return loaded, stacked, failures

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig, SubsetConfig
-from pipeline.data import DataError, discover_images, load_batch, load_gt, load_image
+from pipeline.data import DataError, discover_images, load_batch, load_gt, load_image, load_images, loader_workers
 from tests.tiny_experiment import CLASSES, IMAGE_SIZE, ImageTree, add_broken_image
 
 MEAN = (0.485, 0.456, 0.406)
@@ -319,3 +319,24 @@ def test_a_nan_or_constant_gt_map_is_a_data_error_naming_the_file(tmp_path: Path
         with pytest.raises(DataError, match=reason) as error:
             load_gt(tmp_path / name, (4, 4))
         assert str(tmp_path / name) in str(error.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_load_images_in_worker_processes_equals_load_batch(tree_copy: ImageTree, workers: int) -> None:
+    broken = add_broken_image(tree_copy.root)
+    data = _data(root=tree_copy.root)
+    records = discover_images(data).records
+    expected_loaded, expected_images, expected_failures = load_batch(records, data)
+    loaded, images, failures = load_images(records, data, workers=workers)
+    assert loaded == expected_loaded and failures == expected_failures and broken in failures
+    assert torch.equal(images, expected_images)
+    assert load_images([], data, workers=workers)[1].shape == (0, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_loader_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert loader_workers(3) == 3 and loader_workers(0) == 0
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert loader_workers("auto") == 7
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers("auto") == 2

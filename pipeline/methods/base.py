@@ -233,8 +233,10 @@ class SampledExplainer(Explainer):
     (both need only the method's parameters); it then raises on any forward.
 
     Subclasses implement :meth:`empty_sums`, :meth:`group_sums` and :meth:`finalize`,
-    and override :meth:`prepare` when every range needs per-image constants; the
-    constants named in :attr:`partial_constants` travel in the :class:`Partial`.
+    override :meth:`prepare` when every range needs per-image constants (the constants
+    named in :attr:`partial_constants` travel in the :class:`Partial`), and override
+    :meth:`draw` to draw a whole range's random numbers at once, before the forward loop:
+    the loop then only slices device tensors (no host copy or sync per forward batch).
     """
 
     #: names of the :meth:`prepare` constants kept in every :class:`Partial`
@@ -249,6 +251,8 @@ class SampledExplainer(Explainer):
                 f"2**-{FIXED_POINT_BITS}), got {n_samples}"
             )
         self.seed = check_integer(self.name, "seed", seed, 0)
+        if self.seed >= 2**64:
+            raise ValueError(f"{self.name}: seed must be below 2**64 (the key of the counter-based draws), got {seed}")
         self.batch_size = check_integer(self.name, "batch_size", batch_size, 1)
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
@@ -256,6 +260,11 @@ class SampledExplainer(Explainer):
 
     def prepare(self, images: Tensor) -> dict[str, Tensor]:
         """Per-image constants every sample range of ``images`` needs (none by default)."""
+        return {}
+
+    def draw(self, start: int, stop: int, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The random draws of samples ``start .. stop-1`` on the images' device, each tensor's first
+        dimension the sample (none by default); :meth:`group_sums` gets them sliced to its group."""
         return {}
 
     @abc.abstractmethod
@@ -267,7 +276,8 @@ class SampledExplainer(Explainer):
         self, images: Tensor, targets: Tensor, start: int, stop: int, constants: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         """The int64 sums over samples ``start .. stop-1``, one forward per chunk of images
-        (``targets`` are int64 on the images' device; called without gradients)."""
+        (``targets`` are int64 on the images' device; called without gradients). ``constants``
+        holds :meth:`prepare`'s constants and this group's rows of the :meth:`draw` tensors."""
 
     def steps(
         self,
@@ -287,7 +297,8 @@ class SampledExplainer(Explainer):
         a yielded pair, pass it back as ``resume`` and ``position``: the final total is
         bitwise the same. When no sample is left the total is yielded once, so the last
         yield always covers ``start .. stop-1``. :meth:`prepare` runs once, now, unless
-        ``constants`` (its result for the same images) are given.
+        ``constants`` (its result for the same images) are given; :meth:`draw` runs once, now,
+        for the samples left.
         """
         check_targets(images, targets)
         self.check_range(start, stop)
@@ -305,17 +316,28 @@ class SampledExplainer(Explainer):
         constants = self.prepare(images) if constants is None else constants
         empty = Partial(self.empty_sums(images, constants), {k: constants[k] for k in self.partial_constants})
         total = empty if resume is None else self._checked_resume(resume.to(images.device), empty)
-        return self._walk(images, targets.to(device=images.device, dtype=torch.long), total, position, stop, constants)
+        draws = self.draw(position, stop, images, constants)
+        targets = targets.to(device=images.device, dtype=torch.long)
+        return self._walk(images, targets, total, position, stop, constants, draws)
 
     def _walk(
-        self, images: Tensor, targets: Tensor, total: Partial, position: int, stop: int, constants: dict[str, Tensor]
+        self,
+        images: Tensor,
+        targets: Tensor,
+        total: Partial,
+        position: int,
+        stop: int,
+        constants: dict[str, Tensor],
+        draws: dict[str, Tensor],
     ) -> Iterator[tuple[Partial, int]]:
         if position == stop:
             yield total, stop
         per_forward = self.samples_per_forward(images.shape[0])
         for group_start, group_stop in aligned_batches(position, stop, per_forward):
+            rows = slice(group_start - position, group_stop - position)
+            group_constants = {**constants, **{key: value[rows] for key, value in draws.items()}}
             with torch.no_grad():
-                group = self.group_sums(images, targets, group_start, group_stop, constants)
+                group = self.group_sums(images, targets, group_start, group_stop, group_constants)
             total = Partial({k: v + group[k] for k, v in total.sums.items()}, dict(total.constants))
             yield total, group_stop
 

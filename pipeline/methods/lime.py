@@ -3,9 +3,10 @@
 Each image is segmented once into superpixels (scikit-image quickshift or SLIC on
 the de-normalized RGB image, or a user callable). Sample ``i`` is an on/off vector
 over the superpixels: sample 0 is all on (the original image, as in LIME); sample
-``i > 0`` switches superpixel ``k`` on where ``default_rng([seed, i]).random(K)[k] < 0.5``
-(:func:`lime_samples`), a pure function of ``(seed, i)`` and the number ``K`` of
-superpixels. Hidden superpixels are filled with ``hide_color``. The model's softmax
+``i > 0`` switches superpixel ``k`` on where draw ``k`` of sample ``i`` is below 0.5
+(:func:`lime_samples`, with the counter-based draws of :func:`~pipeline.methods.draws.uniforms`),
+a pure function of ``(seed, i, k)``. A shard's vectors are drawn at once and copied to
+the device once (:meth:`Lime.draw`). Hidden superpixels are filled with ``hide_color``. The model's softmax
 probability of the target class is regressed on the on/off vectors by weighted ridge
 regression with an unpenalized intercept (the same fit as scikit-learn's
 ``Ridge(alpha, fit_intercept=True)`` with ``sample_weight``), and every superpixel is
@@ -28,6 +29,7 @@ from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
 from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
+from .draws import to_device, uniforms
 
 __all__ = ["Lime", "lime_samples", "Segmenter", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -44,21 +46,16 @@ _HIDE_COLORS = ("mean", "segment_mean")
 def lime_samples(seed: int, start: int, stop: int, n_features: int) -> np.ndarray:
     """On/off vectors of samples ``start .. stop-1`` over ``n_features`` superpixels, bool ``[n, n_features]``.
 
-    Sample 0 is all on; sample ``i > 0`` is ``default_rng([seed, i]).random(n_features) < 0.5``,
+    Sample 0 is all on; sample ``i > 0`` is ``uniforms(seed, i, i + 1, n_features)[0] < 0.5``,
     so a vector over fewer superpixels is a prefix of one over more.
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    if not 0 <= start <= stop:
-        raise ValueError(f"sample range must satisfy 0 <= start <= stop, got start={start}, stop={stop}")
     if n_features < 1:
         raise ValueError(f"n_features must be >= 1, got {n_features}")
-    samples = np.empty((stop - start, n_features), dtype=bool)
-    for row, index in enumerate(range(start, stop)):
-        if index == 0:
-            samples[row] = True
-        else:
-            samples[row] = np.random.default_rng([seed, index]).random(n_features) < 0.5
+    samples = uniforms(seed, start, stop, n_features) < 0.5
+    if start == 0 and stop > 0:
+        samples[0] = True
     return samples
 
 
@@ -193,9 +190,17 @@ class Lime(SampledExplainer):
         segments = self.segment(images)
         return {"segments": segments, "fill": self.fill(images, segments)}
 
+    def draw(self, start: int, stop: int, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``on``: the on/off vectors of samples ``start .. stop-1`` over the batch's largest number of
+        superpixels, bool ``[n, K]`` on the images' device."""
+        max_features = int(_feature_counts(constants["segments"]).max())
+        return {"on": to_device(lime_samples(self.seed, start, stop, max_features), images.device)}
+
     def empty_sums(self, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self._zeros(images, int(_feature_counts(constants["segments"]).max()))
+
+    def _zeros(self, images: Tensor, n_features: int) -> dict[str, Tensor]:
         n_images = images.shape[0]
-        n_features = int(_feature_counts(constants["segments"]).max())
         shapes = {
             "sum_w": (n_images,),
             "sum_wx": (n_images, n_features),
@@ -209,11 +214,10 @@ class Lime(SampledExplainer):
         self, images: Tensor, targets: Tensor, start: int, stop: int, constants: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         segments, fill = constants["segments"], constants["fill"]
+        on = constants["on"]
         n_features = _feature_counts(segments)
-        max_features = int(n_features.max())
-        in_image = (torch.arange(max_features, device=images.device) < n_features.unsqueeze(1)).double()
-        on = torch.from_numpy(lime_samples(self.seed, start, stop, max_features)).to(images.device)
-        sums = self.empty_sums(images, constants)
+        in_image = (torch.arange(on.shape[1], device=images.device) < n_features.unsqueeze(1)).double()
+        sums = self._zeros(images, on.shape[1])
         for image_start, image_stop in batched(images.shape[0], self.forward_split(images.shape[0])[0]):
             chunk = slice(image_start, image_stop)
             keep = on[:, segments[chunk]].transpose(0, 1).unsqueeze(2)

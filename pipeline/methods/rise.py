@@ -5,11 +5,14 @@ probability the model gives the class on the masked image. A mask is a coarse
 ``grid_size x grid_size`` grid, upsampled bilinearly to ``(grid_size + 1) * cell``
 pixels (``cell = ceil(H / grid_size)``, likewise for the width), shifted by a random
 offset of ``0 .. cell - 1`` pixels and cropped to ``H x W``. Mask ``i`` is a pure
-function of ``(seed, i)`` (drawn from ``rng = numpy.random.default_rng([seed, i])``:
-the grid, then the shifts ``rng.integers(0, (cell_h, cell_w))``), so sample ranges
-can be computed anywhere and merged. Partials are int64 fixed-point sums (see
-:class:`_MaskedSampling`): shards cut at multiples of ``samples_per_forward`` merge to
-bitwise the maps of a single run.
+function of ``(seed, i)``: with ``u = uniforms(seed, i, i + 1, grid_size**2 + 2)[0]``
+(:func:`~pipeline.methods.draws.uniforms`, counter-based Philox), cell ``(r, c)`` comes
+from ``u[r * grid_size + c]`` and the (row, column) shift is
+``floor(u[grid_size**2] * cell_h), floor(u[grid_size**2 + 1] * cell_w)``. A shard's grids
+and shifts are drawn at once (:meth:`_MaskedSampling.draw`) and copied to the device once;
+the upsampling, shift and crop run there, per forward batch. Partials are int64
+fixed-point sums (see :class:`_MaskedSampling`): shards cut at multiples of
+``samples_per_forward`` merge to bitwise the maps of a single run.
 
 - :class:`Rise`: binary grid cells kept with probability ``p1``; the map is
   ``sum_i P(c | I * M_i) M_i / (N * p1)``.
@@ -29,54 +32,78 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
+from .draws import to_device, uniforms
 
-__all__ = ["Rise", "GaussianRise", "rise_masks", "gaussian_rise_masks"]
+__all__ = ["Rise", "GaussianRise", "rise_masks", "gaussian_rise_masks", "mask_draws", "smooth_masks"]
 
-#: draws one ``grid_size x grid_size`` grid of values in [0, 1] from a generator
-_GridDraw = Callable[[np.random.Generator, int], np.ndarray]
+#: maps uniform draws in (0, 1) (float64 ``[n, grid_size**2]``) to grid cell values in [0, 1]
+_CellValues = Callable[[np.ndarray], np.ndarray]
 
 
-def _smooth_masks(
-    seed: int,
-    start: int,
-    stop: int,
-    size: tuple[int, int],
-    grid_size: int,
-    draw_grid: _GridDraw,
-    device: torch.device | str,
-) -> Tensor:
-    """Masks ``start .. stop-1`` ``[n, H, W]`` (float32, on ``device``) from grids drawn by ``draw_grid``."""
+def _check_range(seed: int, start: int, stop: int, size: tuple[int, int], grid_size: int) -> None:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if not 0 <= start <= stop:
         raise ValueError(f"mask range must satisfy 0 <= start <= stop, got start={start}, stop={stop}")
     if grid_size < 1:
         raise ValueError(f"grid_size must be >= 1, got {grid_size}")
-    height, width = size
-    if height < 1 or width < 1:
+    if size[0] < 1 or size[1] < 1:
         raise ValueError(f"size must be positive, got {tuple(size)}")
-    count = stop - start
+
+
+def _cells(size: tuple[int, int], grid_size: int) -> tuple[int, int]:
+    """The cell size in pixels (rows, columns) of a ``grid_size`` grid over ``size``."""
+    return math.ceil(size[0] / grid_size), math.ceil(size[1] / grid_size)
+
+
+def mask_draws(
+    seed: int, start: int, stop: int, size: tuple[int, int], grid_size: int, cell_values: _CellValues
+) -> tuple[np.ndarray, np.ndarray]:
+    """Grids ``[n, grid_size, grid_size]`` (float32) and (row, column) shifts ``[n, 2]`` (int64)
+    of masks ``start .. stop-1``, drawn at once."""
+    _check_range(seed, start, stop, size, grid_size)
+    cells = grid_size * grid_size
+    draws = uniforms(seed, start, stop, cells + 2)
+    grids = cell_values(draws[:, :cells]).reshape(-1, grid_size, grid_size).astype(np.float32)
+    shifts = np.floor(draws[:, cells:] * np.array(_cells(size, grid_size))).astype(np.int64)
+    return grids, shifts
+
+
+def smooth_masks(grids: Tensor, shifts: Tensor, size: tuple[int, int]) -> Tensor:
+    """Masks ``[n, H, W]`` (float32, on the grids' device) from grids ``[n, g, g]`` and shifts ``[n, 2]``:
+    bilinear upsampling to ``(g + 1) * cell`` pixels, shift and crop."""
+    count, grid_size = grids.shape[0], grids.shape[-1]
+    height, width = size
+    cell_height, cell_width = _cells(size, grid_size)
+    device = grids.device
     if count == 0:
         return torch.zeros((0, height, width), dtype=torch.float32, device=device)
-    cell_height, cell_width = math.ceil(height / grid_size), math.ceil(width / grid_size)
-    grids = np.empty((count, grid_size, grid_size), dtype=np.float32)
-    shifts = np.empty((count, 2), dtype=np.int64)
-    for row, index in enumerate(range(start, stop)):
-        rng = np.random.default_rng([seed, index])
-        grids[row] = draw_grid(rng, grid_size)
-        shifts[row] = rng.integers(0, (cell_height, cell_width))
-    grids_device = torch.from_numpy(grids).to(device)
-    shifts_device = torch.from_numpy(shifts).to(device)
     upsampled = F.interpolate(
-        grids_device.unsqueeze(1),
+        grids.unsqueeze(1),
         size=((grid_size + 1) * cell_height, (grid_size + 1) * cell_width),
         mode="bilinear",
         align_corners=False,
     ).squeeze(1)
-    rows = shifts_device[:, :1] + torch.arange(height, device=device)
-    cols = shifts_device[:, 1:] + torch.arange(width, device=device)
+    rows = shifts[:, :1] + torch.arange(height, device=device)
+    cols = shifts[:, 1:] + torch.arange(width, device=device)
     samples = torch.arange(count, device=device)
     return upsampled[samples[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def binary_cells(p1: float) -> _CellValues:
+    """Cells kept (1) where the draw is below ``p1``, else 0."""
+    if not 0.0 < p1 <= 1.0:
+        raise ValueError(f"p1 must be in (0, 1], got {p1}")
+    return lambda draws: (draws < p1).astype(np.float32)
+
+
+def gaussian_cells(mean: float, std: float) -> _CellValues:
+    """Cells ``Normal(mean, std)`` by inverse CDF of the draw, clipped to [0, 1]."""
+    if not 0.0 < mean <= 1.0:
+        raise ValueError(f"mean must be in (0, 1], got {mean}")
+    if std < 0.0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    return lambda draws: np.clip(mean + std * torch.special.ndtri(torch.from_numpy(draws)).numpy(), 0.0, 1.0)
 
 
 def rise_masks(
@@ -90,13 +117,8 @@ def rise_masks(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """RISE masks ``start .. stop-1`` as ``[n, H, W]`` float32: binary grid cells kept with probability ``p1``."""
-    if not 0.0 < p1 <= 1.0:
-        raise ValueError(f"p1 must be in (0, 1], got {p1}")
-
-    def draw_binary(rng: np.random.Generator, grid_size: int) -> np.ndarray:
-        return rng.random((grid_size, grid_size)) < p1
-
-    return _smooth_masks(seed, start, stop, size, grid_size, draw_binary, device)
+    grids, shifts = mask_draws(seed, start, stop, size, grid_size, binary_cells(p1))
+    return smooth_masks(to_device(grids, device), to_device(shifts, device), size)
 
 
 def gaussian_rise_masks(
@@ -112,15 +134,8 @@ def gaussian_rise_masks(
 ) -> Tensor:
     """Gaussian RISE masks ``start .. stop-1`` as ``[n, H, W]`` float32:
     grid cells ``Normal(mean, std)`` clipped to [0, 1]."""
-    if not 0.0 < mean <= 1.0:
-        raise ValueError(f"mean must be in (0, 1], got {mean}")
-    if std < 0.0:
-        raise ValueError(f"std must be >= 0, got {std}")
-
-    def draw_gaussian(rng: np.random.Generator, grid_size: int) -> np.ndarray:
-        return np.clip(rng.normal(mean, std, (grid_size, grid_size)), 0.0, 1.0)
-
-    return _smooth_masks(seed, start, stop, size, grid_size, draw_gaussian, device)
+    grids, shifts = mask_draws(seed, start, stop, size, grid_size, gaussian_cells(mean, std))
+    return smooth_masks(to_device(grids, device), to_device(shifts, device), size)
 
 
 class _MaskedSampling(SampledExplainer):
@@ -140,8 +155,14 @@ class _MaskedSampling(SampledExplainer):
         self.grid_size = check_integer(self.name, "grid_size", grid_size, 1)
 
     @abc.abstractmethod
-    def masks(self, start: int, stop: int, size: tuple[int, int], device: torch.device | str) -> Tensor:
-        """Masks ``start .. stop-1`` of this explainer, ``[n, H, W]`` float32 on ``device``."""
+    def cell_values(self) -> _CellValues:
+        """How this variant turns draws into grid cell values."""
+
+    def draw(self, start: int, stop: int, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``grids`` and ``shifts`` of masks ``start .. stop-1`` (:func:`mask_draws`), on the images' device."""
+        size = (images.shape[-2], images.shape[-1])
+        grids, shifts = mask_draws(self.seed, start, stop, size, self.grid_size, self.cell_values())
+        return {"grids": to_device(grids, images.device), "shifts": to_device(shifts, images.device)}
 
     def empty_sums(self, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
         n_images, _, height, width = images.shape
@@ -153,7 +174,7 @@ class _MaskedSampling(SampledExplainer):
         self, images: Tensor, targets: Tensor, start: int, stop: int, constants: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         n_images, _, height, width = images.shape
-        masks = self.masks(start, stop, (height, width), images.device)
+        masks = smooth_masks(constants["grids"], constants["shifts"], (height, width))
         flat_masks = masks.double().flatten(1)
         image_masks = masks.to(images.dtype)[None, :, None]
         weighted = images.new_empty((n_images, height, width), dtype=torch.int64)
@@ -201,8 +222,8 @@ class Rise(_MaskedSampling):
         if not 0.0 < self.p1 <= 1.0:
             raise ValueError(f"{self.name}: p1 must be in (0, 1], got {p1}")
 
-    def masks(self, start: int, stop: int, size: tuple[int, int], device: torch.device | str) -> Tensor:
-        return rise_masks(self.seed, start, stop, size, self.grid_size, self.p1, device=device)
+    def cell_values(self) -> _CellValues:
+        return binary_cells(self.p1)
 
     def normalizer(self, partial: Partial) -> Tensor:
         return partial.sums["count"].double() * self.p1
@@ -236,8 +257,8 @@ class GaussianRise(_MaskedSampling):
         if self.std < 0.0:
             raise ValueError(f"{self.name}: std must be >= 0, got {std}")
 
-    def masks(self, start: int, stop: int, size: tuple[int, int], device: torch.device | str) -> Tensor:
-        return gaussian_rise_masks(self.seed, start, stop, size, self.grid_size, self.mean, self.std, device=device)
+    def cell_values(self) -> _CellValues:
+        return gaussian_cells(self.mean, self.std)
 
     def normalizer(self, partial: Partial) -> Tensor:
         return from_fixed(partial.sums["mask_sum"])

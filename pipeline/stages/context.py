@@ -1,4 +1,11 @@
-"""What every shard of a run needs, loaded once per process: config, plan, model, device."""
+"""What every shard of a run needs, loaded once per process: config, plan, model, device.
+
+The config's ``compute`` section applies here: the model's forward runs under
+:func:`torch.autocast` at ``precision`` (only the forward: sums, maps and metrics stay
+float32/float64), ``channels_last`` puts the model and the loaded images in that memory
+layout, and images are decoded by ``loader_workers`` processes, pinned and copied to a
+CUDA device without blocking.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,14 +15,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import ExperimentConfig, load_config
-from ..data import DataError, ImageRecord, load_batch
-from ..models import build_model, select_device
+from ..config import ComputeConfig, ExperimentConfig, load_config
+from ..data import DataError, ImageRecord, load_images, loader_workers
+from ..models import ModelError, build_model, select_device
 from ..planning import Plan, Shard
 from ..run_dir import RunDir
 from ..store import ShardOutput
 
-__all__ = ["RunContext", "ChunkImages"]
+__all__ = ["RunContext", "ChunkImages", "apply_compute"]
+
+_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_compute(model: nn.Module, compute: ComputeConfig, device: torch.device) -> nn.Module:
+    """``model`` on ``device`` with the layout and forward precision of ``compute`` (module names unchanged)."""
+    if compute.precision == "float16" and device.type != "cuda":
+        raise ModelError("precision float16 needs a CUDA device; use bfloat16 on the CPU")
+    model = model.to(device)
+    if compute.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compute.precision in _PRECISIONS:
+        autocast = torch.autocast(device_type=device.type, dtype=_PRECISIONS[compute.precision])
+        model.forward = autocast(model.forward)  # type: ignore[method-assign]
+    return model
 
 
 @dataclasses.dataclass
@@ -41,15 +63,25 @@ class RunContext:
         folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         config = load_config(folder.config)
         chosen = select_device(device or config.device)
-        return cls(folder, config, Plan.read(folder.plan), build_model(config.model).to(chosen), chosen)
+        model = apply_compute(build_model(config.model), config.compute, chosen)
+        return cls(folder, config, Plan.read(folder.plan), model, chosen)
 
     def records(self, shard: Shard) -> list[ImageRecord]:
         return list(self.plan.records[shard.images[0] : shard.images[1]])
 
+    def load_images(self, records: list[ImageRecord]) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
+        """The images of ``records`` that load, on the device, and the failures (as :func:`load_images`)."""
+        workers = loader_workers(self.config.compute.loader_workers)
+        loaded, images, failures = load_images(records, self.config.data, workers=workers)
+        if self.device.type == "cuda":
+            images = images.pin_memory()
+        memory_format = torch.channels_last if self.config.compute.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
+        return loaded, images, failures
+
     def load_chunk(self, records: list[ImageRecord]) -> ChunkImages:
         """Load ``records`` and classify them: targets follow the config's ``target`` rule."""
-        loaded, images, failures = load_batch(records, self.config.data)
-        images = images.to(self.device)
+        loaded, images, failures = self.load_images(records)
         output = self._targets(loaded, images)
         output.failures = failures
         return ChunkImages(images, output)

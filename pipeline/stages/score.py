@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MetricConfig
-from ..data import DataError, load_batch, load_gt
+from ..data import DataError, load_gt
 from ..metrics import METRICS, average_drop_increase, deletion, insertion, pcc, pointing_game, ssim
 from ..planning import Shard
 from ..store import ShardOutput
@@ -41,7 +41,7 @@ class ScoreStage:
         layer = shard.layers[0]
         keys = set(output.keys)
         records = [r for r in context.records(shard) if r.key in keys]
-        loaded, images, failures = load_batch(records, context.config.data)
+        loaded, images, failures = context.load_images(records)
         if failures:
             raise DataError(f"images that were explained can no longer be read: {'; '.join(failures.values())}")
         metrics = [m for m in context.config.metrics if m.name in shard.metrics]

@@ -1,6 +1,6 @@
 """Shared pieces of the method tests: the tiny CAM network, seeded batches and plain
 reference computations (bilinear upsampling, weighted channel sums, gradients at a
-hand-split layer, masks), and a recorder of forward batch sizes."""
+hand-split layer, masks, the counter-based draws one at a time), and a recorder of forward batch sizes."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -17,6 +17,7 @@ __all__ = [
     "activations_and_gradients",
     "bilinear_numpy",
     "make_tiny_cam_net",
+    "philox_uniform",
     "recorded_batch_sizes",
     "seeded_batch",
     "unit_mask",
@@ -120,3 +121,24 @@ def recorded_batch_sizes(model: nn.Module) -> Iterator[list[int]]:
         yield batch_sizes
     finally:
         handle.remove()
+
+
+def _philox4x32_10(counter: Sequence[int], key: Sequence[int]) -> list[int]:
+    """One Philox4x32-10 block in plain Python integers (Random123's recipe)."""
+    x0, x1, x2, x3 = counter
+    k0, k1 = key
+    for round_index in range(10):
+        if round_index:
+            k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        p0, p1 = 0xD2511F53 * x0, 0xCD9E8D57 * x2
+        x0, x1, x2, x3 = (p1 >> 32) ^ x1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ x3 ^ k1, p0 & 0xFFFFFFFF
+    return [x0, x1, x2, x3]
+
+
+def philox_uniform(seed: int, sample: int, draw: int) -> float:
+    """Draw ``draw`` of sample ``sample`` under ``seed``, computed alone from its definition."""
+    words = _philox4x32_10(
+        [draw // 2, sample & 0xFFFFFFFF, sample >> 32, 0], [seed & 0xFFFFFFFF, seed >> 32]
+    )
+    high, low = words[2 * (draw % 2)], words[2 * (draw % 2) + 1]
+    return ((((high << 32) | low) >> 12) + 0.5) * 2.0**-52

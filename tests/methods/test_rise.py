@@ -4,6 +4,7 @@ the explainer contract."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 from pipeline.methods import build_method
 from pipeline.methods.rise import GaussianRise, Rise, gaussian_rise_masks, rise_masks
-from tests.methods.helpers import bilinear_numpy
+from tests.methods.helpers import bilinear_numpy, philox_uniform
 
 RISE_METHODS = ["rise", "rise-gaussian"]
 
@@ -70,18 +71,27 @@ def all_masks(name: str, seed: int, count: int, size: tuple[int, int], grid_size
 
 
 def test_rise_mask_follows_the_recipe() -> None:
-    """Grid (keep-probability p1) then (row, column) shift from default_rng([seed, i]),
+    """Grid cells (draw < p1) then (row, column) shifts floor(draw * cell) from the draws of (seed, i),
     upsampled to (s+1)*cell, shifted, cropped; non-square size exercises both cells."""
     seed, grid_size, p1, size = 7, 4, 0.4, (10, 7)
     cell_h, cell_w = math.ceil(size[0] / grid_size), math.ceil(size[1] / grid_size)
     masks = rise_masks(seed, 3, 6, size, grid_size, p1)
     for row, index in enumerate(range(3, 6)):
-        rng = np.random.default_rng([seed, index])
-        grid = (rng.random((grid_size, grid_size)) < p1).astype(float)
-        dy, dx = rng.integers(0, (cell_h, cell_w))
+        draws = [philox_uniform(seed, index, j) for j in range(grid_size**2 + 2)]
+        grid = (np.array(draws[: grid_size**2]) < p1).astype(float).reshape(grid_size, grid_size)
+        dy, dx = math.floor(draws[-2] * cell_h), math.floor(draws[-1] * cell_w)
         big = bilinear_numpy(grid, ((grid_size + 1) * cell_h, (grid_size + 1) * cell_w))
         expected = big[dy : dy + size[0], dx : dx + size[1]]
         np.testing.assert_allclose(masks[row].numpy(), expected, atol=1e-6)
+
+
+def test_gaussian_mask_cells_are_normal_quantiles_of_the_draws() -> None:
+    """With one cell and a cell as large as the image, the mask is constant: clip(mean + std * ndtri(draw))."""
+    seed, mean, std = 2, 0.5, 0.25
+    masks = gaussian_rise_masks(seed, 10, 14, (5, 5), 1, mean, std)
+    for row, index in enumerate(range(10, 14)):
+        value = min(max(mean + std * statistics.NormalDist().inv_cdf(philox_uniform(seed, index, 0)), 0.0), 1.0)
+        np.testing.assert_allclose(masks[row].numpy(), np.full((5, 5), value), atol=1e-6)
 
 
 @pytest.mark.parametrize("name, expected_mean", [("rise", 0.5), ("rise-gaussian", 0.5)])
@@ -111,11 +121,13 @@ def test_binary_masks_keep_probability() -> None:
 
 @pytest.mark.parametrize("name", RISE_METHODS)
 def test_mask_depends_only_on_seed_and_index(name: str) -> None:
-    method = make_method(name, TinyNet(), n_masks=30, seed=4)
-    together = method.masks(0, 30, (20, 20), "cpu")
+    """Masks of a range equal the masks drawn one at a time and on any split of the range."""
+    masks = rise_masks if name == "rise" else gaussian_rise_masks
+    together = masks(4, 0, 30, (20, 20), 8)
     for index in range(30):
-        assert torch.equal(method.masks(index, index + 1, (20, 20), "cpu")[0], together[index])
-    assert not torch.equal(make_method(name, TinyNet(), seed=5).masks(0, 30, (20, 20), "cpu"), together)
+        assert torch.equal(masks(4, index, index + 1, (20, 20), 8)[0], together[index])
+    assert torch.equal(torch.cat([masks(4, 0, 7, (20, 20), 8), masks(4, 7, 30, (20, 20), 8)]), together)
+    assert not torch.equal(masks(5, 0, 30, (20, 20), 8), together)
 
 
 @pytest.mark.parametrize("name", RISE_METHODS)

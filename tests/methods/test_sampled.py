@@ -17,6 +17,7 @@ from pipeline.methods.base import (
     to_fixed,
 )
 from pipeline.methods.lime import Lime
+from tests.host_syncs import HostSyncs
 from tests.methods.helpers import make_tiny_cam_net, recorded_batch_sizes, seeded_batch
 
 METHODS = ["rise", "rise-gaussian", "lime"]
@@ -249,3 +250,18 @@ def test_built_without_a_model_merges_and_finalizes(name: str) -> None:
     assert torch.equal(offline.finalize(merged), method.explain(images, targets))
     with pytest.raises(RuntimeError, match="built with model=None"):
         offline.accumulate(images, targets, 0, 8)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_the_forward_loop_makes_no_host_transfer(name: str, device: str) -> None:
+    """The draws are made once, before the loop; every forward batch then only slices device tensors
+    (on CUDA also no synchronization at all)."""
+    method = build_method(name, make_tiny_cam_net().to(device), **params(name))
+    assert isinstance(method, SampledExplainer)
+    images, targets = (tensor.to(device) for tensor in batch())
+    steps = method.steps(images, targets, 0, N_SAMPLES)
+    with HostSyncs() as syncs:
+        walked = sum(1 for _ in steps)
+    assert walked == -(-N_SAMPLES // PER_FORWARD) and syncs.calls == []
