@@ -49,7 +49,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .config import load_config
     from .rundir import plan_run
 
-    plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite)
+    plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite,
+                    hash_inputs=getattr(args, "hash_inputs", None))
     stages = {stage: len(plan.stage(stage)) for stage in ("explain", "score")}
     print(f"planned {plan.image_count} images: {stages['explain']} explain and {stages['score']} score shards "
           f"in {args.out}")
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", type=Path, help="experiment YAML")
         p.add_argument("--out", type=Path, required=True, help="run folder")
         p.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
+        p.add_argument("--hash-inputs", action="store_const", const=True, default=None,
+                       help="fingerprint input files by SHA-256, not size and time (kept by later re-plans)")
         if name == "run":
             launch_options(p, "cluster profile (jobs/clusters/NAME.yaml); default: run locally")
     for name, handler, text in (
