@@ -54,7 +54,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from .run_dir import RunDir
 
-    plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite, update=args.update)
+    plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite, update=args.update,
+                    hash_inputs=args.hash_inputs)
     stages = {stage: len(plan.stage(stage)) for stage in ("explain", "score")}
     done = len(RunDir(args.out).committed() & {s.id for s in plan.shards})
     kept = f" ({done} already committed)" if done else ""
@@ -153,7 +154,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config_path = prepare_demo(args.out, images_per_class=args.images_per_class)
     print(f"demo config: {config_path}")
     run_dir = Path(args.out) / "run"
-    args.config, args.out, args.overwrite, args.update = config_path, run_dir, True, False
+    args.config, args.out, args.overwrite, args.update, args.hash_inputs = config_path, run_dir, True, False, None
     args.profile, args.executor = None, "local"
     return _cmd_run(args)
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         replace.add_argument("--update", action="store_true",
                              help="plan a changed config into --out, reusing the shards it still plans")
         replace.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
+        p.add_argument("--hash-inputs", action="store_const", const=True, default=None,
+                       help="fingerprint input files by SHA-256, not size and time (kept by later re-plans)")
         if name == "run":
             launch_options(p, "cluster profile (jobs/clusters/NAME.yaml); default: run locally")
     for name, handler, text in (
@@ -224,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.add_argument("--verify", action="store_true",
-                   help="read every committed shard and check its checksums and digest (slower)")
+                   help="read every committed shard (checksums, digest) and compare the input files with "
+                        "the plan (slower)")
     p.add_argument("--watch", action="store_true", help="refresh until the run's jobs have ended")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
     p = command("logs", _cmd_logs, "print the log section of a shard's last SLURM attempt (.out and .err)")

@@ -10,6 +10,11 @@ image's relative path and stem (``gt_dir/crab/img_0001.png``), else by stem amon
 maps are read as grayscale and scaled to [0, 1] by their bit depth; ``.npy`` maps are used as
 they are. A map with NaN or inf values, or one value everywhere, is a :class:`DataError`.
 
+Every image and ground-truth file has a *stamp*, its fingerprint: ``size:mtime_ns`` by
+default (taken from the directory entries of the discovery walk: one pass, one stat per
+file, no file opened), or ``sha256:<hex>`` of its bytes with ``hash_inputs``;
+``missing`` for a listed file that does not exist.
+
 Images are scaled to [0, 1] by their bit depth: 8-bit modes by 255, 16-bit grayscale
 (``I;16``, and ``I`` as PNG reads it) by 65535, then replicated to three channels.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .config import DataConfig
+from .digests import file_digest
 from .errors import PipelineError
 
 if TYPE_CHECKING:
@@ -35,6 +41,7 @@ __all__ = [
     "ImageSet",
     "DataError",
     "discover_images",
+    "file_stamp",
     "load_image",
     "load_gt",
     "load_batch",
@@ -57,12 +64,17 @@ class ImageRecord:
     path: Path
     label: int
     gt_path: Path | None = None
+    #: the fingerprints of the image and of its ground-truth map (see the module docstring)
+    stamp: str = dataclasses.field(default="", compare=False)
+    gt_stamp: str | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
     records: tuple[ImageRecord, ...]
     class_names: tuple[str, ...]
+    #: how the stamps were taken: ``stat`` or ``sha256``
+    fingerprint: str = "stat"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -72,48 +84,76 @@ def _key(path: Path, base: Path) -> str:
     return path.relative_to(base).with_suffix("").as_posix()
 
 
-def _walk(root: Path, extensions: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """``(relative path without extension, absolute path)`` of every file under ``root`` whose
-    extension is in ``extensions``, from one pass over the tree (no file is opened or stat'ed)."""
+def _stat_stamp(stat: os.stat_result) -> str:
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def file_stamp(path: Path, *, hash_inputs: bool = False) -> str:
+    """The stamp of the file at ``path`` (see the module docstring)."""
+    try:
+        return f"sha256:{file_digest(path)}" if hash_inputs else _stat_stamp(os.stat(path))
+    except FileNotFoundError:
+        return "missing"
+
+
+def _walk(root: Path, extensions: tuple[str, ...]) -> Iterator[tuple[str, str, str]]:
+    """``(relative path without extension, absolute path, stamp)`` of every file under ``root`` whose
+    extension is in ``extensions``, folder by folder in name order, from one pass over the tree
+    (one stat per file, none opened; symbolic links to folders are not followed)."""
     prefix = len(str(root)) + 1
-    for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
-        for name in sorted(files):
-            stem, dot, extension = name.rpartition(".")
+    pending = [str(root)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError:  # an unreadable folder is skipped, as os.walk does
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(entry.path)
+                continue
+            stem, dot, extension = entry.name.rpartition(".")
             if dot and f".{extension.lower()}" in extensions:
-                full = os.path.join(folder, name)
-                yield full[prefix : len(full) - len(extension) - 1].replace(os.sep, "/"), full
+                full = entry.path
+                yield full[prefix : len(full) - len(extension) - 1].replace(os.sep, "/"), full, _stat_stamp(entry.stat())
+        pending.extend(reversed(subfolders))
 
 
-def _index_gt(gt_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Ground-truth files by relative stem and by bare stem (files directly in ``gt_dir``)."""
-    by_key: dict[str, Path] = {}
-    by_stem: dict[str, Path] = {}
+#: a file found by a walk and its stamp
+_Stamped = tuple[Path, str]
+
+
+def _index_gt(gt_dir: Path) -> tuple[dict[str, _Stamped], dict[str, _Stamped]]:
+    """Ground-truth files (with stamps) by relative stem and by bare stem (files directly in ``gt_dir``)."""
+    by_key: dict[str, _Stamped] = {}
+    by_stem: dict[str, _Stamped] = {}
     if not gt_dir.is_dir():
         raise DataError(f"data.gt_dir: {gt_dir} is not a folder")
-    for key, full in _walk(gt_dir, GT_EXTENSIONS):
-        path = Path(full)
-        by_key.setdefault(key, path)
+    for key, full, stamp in _walk(gt_dir, GT_EXTENSIONS):
+        found = (Path(full), stamp)
+        by_key.setdefault(key, found)
         if "/" not in key:
-            by_stem.setdefault(key, path)
+            by_stem.setdefault(key, found)
     return by_key, by_stem
 
 
-#: an image found by discovery: key, path, label and the ground-truth map a manifest names
-_Item = tuple[str, Path, int, "Path | None"]
+#: an image found by discovery: key, path, label, its stamp (None: not stat'ed yet) and the
+#: ground-truth map a manifest names
+_Item = tuple[str, Path, int, "str | None", "Path | None"]
 
 
 def _image_folder(root: Path) -> tuple[list[_Item], list[str]]:
-    """``(key, path, label, None)`` of every image of an ImageFolder tree, and the class names."""
+    """``(key, path, label, stamp, None)`` of every image of an ImageFolder tree, and the class names."""
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise DataError(f"data.root: {root} has no class sub-folders (expected root/<class>/<image>)")
     items = [
-        (f"{name}/{key}", Path(full), index, None)
+        (f"{name}/{key}", Path(full), index, stamp, None)
         for index, name in enumerate(classes)
-        for key, full in _walk(root / name, IMAGE_EXTENSIONS)
+        for key, full, stamp in _walk(root / name, IMAGE_EXTENSIONS)
     ]
     return items, classes
 
@@ -153,10 +193,11 @@ def _read_split(path: Path) -> set[str]:
     return {str(Path(line).with_suffix("").as_posix()) for line in lines if line and not line.startswith("#")}
 
 
-def discover_images(config: DataConfig) -> ImageSet:
-    """Every image the config describes, with labels and ground truth, sorted by key.
+def discover_images(config: DataConfig, *, hash_inputs: bool = False) -> ImageSet:
+    """Every image the config describes, with labels, ground truth and stamps, sorted by key.
 
-    Files are listed, not opened: an unreadable image fails later, in its shard.
+    Files are listed, not opened (``hash_inputs`` reads the chosen ones to hash them): an
+    unreadable image fails later, in its shard.
     """
     if config.root is not None:
         base = config.root
@@ -166,7 +207,7 @@ def discover_images(config: DataConfig) -> ImageSet:
         base = config.manifest.parent
         listed, names = _manifest(config.manifest, config.class_names)
         items = [
-            (_key(path, base) if path.is_relative_to(base) else path.with_suffix("").as_posix(), path, label, gt)
+            (_key(path, base) if path.is_relative_to(base) else path.with_suffix("").as_posix(), path, label, None, gt)
             for path, label, gt in listed
         ]
     if config.class_names and config.root is not None:
@@ -175,9 +216,10 @@ def discover_images(config: DataConfig) -> ImageSet:
         names = list(config.class_names)
     gt_by_key, gt_by_stem = _index_gt(config.gt_dir) if config.gt_dir else ({}, {})
     records = []
-    for key, path, label, listed_gt in items:
-        gt = listed_gt or gt_by_key.get(key) or gt_by_stem.get(key.rpartition("/")[2])
-        records.append(ImageRecord(key, path, label, gt))
+    for key, path, label, stamp, listed_gt in items:
+        found = gt_by_key.get(key) or gt_by_stem.get(key.rpartition("/")[2])
+        gt, gt_stamp = (listed_gt, None) if listed_gt else found or (None, None)
+        records.append(ImageRecord(key, path, label, gt, stamp or "", gt_stamp))
     records.sort(key=lambda r: r.key)
     duplicates = sorted(k for k, n in Counter(r.key for r in records).items() if n > 1)
     if duplicates:
@@ -196,7 +238,20 @@ def discover_images(config: DataConfig) -> ImageSet:
         records = records[: subset.first_n]
     if not records:
         raise DataError(f"no images found for data at {base} (after the subset)")
-    return ImageSet(tuple(records), tuple(names))
+    stamped = tuple(_stamped(r, hash_inputs) for r in records)
+    return ImageSet(stamped, tuple(names), "sha256" if hash_inputs else "stat")
+
+
+def _stamped(record: ImageRecord, hash_inputs: bool) -> ImageRecord:
+    """``record`` with the stamps the walk did not take (listed files, or every one when hashing)."""
+    gt_missing = record.gt_path is not None and record.gt_stamp is None
+    if record.stamp and not gt_missing and not hash_inputs:  # the walk stamped both files
+        return record
+    stamp = record.stamp if record.stamp and not hash_inputs else file_stamp(record.path, hash_inputs=hash_inputs)
+    gt_stamp = record.gt_stamp
+    if record.gt_path is not None and (gt_missing or hash_inputs):
+        gt_stamp = file_stamp(record.gt_path, hash_inputs=hash_inputs)
+    return dataclasses.replace(record, stamp=stamp, gt_stamp=gt_stamp)
 
 
 #: Pillow modes of 16-bit grayscale images, read as integers up to 65535

@@ -12,17 +12,22 @@ Two stages of shards, both planned up front:
   in ``after``.
 
 A shard's id is a digest of everything that determines its output: the method's
-resolved parameters, the image keys, the sample range, the preprocessing, the
-target rule and the model's digest (for score shards: the metric parameters and
-the ids it reads). Planning twice gives the same ids; any change gives new ones,
-and a method entry that did not change keeps its ids when another one does.
+resolved parameters, the image keys and their files' stamps (see :mod:`pipeline.data`),
+the sample range, the preprocessing, the target rule and the model's digest (for score
+shards: the metric parameters and the ids it reads; for ground-truth metrics also the
+stamps of the chunk's ground-truth maps). Planning twice gives the same ids; any change
+gives new ones, and a method entry that did not change keeps its ids when another one
+does. A changed image file gives new ids to the shards of its chunk only, a changed
+ground-truth map to its chunk's ground-truth score shards only: planning again and
+running computes exactly those (:func:`input_changes` says which inputs changed).
 
 ``plan.json`` (written by :meth:`Plan.write`, compact JSON) holds::
 
-    config_hash, model_digest, class_names
-    images: {keys: [...], paths: [...], labels: [...], gt: [path or null, ...]}   (columns)
+    config_hash, model_digest, class_names, fingerprint ("stat" or "sha256")
+    images: {keys: [...], paths: [...], labels: [...], gt: [path or null, ...],
+             stamps: [...], gt_stamps: [stamp or null, ...]}                  (columns)
     shards: {id: [...], stage: [...], method: [...], layers: [...], images: [...], samples: [...],
-             metrics: [...], after: [...]}                                          (columns)
+             metrics: [...], after: [...]}                                    (columns)
 
 Reading it imports nothing heavy and builds the image records only when asked.
 """
@@ -34,10 +39,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, NamedTuple, Sequence
 
-from .config import ExperimentConfig, MethodConfig, config_hash
-from .data import ImageRecord, ImageSet
+from .config import DataConfig, ExperimentConfig, MethodConfig, config_hash, read_yaml, validate_mapping
+from .data import ImageRecord, ImageSet, discover_images
 from .digests import json_digest
-from .run_dir import atomic_write
+from .run_dir import RunDir, atomic_write
 
 if TYPE_CHECKING:
     from .methods import SampledExplainer
@@ -46,6 +51,8 @@ __all__ = [
     "Shard",
     "Plan",
     "ImageColumns",
+    "InputChanges",
+    "input_changes",
     "make_plan",
     "method_params",
     "sampled_method",
@@ -86,12 +93,15 @@ class Shard(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ImageColumns:
-    """The plan's images as columns (keys, paths, labels, ground-truth paths), in key order."""
+    """The plan's images as columns (keys, paths, labels, ground-truth paths, the stamps of
+    both files), in key order."""
 
     keys: tuple[str, ...]
     paths: tuple[str, ...]
     labels: tuple[int, ...]
     gt: tuple[str | None, ...]
+    stamps: tuple[str, ...]
+    gt_stamps: tuple[str | None, ...]
 
     @classmethod
     def from_records(cls, records: Sequence[ImageRecord]) -> "ImageColumns":
@@ -100,13 +110,20 @@ class ImageColumns:
             tuple(str(r.path) for r in records),
             tuple(r.label for r in records),
             tuple(str(r.gt_path) if r.gt_path else None for r in records),
+            tuple(r.stamp for r in records),
+            tuple(r.gt_stamp for r in records),
         )
 
     def records(self) -> tuple[ImageRecord, ...]:
         return tuple(
-            ImageRecord(key, Path(path), label, Path(gt) if gt else None)
-            for key, path, label, gt in zip(self.keys, self.paths, self.labels, self.gt)
+            ImageRecord(key, Path(path), label, Path(gt) if gt else None, stamp, gt_stamp)
+            for key, path, label, gt, stamp, gt_stamp in zip(
+                self.keys, self.paths, self.labels, self.gt, self.stamps, self.gt_stamps)
         )
+
+    def inputs(self) -> dict[str, tuple[str, str | None, str | None]]:
+        """``{key: (stamp, ground-truth path, its stamp)}``: what a change of input is judged by."""
+        return {key: inputs for key, *inputs in zip(self.keys, self.stamps, self.gt, self.gt_stamps)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +133,8 @@ class Plan:
     images: ImageColumns
     class_names: tuple[str, ...]
     shards: tuple[Shard, ...]
+    #: how the inputs' stamps were taken: ``stat`` or ``sha256``
+    fingerprint: str = "stat"
 
     @property
     def keys(self) -> list[str]:
@@ -153,6 +172,7 @@ class Plan:
             "config_hash": self.config_hash,
             "model_digest": self.model_digest,
             "class_names": list(self.class_names),
+            "fingerprint": self.fingerprint,
             "images": {name: list(column) for name, column in dataclasses.asdict(self.images).items()},
             "shards": {name: [_plain(getattr(s, name)) for s in self.shards] for name in Shard._fields},
         }
@@ -165,13 +185,16 @@ class Plan:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} does not exist: plan the run first (xai-pipeline plan)") from None
         images = data["images"]
+        unknown = [""] * len(images["keys"])  # plans written before stamps: every input counts as changed
         return cls(
             config_hash=data["config_hash"],
             model_digest=data["model_digest"],
             images=ImageColumns(tuple(images["keys"]), tuple(images["paths"]), tuple(images["labels"]),
-                                tuple(images["gt"])),
+                                tuple(images["gt"]), tuple(images.get("stamps", unknown)),
+                                tuple(images.get("gt_stamps", unknown))),
             class_names=tuple(data["class_names"]),
             shards=_shards(data["shards"]),
+            fingerprint=data.get("fingerprint", "stat"),
         )
 
 
@@ -239,6 +262,8 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
     keys = [r.key for r in records]
     chunks = list(_ranges(len(records), config.sharding.images_per_shard))
     chunk_digests = {chunk: json_digest(keys[chunk[0] : chunk[1]]) for chunk in chunks}
+    input_digests = {chunk: json_digest([r.stamp for r in records[chunk[0] : chunk[1]]]) for chunk in chunks}
+    gt_digests = {chunk: json_digest([r.gt_stamp for r in records[chunk[0] : chunk[1]]]) for chunk in chunks}
     common = {
         "model": model_digest,
         "image_size": config.data.image_size,
@@ -258,15 +283,55 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
                 sampled, chunk[1] - chunk[0], config.sharding.samples_per_shard)
             explain_ids = []
             for samples in ranges:
-                shard_id = json_digest({**common, "method": method, "keys": chunk_digests[chunk], "samples": samples})
+                shard_id = json_digest({**common, "method": method, "keys": chunk_digests[chunk],
+                                        "inputs": input_digests[chunk], "samples": samples})
                 explain_ids.append(shard_id)
                 shards.append(Shard(shard_id, "explain", entry.label, layers, chunk, samples))
             for layer in layers:
-                for names in groups.values():
+                for group, names in groups.items():
                     params = {n: metric_params[n] for n in names}
-                    shard_id = json_digest({"metrics": params, "layer": layer, "after": explain_ids})
+                    reads = {"gt": gt_digests[chunk]} if group == "groundtruth" else {}
+                    shard_id = json_digest({"metrics": params, "layer": layer, "after": explain_ids, **reads})
                     shards.append(
                         Shard(shard_id, "score", entry.label, (layer,), chunk, None, tuple(names), tuple(explain_ids))
                     )
     return Plan(config_hash(config), model_digest, ImageColumns.from_records(records), images.class_names,
-                tuple(shards))
+                tuple(shards), images.fingerprint)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputChanges:
+    """The images whose inputs differ from the plan's: ``changed`` (the image or its ground-truth
+    map: its bytes, size, time or path), ``added`` and ``removed`` (keys, sorted)."""
+
+    changed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.changed or self.added or self.removed)
+
+    def describe(self) -> str:
+        """One line for ``status``: the counts and a few keys of each kind."""
+        if not self:
+            return "inputs unchanged since planning"
+        parts = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for what, keys in (("changed", self.changed), ("added", self.added), ("removed", self.removed))
+                 if keys]
+        return f"inputs since planning: {'; '.join(parts)}"
+
+
+def input_changes(run_dir: str | Path | RunDir) -> InputChanges:
+    """How the inputs on disk differ from those ``run_dir``'s plan recorded: one walk over the
+    data (hashing the files when the plan's fingerprint is ``sha256``); no model, no torch."""
+    folder = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    plan = Plan.read(folder.plan)
+    raw = read_yaml(folder.config)  # its data section alone: validating the methods would import torch
+    data = validate_mapping(DataConfig, raw.get("data") if isinstance(raw, dict) else None, f"{folder.config}: data")
+    before = plan.images.inputs()
+    now = ImageColumns.from_records(discover_images(data, hash_inputs=plan.fingerprint == "sha256").records).inputs()
+    return InputChanges(
+        tuple(sorted(k for k in before.keys() & now.keys() if before[k] != now[k])),
+        tuple(sorted(now.keys() - before.keys())),
+        tuple(sorted(before.keys() - now.keys())),
+    )

@@ -13,7 +13,7 @@ Layout::
     RUN_DIR/metrics.csv, metrics.parquet    one row per image x method x layer x metric
     RUN_DIR/summary.{csv,md,tex}            mean, variance, ... per method x layer
     RUN_DIR/comparison.{csv,md}             paired tests between methods (see pipeline.comparison)
-    RUN_DIR/failures.csv                    images that could not be read
+    RUN_DIR/failures.csv                    images that could not be read, NaN values and why
     RUN_DIR/jobs.json                       SLURM submissions (see pipeline.launching.slurm)
     RUN_DIR/slurm/                          submitit's scripts and logs
     RUN_DIR/report/                         the HTML/Markdown report

@@ -3,7 +3,10 @@
 :func:`plan_run` writes ``config.yaml`` (the resolved config) and ``plan.json``.
 A folder that holds another config's run is refused (the message lists what
 changed) unless ``update`` is given, which keeps the shards the new plan still has,
-or ``overwrite``, which clears its shards and results.
+or ``overwrite``, which clears its shards and results. Planning the same config again
+takes changed input files into account (new ids for the shards that read them, see
+:mod:`pipeline.planning`); the files of superseded shards are left in ``shards/``
+(unused, and used again if the inputs change back).
 :func:`preflight` checks on the submitting machine what would otherwise fail on
 every node: the model and checkpoint load, the layers exist and are spatial, every
 method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
@@ -109,13 +112,14 @@ def _clear(folder: RunDir) -> None:
 
 
 def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, update: bool = False,
-             check: bool = True) -> Plan:
+             check: bool = True, hash_inputs: bool | None = None) -> Plan:
     """Plan ``config`` into ``run_dir`` (after the pre-flight checks unless ``check=False``).
 
     A folder holding another config's run is refused, unless ``update`` (the committed
     shards whose ids the new plan keeps are reused: a method entry that did not change
     keeps its shards; the results and tables are removed) or ``overwrite`` (everything
-    is deleted).
+    is deleted). ``hash_inputs`` fingerprints the inputs by their SHA-256 instead of size
+    and time; ``None`` keeps the way of the folder's plan (size and time for a new one).
     """
     folder = RunDir(run_dir)
     if folder.config.is_file():
@@ -133,7 +137,11 @@ def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False
             else:
                 for path in folder.outputs():
                     path.unlink(missing_ok=True)
-    images = preflight(config, folder.root) if check else discover_images(config.data)
+    if hash_inputs is None:
+        hash_inputs = folder.plan.is_file() and Plan.read(folder.plan).fingerprint == "sha256"
+    images = discover_images(config.data, hash_inputs=hash_inputs)
+    if check:
+        preflight(config, folder.root, images)
     plan = make_plan(config, images, model_digest(config.model))
     folder.shards.mkdir(parents=True, exist_ok=True)
     save_config(config, folder.config)

@@ -56,6 +56,8 @@ class RunStatus:
     scheduler_note: str | None = None
     #: committed shards found corrupt by ``verify`` (they count as not done)
     corrupt: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: how the input files differ from the plan's fingerprints (``verify`` only)
+    inputs_note: str | None = None
 
     @property
     def total(self) -> int:
@@ -95,6 +97,7 @@ class RunStatus:
             "running": sorted(self.running), "pending": dict(sorted(self.pending_reasons.items())),
             "failed": self.failed, "waiting": self.waiting, "finish_job": self.finish_job,
             "outcome": self.outcome, "scheduler_note": self.scheduler_note, "corrupt": self.corrupt,
+            "inputs": self.inputs_note,
         }
 
     def describe(self) -> str:
@@ -116,6 +119,8 @@ class RunStatus:
                          f"{record.get('message')}{where}")
         if len(self.failed) > 10:
             lines.append(f"  ... and {len(self.failed) - 10} more failed shards (`--json` lists them all)")
+        if self.inputs_note:
+            lines.append(f"  inputs: {self.inputs_note}")
         for shard_id, reason in list(self.corrupt.items())[:10]:
             lines.append(f"  corrupt {self.plan.shard(shard_id).describe()}: {reason}")
         if self.corrupt:
@@ -154,6 +159,20 @@ def _error_records(folder: RunDir, ids: set[str]) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _inputs_note(folder: RunDir) -> str:
+    """How the image and ground-truth files differ from the plan's fingerprints, and what to do."""
+    from .data import DataError
+    from .planning import input_changes
+
+    try:
+        changes = input_changes(folder)
+    except DataError as error:
+        return f"cannot be compared with the plan: {error}"
+    if not changes:
+        return "unchanged since planning"
+    return f"{changes.describe()}; `xai-pipeline resume {folder.root}` recomputes the shards that read them"
+
+
 def _pending_reason(state: str | None, submission: Submission, active_jobs: set[str]) -> str:
     if any(job in active_jobs for job in submission.depends_on):
         return "waiting on dependency"
@@ -175,11 +194,13 @@ def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -
     planned = {s.id for s in plan.shards}
     done = set(files.committed & planned)
     corrupt: dict[str, str] = {}
+    inputs_note = None
     if verify:
         from .integrity import find_corrupt
 
         corrupt = find_corrupt(folder, sorted(done), deep=True)
         done -= set(corrupt)
+        inputs_note = _inputs_note(folder)
     open_ids = planned - done
     records = _error_records(folder, open_ids & files.errors)
     jobs = read_jobs(folder.root)
@@ -246,4 +267,4 @@ def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -
                       "retries": int(profile.get("retries", 0)), "log": str(last.log(0, "out"))}
     outcome = jobs.get("outcome")
     return RunStatus(folder.root, plan, done, failed, running, set(pending), waiting, pending, finish_job, outcome,
-                     note, corrupt)
+                     note, corrupt, inputs_note)

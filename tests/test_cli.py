@@ -1,6 +1,7 @@
 """pipeline.cli: the xai-pipeline command end to end, exit codes and messages."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,9 @@ def test_failing_shards_exit_with_1(
     last = [s.id for s in plan.stage("explain") if s.images == (10, 12)]
     assert run_shards(run_dir, last, progress=False) == {}
     damaged = plan.records[11]
-    damaged.path.write_bytes(b"garbage")  # explained, but no longer readable for scoring
+    before = damaged.path.stat()  # explained, but no longer readable for scoring; its size and time are
+    damaged.path.write_bytes(b"\0" * before.st_size)  # kept, so its stamp does not change and nothing is re-planned
+    os.utime(damaged.path, ns=(before.st_atime_ns, before.st_mtime_ns))
     capsys.readouterr()
     assert main(["run", str(config), "--out", str(run_dir), "--no-progress"]) == 1
     err = capsys.readouterr().err

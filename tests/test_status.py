@@ -133,3 +133,15 @@ def test_score_shards_of_a_failed_explain_shard_wait_on_input(make_config: Confi
     assert status.failed[explain.id]["message"] == "RuntimeError: CUDA error: out of memory"
     assert set(status.waiting) == {s.id for s in plan.stage("score") if explain.id in s.after}
     assert all(inputs == [explain.id] for inputs in status.waiting.values())
+
+
+def test_verify_reports_changed_inputs(make_config: ConfigFactory, tree_copy: ImageTree, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(make_config(root=tree_copy.root, gt_dir=tree_copy.gt_dir)), run_dir)
+    assert run_status(run_dir, scheduler=False).inputs_note is None  # only --verify walks the data
+    assert run_status(run_dir, scheduler=False, verify=True).inputs_note == "unchanged since planning"
+    record = plan.records[0]
+    record.path.write_bytes(record.path.read_bytes() + b"\0")  # the same image, one byte longer
+    note = run_status(run_dir, scheduler=False, verify=True).inputs_note
+    assert note is not None and record.key in note and "xai-pipeline resume" in note
+    assert f"inputs: {note}" in run_status(run_dir, scheduler=False, verify=True).describe()

@@ -44,8 +44,11 @@ def _expected(values: list[float]) -> dict[str, float]:
 
 def test_summarize_matches_numpy_and_scipy() -> None:
     summary = summarize(_metrics()).set_index(["method", "layer", "metric"])
+    assert sorted(summary.index) == sorted(VALUES)  # an all-NaN group has a row: count 0, n_nan 5
+    assert (summary["n_nan"] == [int(np.isnan(VALUES[g]).sum()) for g in summary.index]).all()
+    empty = summary.loc[("gradcam", "layer4", "pcc")]
+    assert empty["count"] == 0 and empty["n_nan"] == 5 and np.isnan(empty["mean"])
     expected_groups = [k for k, v in VALUES.items() if not np.isnan(v).all()]
-    assert sorted(summary.index) == sorted(expected_groups)  # an all-NaN group has no row
     for group in expected_groups:
         expected = _expected(VALUES[group])
         for column, value in expected.items():
@@ -98,11 +101,14 @@ def test_written_tables(tmp_path: Path) -> None:
     summary = summarize(_metrics())
     write_summary(summary, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv", "summary.md", "summary.tex"]
-    assert len(pd.read_csv(tmp_path / "summary.csv")) == len(summary) == 6
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == len(summary) == 7
     markdown = (tmp_path / "summary.md").read_text()
     assert [line for line in markdown.splitlines() if line.startswith("## ")] == ["## Mean", "## Variance",
-                                                                                  "## Images"]
-    assert markdown.count("Insertion ↑") == 3 and markdown.count("Deletion ↓") == 3
+                                                                                  "## Images", "## NaN values"]
+    assert markdown.count("Insertion ↑") == 4 and markdown.count("Deletion ↓") == 4
+    nan_section = markdown.split("## NaN values")[1]
+    rise_row = next(line for line in nan_section.splitlines() if line.startswith("| rise"))
+    assert [cell.strip() for cell in rise_row.strip("|").split("|")] == ["rise", "-", "1", "0", "3"]
     mean_section = markdown.split("## Variance")[0]
     rise_row = next(line for line in mean_section.splitlines() if line.startswith("| rise"))
     assert f"{np.nanmean(VALUES[('rise', '-', 'insertion')]):.4f}" in rise_row
@@ -110,7 +116,7 @@ def test_written_tables(tmp_path: Path) -> None:
     rise_row = next(line for line in variance_section.splitlines() if line.startswith("| rise"))
     assert f"{np.var(VALUES[('rise', '-', 'deletion')], ddof=1):.4f}" in rise_row
     latex = (tmp_path / "summary.tex").read_text()
-    assert latex.count("\\begin{tabular}") == 3
+    assert latex.count("\\begin{tabular}") == 4
     assert "Insertion ↑" in latex and "Deletion ↓" in latex
     assert "--" in latex  # missing figures are marked
 
@@ -146,7 +152,7 @@ def test_moments_fed_batch_by_batch_match_the_table_summary() -> None:
     streamed = moments.frame(["method", "layer", "metric"]).set_index(["method", "layer", "metric"])
     expected = summarize(metrics).set_index(["method", "layer", "metric"])
     assert sorted(streamed.index) == sorted(expected.index)
-    for column in ("mean", "var", "std", "count", "ci95_low", "ci95_high"):
+    for column in ("mean", "var", "std", "count", "n_nan", "ci95_low", "ci95_high"):
         np.testing.assert_allclose(streamed.loc[expected.index, column], expected[column], rtol=1e-12)
 
 

@@ -6,6 +6,8 @@ alone), three have none. The model is an untrained, seeded ``ShapesNet`` of widt
 with its head's weights scaled up (so that probabilities differ between images and
 Grad-CAM maps are not all zero); its ``state_dict`` is the checkpoint. :func:`tiny_config` is the experiment:
 Grad-CAM on two layers and RISE with 64 masks, scored with insertion, deletion and PCC.
+:class:`ConstantLogitsNet` and :class:`NanLogitsNet` load the same checkpoint and give
+degenerate saliency maps (``model.factory: tests.tiny_experiment:NanLogitsNet``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.demo_model import ShapesNet
 
 __all__ = [
@@ -32,6 +35,8 @@ __all__ = [
     "tiny_config",
     "add_broken_image",
     "one_thread",
+    "ConstantLogitsNet",
+    "NanLogitsNet",
     "ConfigFactory",
     "YamlWriter",
 ]
@@ -82,6 +87,24 @@ def _gt_map(rng: np.random.Generator) -> np.ndarray:
     centre = rng.uniform(8, 24, size=2)
     blob = np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / 40.0)
     return (blob * 255).astype(np.uint8)
+
+
+class ConstantLogitsNet(ShapesNet):
+    """``ShapesNet`` whose logits are zero for every image: its gradients, so its Grad-CAM maps, are constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.0
+
+
+class NanLogitsNet(ShapesNet):
+    """``ShapesNet`` whose logits are NaN for the images with a bright red square (class ``alpha``, whose
+    red pixels reach 230/255; the others stay below 90/255, also when perturbed), unchanged for the others."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+        bright = red.flatten(1).amax(dim=1) > 0.8
+        scale = torch.where(bright, torch.nan, 1.0).to(x.dtype)
+        return super().forward(x) * scale[:, None]
 
 
 def write_image_tree(base: Path, seed: int = 0) -> ImageTree:

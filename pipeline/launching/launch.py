@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from ..config import ConfigError, ExperimentConfig, config_dict, config_hash, parse_config
 from ..models import model_digest
-from ..planning import Plan, Shard
+from ..planning import Plan, Shard, input_changes
 from ..run_dir import RunDir
-from ..rundir import RunDirError, config_changes, load_run_plan, preflight
+from ..rundir import RunDirError, config_changes, load_run_plan, plan_run, preflight
 from .accounting import SchedulerError, read_jobs
 from .local import pending_shards, run_local
 from .profiles import DEFAULT_PROFILE, ClusterProfile, load_profile, parse_profile
@@ -132,7 +132,8 @@ def launch_run(
     check: bool = True,
     progress: bool | None = None,
 ) -> LaunchResult:
-    """Run or submit the run's pending shards (all with ``force``) and the reduce step.
+    """Run or submit the run's pending shards (all with ``force``) and the reduce step; the run is
+    planned again first when input files changed since planning (see :func:`~pipeline.planning.input_changes`).
 
     ``check=False`` skips the pre-flight checks (for a run planned a moment ago).
     Locally, the shards run here and :attr:`LaunchResult.failures` lists those that
@@ -142,6 +143,8 @@ def launch_run(
     run_dir = Path(run_dir).resolve()
     config, plan = load_run_plan(run_dir)
     check_unchanged(run_dir, config, plan)
+    if input_changes(run_dir):  # changed input files: their shards get new ids, computed below
+        plan = plan_run(config, run_dir, check=False)
     startup_s = _preflight(config, run_dir) if check else 0.0
     if force:
         shards = [s for stage in ("explain", "score") for s in plan.stage(stage)]

@@ -4,7 +4,8 @@ The point is the map's maximum; when several pixels share it, the first in row-m
 order (lowest ``i * W + j``). The ground-truth region is ``gt > threshold * max(gt)``
 per image (``relative=True``) or ``gt > threshold`` (``relative=False``). A hit is a
 point within ``tolerance`` pixels (Euclidean distance between pixel coordinates,
-inclusive: distance == tolerance is a hit) of some pixel of the region.
+inclusive: distance == tolerance is a hit) of some pixel of the region. A map or ground
+truth with NaN or inf values, or one value everywhere, scores NaN.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._checks import boolean, number_in
+from .similarity import degenerate
 
 __all__ = ["pointing_game", "check_pointing_parameters", "pointing_game_accuracy"]
 
@@ -38,7 +40,8 @@ def check_pointing_parameters(size: tuple[int, int], *, tolerance: float, thresh
 def pointing_game(
     maps: Tensor, gt: Tensor, *, tolerance: float = 15.0, threshold: float = 0.5, relative: bool = True
 ) -> Tensor:
-    """Hits ``[B]`` (float32 on the maps' device): 1.0 hit, 0.0 miss, NaN when the gt region is empty.
+    """Hits ``[B]`` (float32 on the maps' device): 1.0 hit, 0.0 miss, NaN when the gt region is empty
+    or a map or ground truth is unusable (NaN, inf or constant).
 
     ``maps`` and ``gt`` are ``[B, H, W]`` of the same size (``gt`` may be on another
     device or boolean). See the module docstring for the point, region and tolerance.
@@ -64,7 +67,8 @@ def pointing_game(
     squared = (rows - (peak // width).view(-1, 1, 1)) ** 2 + (cols - (peak % width).view(-1, 1, 1)) ** 2
     nearest = torch.where(region, squared, torch.full_like(squared, torch.inf)).flatten(1).min(dim=1).values
     hits = (torch.sqrt(nearest) <= tolerance).float()
-    return torch.where(region.flatten(1).any(dim=1), hits, torch.full_like(hits, torch.nan))
+    scored = region.flatten(1).any(dim=1) & ~degenerate(maps) & ~degenerate(gt)
+    return torch.where(scored, hits, torch.full_like(hits, torch.nan))
 
 
 def pointing_game_accuracy(hits: Tensor) -> float:

@@ -4,7 +4,8 @@ Both functions take ``maps`` and ``gt`` ``[B, H, W]`` torch tensors (``gt`` may 
 another size and device), resize ``gt`` to the maps' size (bilinear,
 ``align_corners=False``, no antialiasing), scale each map to [0, 1] per image
 (min-max; a constant map becomes zeros) and compute in float64 on the maps' device.
-They return float64 ``[B]``.
+They return float64 ``[B]``; a map or ground truth with NaN or inf values, or one value
+everywhere, gives NaN.
 """
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ from ..methods.base import minmax_normalize, upsample
 from ._checks import boolean, number_in
 from ._filters import filter_2d, gaussian_taps, uniform_taps
 
-__all__ = ["pcc", "ssim", "ssim_window", "prepare_pair"]
+__all__ = ["pcc", "ssim", "ssim_window", "prepare_pair", "degenerate"]
 
 #: SSIM constants of Wang et al. (2004), as in scikit-image
 _K1 = 0.01
 _K2 = 0.03
 #: scikit-image's Gaussian window reaches int(3.5 * sigma + 0.5) pixels
 _GAUSSIAN_TRUNCATE = 3.5
+
+
+def degenerate(maps: Tensor) -> Tensor:
+    """``[B]`` bool on ``maps``' device: True for a map of ``[B, H, W]`` with NaN or inf values or one value everywhere."""
+    flat = maps.flatten(1).to(torch.float64)
+    return ~torch.isfinite(flat).all(dim=1) | (flat.amax(dim=1) == flat.amin(dim=1))
 
 
 def prepare_pair(maps: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,4 +134,6 @@ def ssim(
     )
     border = (win_size - 1) // 2
     height, width = similarity.shape[-2:]
-    return similarity[:, border : height - border, border : width - border].mean(dim=(1, 2))
+    mean = similarity[:, border : height - border, border : width - border].mean(dim=(1, 2))
+    unusable = degenerate(maps).to(mean.device) | degenerate(gt).to(mean.device)
+    return torch.where(unusable, torch.full_like(mean, torch.nan), mean)

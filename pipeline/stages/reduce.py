@@ -21,10 +21,15 @@ moments for the summary, so memory does not grow with the number of images.
 ``<layer>`` a module name, or ``-`` for methods without layers. Rows follow the
 plan's image order (sorted keys). The merged maps do not depend on how the work
 was sharded. Metric rows are in the config's order of methods, then by layer, image
-chunk and metric. Beside it: ``summary.{csv,md,tex}`` and ``failures.csv`` (see
-:mod:`pipeline.tables`) and ``comparison.{csv,md}`` (see
+chunk and metric. Beside it: ``summary.{csv,md,tex}`` (see :mod:`pipeline.tables`),
+``failures.csv`` and ``comparison.{csv,md}`` (see
 :mod:`pipeline.comparison`); their SHA-256 digests are in the attribute ``tables`` of
 ``results.h5``, which is renamed into place last (see :func:`pipeline.integrity.results_whole`).
+
+``failures.csv`` has the columns :data:`FAILURE_COLUMNS`: a row per image that could not
+be read (stage ``explain``, no method, layer or metric), then a row per image, method
+entry, layer and metric whose value is NaN for a known reason (stage ``score``: an
+unusable saliency map or ground-truth map), in the order of the metric rows.
 
 A shard file that is corrupt is never merged: it is moved to ``shards/corrupt/`` (with
 the score shards that read it) and the reduce stops, naming it and ``xai-pipeline resume``.
@@ -54,7 +59,8 @@ from ..store import CorruptShardError, ShardOutput, atomic_h5, read_shard
 from ..tables import METRIC_COLUMNS, Moments, write_summary
 from .merge import merge_outputs
 
-__all__ = ["ReduceError", "CorruptShardsFound", "ReduceResult", "reduce_run", "kept_map_rows", "CSV_MAX_ROWS"]
+__all__ = ["ReduceError", "CorruptShardsFound", "ReduceResult", "reduce_run", "kept_map_rows", "CSV_MAX_ROWS",
+           "FAILURE_COLUMNS"]
 
 #: runs with more metric rows than this get metrics.parquet only
 CSV_MAX_ROWS = 1_000_000
@@ -62,6 +68,8 @@ _STR = h5py.string_dtype()
 _ROW_GROUP = 1 << 16
 #: the columns the comparison between methods reads back
 _COMPARED = ["key", "method", "layer", "metric", "value"]
+#: the columns of failures.csv
+FAILURE_COLUMNS = ["key", "stage", "method", "layer", "metric", "error"]
 _SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int64()), ("class_name", pa.string()), ("target", pa.int64()),
     ("predicted", pa.int64()), ("method", pa.string()), ("layer", pa.string()), ("metric", pa.string()),
@@ -252,6 +260,7 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
     map_row = np.full(n, -1, np.int64)
     map_row[kept] = np.arange(len(kept))
     failures: dict[str, str] = {}
+    nan_reasons: list[tuple[str, ...]] = []  # (key, "score", method, layer, metric, reason)
     score_shards = _score_order(config, plan)
     expected_rows = sum((s.images[1] - s.images[0]) * len(s.metrics) for s in score_shards)
     rows = _MetricRows(folder, expected_rows <= CSV_MAX_ROWS, group_by_class)
@@ -298,6 +307,8 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
                         "target": targets[indices], "predicted": predicted[indices], "method": shard.method,
                         "layer": layer, "metric": metric, "value": output.values[metric].astype(np.float64),
                     })
+                    nan_reasons.extend((key, "score", shard.method, layer, metric, reason)
+                                       for key, reason in zip(output.keys, output.reasons.get(metric, ())) if reason)
                 for metric, curve in output.curves.items():
                     name = f"curves/{metric}/{shard.method}/{layer}"
                     if name not in datasets:
@@ -322,7 +333,8 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
             summary = rows.moments.frame(columns, _summary_order(config, plan, group_by_class))
             write_summary(summary, folder.root, group_by_class=group_by_class)
             write_comparison(pd.read_parquet(folder.metrics_parquet, columns=_COMPARED), folder.root)
-            table = pd.DataFrame({"key": list(failures), "error": list(failures.values())})
+            unread = [(key, "explain", "", "", "", error) for key, error in failures.items()]
+            table = pd.DataFrame(unread + nan_reasons, columns=FAILURE_COLUMNS)
             atomic_write(folder.failures_csv, table.to_csv(index=False))
             written = [p for p in folder.outputs() if p != folder.results and p.is_file()]
             f.attrs[TABLES_ATTRIBUTE] = json.dumps({p.name: file_digest(p) for p in written})

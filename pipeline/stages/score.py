@@ -3,8 +3,12 @@
 It merges the chunk's explain shards (listed in the shard's ``after``), reloads the
 images and scores the maps. Ground-truth metrics (PCC, SSIM, pointing game) are
 computed for the images that have a ground-truth map; the others get NaN, and an
-unusable map (unreadable, NaN or constant) is named in the shard's ``reasons``
-without failing the other images. Model metrics never need one.
+unusable ground-truth map (unreadable, NaN or constant) is named in the shard's
+``reasons`` without failing the other images. Model metrics never need one.
+
+A saliency map with NaN or inf values, or one value everywhere, is not scored: every
+metric of that image is NaN (its curves too) with the reason in ``reasons``, and the
+other images of the chunk are scored as usual.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from ..store import ShardOutput
 from .context import RunContext
 from .merge import merge_chunk
 
-__all__ = ["ScoreStage", "score_maps"]
+__all__ = ["ScoreStage", "score_maps", "unusable_maps"]
 
 
 class ScoreStage:
@@ -56,17 +60,56 @@ class ScoreStage:
             except DataError as error:  # that image's ground-truth metrics are NaN; the others go on
                 gt.append(None)
                 gt_reasons.append(str(error))
-        output.reasons = {m.name: list(gt_reasons) for m in metrics if METRICS[m.name].needs_ground_truth}
-        maps = torch.from_numpy(merged.maps[layer]).to(context.device)
-        targets = torch.from_numpy(output.targets).to(context.device)
-        output.values, output.curves = score_maps(
-            context.model, images.to(context.device), maps, targets, gt, metrics
+        maps = merged.maps[layer]
+        map_reasons = unusable_maps(maps)
+        scored = [i for i, reason in enumerate(map_reasons) if not reason]
+        output.reasons = {
+            m.name: [map_reason or (gt_reason if METRICS[m.name].needs_ground_truth else "")
+                     for map_reason, gt_reason in zip(map_reasons, gt_reasons)]
+            for m in metrics
+        }
+        if not scored:  # every map is unusable: NaN values, no curves
+            output.values = {m.name: _nan(len(loaded)) for m in metrics}
+            return output
+        rows = torch.tensor(scored, dtype=torch.long)
+        values, curves = score_maps(
+            context.model,
+            images[rows].to(context.device),
+            torch.from_numpy(maps[scored]).to(context.device),
+            torch.from_numpy(output.targets[scored]).to(context.device),
+            [gt[i] for i in scored],
+            metrics,
         )
+        output.values = {name: _spread(array, scored, len(loaded)) for name, array in values.items()}
+        output.curves = {name: _spread(array, scored, len(loaded)) for name, array in curves.items()}
         return output
 
 
 def _nan(n: int) -> np.ndarray:
     return np.full(n, np.nan, dtype=np.float64)
+
+
+def unusable_maps(maps: np.ndarray) -> list[str]:
+    """Why each map of ``maps`` ``[n, H, W]`` cannot be scored (NaN or inf values, one value
+    everywhere), empty for a usable one."""
+    flat = maps.reshape(len(maps), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    reasons = []
+    for row, ok in zip(flat, finite):
+        if not ok:
+            reasons.append("saliency map has NaN or inf values")
+        elif row.min() == row.max():
+            reasons.append(f"saliency map is constant ({row[0]:g} everywhere)")
+        else:
+            reasons.append("")
+    return reasons
+
+
+def _spread(scored: np.ndarray, rows: list[int], n: int) -> np.ndarray:
+    """``scored`` (one row per image of ``rows``) as ``n`` rows, NaN for the other images."""
+    full = np.full((n, *scored.shape[1:]), np.nan, dtype=scored.dtype)
+    full[rows] = scored
+    return full
 
 
 def score_maps(

@@ -60,7 +60,8 @@ def test_relative_and_absolute_threshold() -> None:
 def test_empty_region_is_nan_and_left_out_of_accuracy() -> None:
     maps = torch.rand(3, 20, 20)
     gt = torch.zeros(3, 20, 20)
-    gt[0] = 1.0  # everything: hit
+    gt[0] = 1.0
+    gt[0, 0, 0] = 0.9  # (nearly) everything: hit
     gt[2, 0, 0] = 1.0
     maps[2] = 0.0
     maps[2, 19, 19] = 1.0  # far from (0, 0): miss
@@ -90,3 +91,14 @@ def test_bad_input_is_rejected() -> None:
         pointing_game(torch.rand(8, 8), torch.rand(8, 8))
     with pytest.raises(ValueError, match="tolerance"):
         pointing_game(torch.rand(1, 8, 8), torch.rand(1, 8, 8), tolerance=-1)
+
+
+def test_an_unusable_map_or_ground_truth_is_nan() -> None:
+    maps, gt = peak_and_point((10, 10), (10, 12))
+    maps, gt = maps.repeat(5, 1, 1), gt.repeat(5, 1, 1)
+    maps[1] = 0.5  # constant map
+    maps[2, 3, 3] = math.nan
+    maps[3, 3, 3] = math.inf
+    gt[4] = 2.0  # constant ground truth: with an absolute threshold its region is every pixel
+    hits = pointing_game(maps, gt, threshold=0.5, relative=False)
+    assert hits[0].item() == 1.0 and torch.isnan(hits[1:]).all()

@@ -68,6 +68,17 @@ def test_pcc_of_a_constant_map_is_nan() -> None:
     assert not torch.isnan(result[0]) and torch.isnan(result[1])
 
 
+@pytest.mark.parametrize("metric", [pcc, ssim])
+def test_an_unusable_map_or_ground_truth_is_nan(metric) -> None:
+    maps, gt = random_pair(1, shape=(5, 16, 16))
+    maps[1] = 3.0
+    maps[2, 4, 4] = float("nan")
+    maps[3, 4, 4] = float("inf")
+    gt[4] = 0.5
+    result = metric(maps, gt)
+    assert torch.isfinite(result[0]) and torch.isnan(result[1:]).all()
+
+
 def test_ssim_defaults_equal_scikit_image_defaults() -> None:
     maps, gt = random_pair(1)
     result = ssim(maps, gt)
