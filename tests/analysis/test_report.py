@@ -94,7 +94,7 @@ def test_selection_follows_the_metric_direction(tiny_run: Path) -> None:
     with open(tiny_run / "metrics.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if (r["method"], r["layer"]) == ("gradcam", "layer3")]
     for metric, higher_is_better in (("insertion", True), ("deletion", False)):
-        values = {r["key"]: float(r["value"]) for r in rows if r["metric"] == metric}
+        values = {r["key"]: float(r["value"]) for r in rows if r["metric"] == metric and r["value"]}
         ordered = sorted(values, key=lambda k: -values[k] if higher_is_better else values[k])
         groups = select_images(run, metric, "gradcam", "layer3", count=2)
         assert [k for k, _ in groups["best"]] == ordered[:2]
