@@ -22,8 +22,9 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
     methods:                         # * a list of
       - name: gradcam                # one of pipeline.methods.METHODS
         id: gradcam                  # its label in tables (default: the name; unique)
-        layers: [layer3, layer4]     # CAM methods only
-        params: {}                   # the method's parameters
+        layers: [layer3, layer4]     # CAM methods only: dotted module names (`xai-pipeline layers
+                                     # CONFIG` lists them); default: the family's last spatial block
+        params: {}                   # the method's parameters (CAM: reshape: auto|tokens|channels_last|none)
     metrics:                         # default: insertion and deletion
       - name: insertion
         params: {step: 224}
@@ -167,8 +168,8 @@ class MethodConfig(_Strict):
             choices = ", ".join(k for k in valid if k not in reserved)
             raise ValueError(f"method {self.name!r} has no parameter {', '.join(unknown)}; valid parameters: {choices}")
         is_cam = issubclass(method_class(self.name), CamExplainer)
-        if is_cam and not self.layers:
-            raise ValueError(f"method {self.name!r} needs `layers` (module names such as layer4)")
+        if is_cam and self.layers == []:
+            raise ValueError(f"method {self.name!r}: give at least one layer, or omit `layers` for the default")
         if not is_cam and self.layers:
             raise ValueError(f"method {self.name!r} takes no `layers`: it is not a CAM method")
         if self.id is not None and ("/" in self.id or not self.id.strip()):

@@ -197,3 +197,14 @@ def test_compare_command_writes_the_comparison(run_copy: Path, capsys: pytest.Ca
     ]
     assert set(table["metric"]) == {"insertion", "deletion", "pcc"}
     assert (run_copy / "comparison.md").read_text().startswith("# Method comparison")
+
+
+def test_layers_lists_candidate_layers_with_shapes_and_the_default(
+    make_config: ConfigFactory, write_yaml: YamlWriter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["layers", str(write_yaml(make_config()))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("layers of the model for 32x32 images (shapes per image):")
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["layer3"][1:] == ["(default)", "Sequential", "16", "x", "4", "x", "4", "16", "x", "4", "x", "4"]
+    assert "fc" not in rows and "layer2.0.conv1" in rows
