@@ -20,13 +20,13 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
       checkpoint: model.pt           # a state_dict, loaded with weights_only=True
       weights: IMAGENET1K_V2         # torchvision weights (needs a download)
     methods:                         # * a list of
-      - name: gradcam                # one of pipeline.methods.METHODS
+      - name: gradcam                # a registered method, `package.module:Class` or an entry point
         id: gradcam                  # its label in tables (default: the name; unique)
         layers: [layer3, layer4]     # CAM methods only: dotted module names (`xai-pipeline layers
                                      # CONFIG` lists them); default: the family's last spatial block
         params: {}                   # the method's parameters (CAM: reshape: auto|tokens|channels_last|none)
     metrics:                         # default: insertion and deletion
-      - name: insertion
+      - name: insertion              # a registered metric, `package.module:function` or an entry point
         params: {step: 224}
     target: predicted                # or `label`: the class that is explained and scored
     sharding: {images_per_shard: 16, samples_per_shard: 1000}
@@ -157,10 +157,9 @@ class MethodConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> "MethodConfig":
-        from .methods import METHODS, CamExplainer, method_class, method_parameters
+        from .methods import CamExplainer, method_class, method_parameters
 
-        if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}; known methods: {', '.join(METHODS)}")
+        method_class(self.name)
         valid = method_parameters(self.name)
         reserved = {"layer"}
         unknown = sorted(set(self.params) - (set(valid) - reserved))
@@ -183,11 +182,9 @@ class MetricConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> "MetricConfig":
-        from .metrics import METRICS
+        from .metrics import metric_spec
 
-        if self.name not in METRICS:
-            raise ValueError(f"unknown metric {self.name!r}; known metrics: {', '.join(METRICS)}")
-        valid = METRICS[self.name].parameters
+        valid = metric_spec(self.name).parameters
         unknown = sorted(set(self.params) - set(valid))
         if unknown:
             raise ValueError(

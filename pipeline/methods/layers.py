@@ -150,7 +150,8 @@ def probe_layers(model: nn.Module, size: tuple[int, int]) -> list[LayerInfo]:
         if not isinstance(output, Tensor) or output.dim() < 1:
             return
         try:
-            grid: tuple[int, int, int] | None = tuple(to_grid(model, name, output, "auto", size).shape[1:])  # type: ignore[assignment]
+            c, h, w = to_grid(model, name, output, "auto", size).shape[1:]
+            grid: tuple[int, int, int] | None = (c, h, w)
         except ValueError:
             grid = None
         found.append(LayerInfo(name, type(module).__name__, tuple(output.shape[1:]), grid))
@@ -209,5 +210,7 @@ def default_layer(model: nn.Module, size: tuple[int, int]) -> str:
     spatial = [info for info in probe_layers(model, size) if len(info.shape) == 3]
     wide = [info for info in spatial if info.shape[1] * info.shape[2] > 1]
     if not spatial:
-        raise ValueError(f"the model has no layer with a [B, C, h, w] output to default to: give `layers` ({LAYERS_HINT})")
+        raise ValueError(
+            f"the model has no layer with a [B, C, h, w] output to default to: give `layers` ({LAYERS_HINT})"
+        )
     return (wide or spatial)[-1].name

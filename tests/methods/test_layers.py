@@ -30,7 +30,8 @@ def tiny_swin() -> nn.Module:
 
 def test_an_unknown_layer_names_the_closest_matches_and_the_layers_command() -> None:
     model = torchvision.models.resnet18(num_classes=3)
-    with pytest.raises(ValueError, match=r"unknown layer 'layer4\.1\.conv3'; did you mean layer4\.1\.conv2, layer4\.1\.conv1, ") as error:
+    closest = r"unknown layer 'layer4\.1\.conv3'; did you mean layer4\.1\.conv2, layer4\.1\.conv1, "
+    with pytest.raises(ValueError, match=closest) as error:
         resolve_module(model, "layer4.1.conv3")
     assert LAYERS_HINT in str(error.value)
     assert "the model's modules are" not in str(error.value)  # 67 modules: too many to list
