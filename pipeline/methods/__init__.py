@@ -5,7 +5,8 @@ Each method lives in its own module over the bases of :mod:`pipeline.methods.bas
 should print beside the real methods.
 
 A method is found by its registered name (the built-ins of :data:`METHODS`, and classes
-decorated with :func:`register_method`), by ``package.module:Class``, or by an entry point
+decorated with :func:`register_method`), as ``captum:NAME`` or ``grad-cam:NAME``
+(:mod:`pipeline.methods.backends`), by ``package.module:Class``, or by an entry point
 of group ``xai_pipeline.methods`` (:mod:`pipeline.plugins`). A plug-in is an
 :class:`Explainer` subclass with a ``name``; its ``__init__(model, **params)`` keywords are
 its parameters, validated at plan time like the built-ins'. Subclassing
@@ -21,6 +22,7 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from ..plugins import METHOD_GROUP, PluginError, entry_point_names, load_plugin
+from .backends import backend_class
 from .base import CamExplainer, Explainer, Partial, SampledExplainer
 
 __all__ = [
@@ -82,7 +84,7 @@ def method_class(name: str) -> type[Explainer]:
     """The class implementing method ``name``: registered, ``module:Class`` or an entry point
     (a plug-in is registered under ``name`` once found); an unknown name lists the known ones."""
     if name not in _REGISTRY:
-        found = load_plugin(name, METHOD_GROUP)
+        found = backend_class(name) or load_plugin(name, METHOD_GROUP)
         if found is None:
             raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
         if not (isinstance(found, type) and issubclass(found, Explainer)):
