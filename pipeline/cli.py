@@ -1,5 +1,6 @@
 """The ``xai-pipeline`` command.
 
+    xai-pipeline layers CONFIG                  the model's CAM layers with their output shapes
     xai-pipeline plan CONFIG --out RUN_DIR      plan shards into a run folder
     xai-pipeline run CONFIG --out RUN_DIR       plan, run pending shards locally, reduce
                  [--profile jobs/clusters/NAME.yaml] [--executor slurm]   ... or submit them to SLURM
@@ -46,6 +47,28 @@ def _print_results(run_dir: Path, result: "ReduceResult") -> None:
         print(folder.comparison_md.read_text())
     tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md, folder.comparison_csv]
     print(f"results: {result.results}\ntables:  {', '.join(str(p) for p in tables if p.is_file())}")
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .methods.layers import candidate_layers, default_layer
+    from .models import build_model
+
+    config = load_config(args.config)
+    model = build_model(config.model)
+    size = config.data.image_size
+    layers = candidate_layers(model, size)
+    default = default_layer(model, size)
+    rows = [("layer", "module", "output shape", "CAM grid")] + [
+        (info.name + (" (default)" if info.name == default else ""), info.kind,
+         " x ".join(map(str, info.shape)), " x ".join(map(str, info.grid or ())))
+        for info in layers
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"{len(layers)} layers of the model for {size[0]}x{size[1]} images (shapes per image):")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -195,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", type=Path, help=profile_help)
         p.add_argument("--executor", choices=("local", "slurm"), help="override the profile's executor")
 
+    p = command("layers", _cmd_layers, "list the model's candidate CAM layers with their output shapes, "
+                "marking the default")
+    p.add_argument("config", type=Path, help="experiment YAML")
     for name, handler, text in (
         ("plan", _cmd_plan, "plan the shards of CONFIG into a run folder"),
         ("run", _cmd_run, "plan, run pending shards locally (or submit them with a slurm profile), and reduce"),

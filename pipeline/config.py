@@ -20,12 +20,13 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
       checkpoint: model.pt           # a state_dict, loaded with weights_only=True
       weights: IMAGENET1K_V2         # torchvision weights (needs a download)
     methods:                         # * a list of
-      - name: gradcam                # one of pipeline.methods.METHODS
+      - name: gradcam                # a registered method, `package.module:Class` or an entry point
         id: gradcam                  # its label in tables (default: the name; unique)
-        layers: [layer3, layer4]     # CAM methods only
-        params: {}                   # the method's parameters
+        layers: [layer3, layer4]     # CAM methods only: dotted module names (`xai-pipeline layers
+                                     # CONFIG` lists them); default: the family's last spatial block
+        params: {}                   # the method's parameters (CAM: reshape: auto|tokens|channels_last|none)
     metrics:                         # default: insertion and deletion
-      - name: insertion
+      - name: insertion              # a registered metric, `package.module:function` or an entry point
         params: {step: 224}
     target: predicted                # or `label`: the class that is explained and scored
     sharding: {images_per_shard: 16, samples_per_shard: 1000}
@@ -163,10 +164,9 @@ class MethodConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> "MethodConfig":
-        from .methods import METHODS, CamExplainer, method_class, method_parameters
+        from .methods import CamExplainer, method_class, method_parameters
 
-        if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}; known methods: {', '.join(METHODS)}")
+        method_class(self.name)
         valid = method_parameters(self.name)
         reserved = {"layer"}
         unknown = sorted(set(self.params) - (set(valid) - reserved))
@@ -174,8 +174,8 @@ class MethodConfig(_Strict):
             choices = ", ".join(k for k in valid if k not in reserved)
             raise ValueError(f"method {self.name!r} has no parameter {', '.join(unknown)}; valid parameters: {choices}")
         is_cam = issubclass(method_class(self.name), CamExplainer)
-        if is_cam and not self.layers:
-            raise ValueError(f"method {self.name!r} needs `layers` (module names such as layer4)")
+        if is_cam and self.layers == []:
+            raise ValueError(f"method {self.name!r}: give at least one layer, or omit `layers` for the default")
         if not is_cam and self.layers:
             raise ValueError(f"method {self.name!r} takes no `layers`: it is not a CAM method")
         if self.id is not None and ("/" in self.id or not self.id.strip()):
@@ -189,11 +189,9 @@ class MetricConfig(_Strict):
 
     @model_validator(mode="after")
     def _known(self) -> "MetricConfig":
-        from .metrics import METRICS
+        from .metrics import metric_spec
 
-        if self.name not in METRICS:
-            raise ValueError(f"unknown metric {self.name!r}; known metrics: {', '.join(METRICS)}")
-        valid = METRICS[self.name].parameters
+        valid = metric_spec(self.name).parameters
         unknown = sorted(set(self.params) - set(valid))
         if unknown:
             raise ValueError(

@@ -1,6 +1,6 @@
 """A run folder: planning into it, guarding it, and checking a run before it starts.
 
-:func:`plan_run` writes ``config.yaml`` (the resolved config) and ``plan.json``.
+:func:`plan_run` writes ``config.yaml`` (the resolved config, default CAM layers filled in) and ``plan.json``.
 A folder that holds another config's run is refused (the message lists what
 changed) unless ``update`` is given, which keeps the shards the new plan still has,
 or ``overwrite``, which clears its shards and results. Planning the same config again
@@ -8,7 +8,7 @@ takes changed input files into account (new ids for the shards that read them, s
 :mod:`pipeline.planning`); the files of superseded shards are left in ``shards/``
 (unused, and used again if the inputs change back).
 :func:`preflight` checks on the submitting machine what would otherwise fail on
-every node: the model and checkpoint load, the layers exist and are spatial, every
+every node: the model and checkpoint load, the layers exist and give grids, every
 method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
 the data is readable, the folder is writable.
 """
@@ -19,14 +19,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .checks import check_entries
+from .checks import check_entries, check_layers, with_default_layers
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
 from .data import ImageSet, discover_images, load_image
 from .errors import PipelineError
-from .methods import CamExplainer, method_class
-from .methods.base import capture_outputs
 from .models import build_model, model_digest
 from .planning import Plan, make_plan
 from .run_dir import RunDir
@@ -71,22 +67,8 @@ def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None =
     images = images or discover_images(config.data)
     load_image(images.records[0].path, config.data.image_size, config.data.mean, config.data.std)
     model = build_model(config.model)
-    cam_layers = sorted({
-        layer for entry in config.methods if entry.layers and issubclass(method_class(entry.name), CamExplainer)
-        for layer in entry.layers
-    })
-    if cam_layers:
-        probe = torch.zeros(1, 3, *config.data.image_size)
-        try:
-            with capture_outputs(model, cam_layers) as captured, torch.no_grad():
-                model(probe)
-        except ValueError as error:  # an unknown layer: the message lists the model's modules
-            raise PreflightError(str(error)) from None
-        for layer in cam_layers:
-            shape = tuple(captured[layer].shape) if layer in captured else None
-            if shape is None or len(shape) != 4:
-                raise PreflightError(f"layer {layer!r} has output shape {shape}; CAM methods need [B, C, h, w]")
     check_entries(config, model)
+    check_layers(config, model)
     run_dir.mkdir(parents=True, exist_ok=True)
     probe_file = run_dir / f".write-test-{os.getpid()}"
     try:
@@ -122,6 +104,7 @@ def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False
     and time; ``None`` keeps the way of the folder's plan (size and time for a new one).
     """
     folder = RunDir(run_dir)
+    config = with_default_layers(config)
     if folder.config.is_file():
         previous = load_config(folder.config)
         if config_hash(previous) != config_hash(config):

@@ -6,8 +6,9 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from torch import nn
 
-from pipeline.checks import check_entries
+from pipeline.checks import check_entries, check_layers
 from pipeline.config import ConfigError, parse_config
 from pipeline.models import build_model
 from pipeline.rundir import plan_run
@@ -156,3 +157,18 @@ def test_a_negative_experiment_seed_is_a_config_error(make_config: ConfigFactory
     raw["seed"] = -1
     with pytest.raises(ConfigError, match="seed: Input should be greater than or equal to 0"):
         parse_config(raw)
+
+
+def test_check_layers_names_a_layer_the_forward_skips_and_one_without_grid(make_config: ConfigFactory) -> None:
+    raw = make_config()
+    raw["methods"][0]["layers"] = ["layer3", "unused", "fc"]
+    config = parse_config(raw)
+    model = build_model(config.model)
+    model.unused = nn.Conv2d(1, 1, 1)
+    with pytest.raises(ConfigError) as error:
+        check_layers(config, model)
+    assert str(error.value).splitlines() == [
+        "methods[0].layers: layer 'unused' does not run in the model's forward",
+        "methods[0].layers: layer 'fc' has output shape (1, 3); CAM methods need [B, C, h, w] "
+        "(reshape: auto expects [B, C, h, w]; tokens takes [B, N, C], channels_last [B, h, w, C])",
+    ]

@@ -265,3 +265,14 @@ def test_ctrl_c_says_what_is_committed_and_how_to_continue(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"interrupted: 2 shard(s) are committed in {run_dir}; run the same command again" in err
+
+
+def test_layers_lists_candidate_layers_with_shapes_and_the_default(
+    make_config: ConfigFactory, write_yaml: YamlWriter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["layers", str(write_yaml(make_config()))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("layers of the model for 32x32 images (shapes per image):")
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["layer3"][1:] == ["(default)", "Sequential", "16", "x", "4", "x", "4", "16", "x", "4", "x", "4"]
+    assert "fc" not in rows and "layer2.0.conv1" in rows

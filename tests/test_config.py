@@ -199,18 +199,16 @@ def test_the_layer_parameter_belongs_in_layers(make_config: ConfigFactory) -> No
     assert problem.startswith("methods[0]: method 'gradcam' has no parameter layer")
 
 
-def test_cam_methods_need_layers_and_others_take_none(make_config: ConfigFactory) -> None:
+def test_cam_layers_may_be_omitted_but_not_empty_and_others_take_none(make_config: ConfigFactory) -> None:
     raw = make_config()
     del raw["methods"][0]["layers"]
+    assert parse_config(raw).methods[0].layers is None
+    raw["methods"][0]["layers"] = []
     raw["methods"][1]["layers"] = ["layer3"]
-    problems = _reject(raw)
-    assert problems == [
-        "methods[0]: method 'gradcam' needs `layers` (module names such as layer4)",
+    assert _reject(raw) == [
+        "methods[0]: method 'gradcam': give at least one layer, or omit `layers` for the default",
         "methods[1]: method 'rise' takes no `layers`: it is not a CAM method",
     ]
-    raw["methods"][0]["layers"] = []
-    del raw["methods"][1]["layers"]
-    assert _reject(raw) == ["methods[0]: method 'gradcam' needs `layers` (module names such as layer4)"]
 
 
 def test_duplicate_method_labels_are_rejected(make_config: ConfigFactory) -> None:

@@ -153,3 +153,14 @@ def test_an_unreadable_first_image_fails_the_preflight(
 def test_load_run_plan_of_an_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="holds no planned run .*xai-pipeline plan"):
         load_run_plan(tmp_path)
+
+
+def test_omitted_cam_layers_are_planned_and_saved_as_the_default(make_config: ConfigFactory, tmp_path: Path) -> None:
+    raw = make_config()
+    del raw["methods"][0]["layers"]
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(raw), run_dir)
+    assert load_config(run_dir / "config.yaml").methods[0].layers == ["layer3"]
+    assert {s.layers for s in plan.stage("score") if s.method == "gradcam"} == {("layer3",)}
+    assert plan_run(parse_config(raw), run_dir) == plan  # the same config again: the same run
+

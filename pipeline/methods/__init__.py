@@ -1,21 +1,34 @@
-"""Explanation methods: ``build_method(name, model, **params)`` and the ``METHODS`` registry.
+"""Explanation methods: ``build_method(name, model, **params)`` and the method registry.
 
 Each method lives in its own module over the bases of :mod:`pipeline.methods.base`.
 ``random`` and ``centre`` are baselines (chance and centre bias) that every evaluation
 should print beside the real methods.
+
+A method is found by its registered name (the built-ins of :data:`METHODS`, and classes
+decorated with :func:`register_method`), as ``captum:NAME`` or ``grad-cam:NAME``
+(:mod:`pipeline.methods.backends`), by ``package.module:Class``, or by an entry point
+of group ``xai_pipeline.methods`` (:mod:`pipeline.plugins`). A plug-in is an
+:class:`Explainer` subclass with a ``name``; its ``__init__(model, **params)`` keywords are
+its parameters, validated at plan time like the built-ins'. Subclassing
+:class:`CamExplainer` makes it take ``layers``; subclassing :class:`SampledExplainer`
+(its partial form) makes it sharded by sample range.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from torch import nn
 
+from ..plugins import METHOD_GROUP, PluginError, entry_point_names, load_plugin
+from .backends import backend_class
 from .base import CamExplainer, Explainer, Partial, SampledExplainer
 
 __all__ = [
     "METHODS",
+    "register_method",
+    "method_names",
     "build_method",
     "method_class",
     "method_parameters",
@@ -25,8 +38,8 @@ __all__ = [
     "Partial",
 ]
 
-#: method name -> "module:ClassName" inside this package (imported on first use)
-_REGISTRY: dict[str, str] = {
+#: method name -> "module:ClassName" inside this package (imported on first use) or the class
+_REGISTRY: dict[str, str | type[Explainer]] = {
     "rise": "rise:Rise",
     "rise-gaussian": "rise:GaussianRise",
     "gradcam": "gradcam:GradCam",
@@ -40,17 +53,50 @@ _REGISTRY: dict[str, str] = {
     "centre": "centre:CentreBias",
 }
 
-#: the names of all methods
+#: the names of the built-in methods
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
+
+E = TypeVar("E", bound=type[Explainer])
+
+
+def register_method(name: str) -> Callable[[E], E]:
+    """Class decorator: make an :class:`Explainer` subclass method ``name`` (its ``name`` unless it sets one)."""
+
+    def register(cls: E) -> E:
+        if not (isinstance(cls, type) and issubclass(cls, Explainer)):
+            raise TypeError(f"register_method({name!r}): {cls!r} is not an Explainer subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered")
+        if "name" not in cls.__dict__:
+            cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def method_names() -> list[str]:
+    """The names of the registered methods and of the installed method entry points."""
+    return [*_REGISTRY, *(n for n in entry_point_names(METHOD_GROUP) if n not in _REGISTRY)]
 
 
 def method_class(name: str) -> type[Explainer]:
-    """The class implementing method ``name``; an unknown name lists the known ones."""
+    """The class implementing method ``name``: registered, ``module:Class`` or an entry point
+    (a plug-in is registered under ``name`` once found); an unknown name lists the known ones."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
-    module_name, class_name = _REGISTRY[name].split(":")
-    module = importlib.import_module(f"{__name__}.{module_name}")
-    return getattr(module, class_name)
+        found = backend_class(name) or load_plugin(name, METHOD_GROUP)
+        if found is None:
+            raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
+        if not (isinstance(found, type) and issubclass(found, Explainer)):
+            raise PluginError(f"plug-in method {name!r} is {found!r}, not an Explainer subclass")
+        if not isinstance(getattr(found, "name", None), str):
+            raise PluginError(f"plug-in method {name!r}: class {found.__name__} must set `name`")
+        _REGISTRY[name] = found
+    entry = _REGISTRY[name]
+    if isinstance(entry, str):
+        module_name, class_name = entry.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name)
+    return entry
 
 
 def method_parameters(name: str) -> dict[str, inspect.Parameter]:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .abscam_init import abs_gradient_weights
 from .base import CamExplainer
+from .layers import Reshape
 from .scorecam import ScoreFunction, channel_mask_scores, target_logit, target_probability, varying_channels
 
 __all__ = ["AbsCamFinal"]
@@ -36,6 +37,7 @@ class AbsCamFinal(CamExplainer):
             or ``"abs_logit"``, the absolute value of its logit, which reproduces the
             users' notebook.
         batch_size: masked inputs per forward pass.
+        reshape: how the layers' outputs become grids (:mod:`pipeline.methods.layers`).
     """
 
     name = "abscam-final"
@@ -48,8 +50,9 @@ class AbsCamFinal(CamExplainer):
         layer: str | Sequence[str],
         score: str = "probability",
         batch_size: int = 64,
+        reshape: Reshape = "auto",
     ) -> None:
-        super().__init__(model, layer)
+        super().__init__(model, layer, reshape)
         if score not in self.SCORES:
             raise ValueError(f"{self.name}: unknown score {score!r}; valid: {', '.join(self.SCORES)}")
         if not isinstance(batch_size, int) or batch_size < 1:

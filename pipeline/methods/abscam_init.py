@@ -6,6 +6,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from .base import CamExplainer, minmax_normalize, upsample
+from .layers import Reshape
 
 __all__ = ["AbsCamInit", "abs_gradient_weights"]
 
@@ -27,13 +28,16 @@ class AbsCamInit(CamExplainer):
         relu: apply a ReLU to the upsampled map before normalizing. Off by default,
             as in the users' implementation; the combination can be negative, so
             without it the normalization maps the most negative value to 0.
+        reshape: how the layers' outputs become grids (:mod:`pipeline.methods.layers`).
     """
 
     name = "abscam-init"
     needs_gradients = True
 
-    def __init__(self, model: nn.Module, layer: str | Sequence[str], relu: bool = False) -> None:
-        super().__init__(model, layer)
+    def __init__(
+        self, model: nn.Module, layer: str | Sequence[str], relu: bool = False, reshape: Reshape = "auto"
+    ) -> None:
+        super().__init__(model, layer, reshape)
         if not isinstance(relu, bool):
             raise TypeError(f"{self.name}: relu must be a bool, got {relu!r}")
         self.relu = relu

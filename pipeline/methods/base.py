@@ -6,8 +6,9 @@ float32 saliency maps ``[B, H, W]`` on the images' device. Three small bases cov
 - :class:`Explainer`: the interface (``explain``).
 - :class:`CamExplainer`: a template method for class-activation maps. It hooks the
   requested layers, runs one forward (and one backward when the method needs
-  gradients) for all of them, and upsamples each layer's map to the input size;
-  a method only overrides :meth:`CamExplainer.layer_map`.
+  gradients) for all of them, turns each output into a ``[B, C, h, w]`` grid
+  (:mod:`pipeline.methods.layers`: transformer tokens, channels-last) and upsamples
+  each layer's map to the input size; a method only overrides :meth:`CamExplainer.layer_map`.
 - :class:`SampledExplainer`: methods that average over random samples (RISE, LIME).
   Sample ``i`` is a pure function of ``(seed, i)``, so a sample range can be computed
   anywhere (:meth:`~SampledExplainer.steps`, :meth:`~SampledExplainer.accumulate`),
@@ -34,6 +35,8 @@ from typing import ClassVar, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .layers import Reshape, check_reshape, resolve_module, to_grid
 
 __all__ = [
     "Explainer",
@@ -72,15 +75,6 @@ def to_fixed(values: Tensor) -> Tensor:
 def from_fixed(values: Tensor) -> Tensor:
     """float64 values of int64 fixed-point sums (the inverse of :func:`to_fixed` up to its rounding)."""
     return values.double() * 2.0**-FIXED_POINT_BITS
-
-
-def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name``; an unknown name lists the model's module names."""
-    modules = dict(model.named_modules())
-    if name not in modules or name == "":
-        known = ", ".join(n for n in modules if n)
-        raise ValueError(f"unknown layer {name!r}; the model's modules are: {known}")
-    return modules[name]
 
 
 @contextlib.contextmanager
@@ -140,19 +134,21 @@ class CamExplainer(Explainer):
     """Template for class-activation-map methods on one or several layers.
 
     Subclasses set :attr:`needs_gradients` and implement :meth:`layer_map`.
-    ``layer`` is a module name (``"layer4"``) or a list of them: all are fed by the
-    same forward/backward pass in :meth:`explain_layers`.
+    ``layer`` is a module's dotted name (``"layer4"``) or a list of them: all are fed
+    by the same forward/backward pass in :meth:`explain_layers`. ``reshape`` is how
+    their outputs become grids (:mod:`pipeline.methods.layers`; ``auto`` by default).
     """
 
     needs_gradients: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, layer: str | Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, layer: str | Sequence[str], reshape: Reshape = "auto") -> None:
         super().__init__(model)
         self.layers: list[str] = [layer] if isinstance(layer, str) else list(layer)
         if not self.layers:
             raise ValueError(f"{self.name}: at least one layer is needed")
         for name in self.layers:
             resolve_module(model, name)
+        self.reshape = check_reshape(self.name, reshape)
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         if len(self.layers) != 1:
@@ -167,11 +163,7 @@ class CamExplainer(Explainer):
             logits = self.model(inputs)
             activations = [captured[name] for name in self.layers]
             for name, act in zip(self.layers, activations):
-                if act.dim() != 4:
-                    raise ValueError(
-                        f"{self.name}: layer {name!r} has output shape {tuple(act.shape)}; "
-                        "a CAM method needs a convolutional layer with output [B, C, h, w]"
-                    )
+                self._grid(name, act, size)
             if self.needs_gradients:
                 score = logits.gather(1, targets.view(-1, 1)).sum()
                 gradients: list[Tensor | None] = list(torch.autograd.grad(score, activations))
@@ -180,9 +172,16 @@ class CamExplainer(Explainer):
         maps = {}
         for name, act, grad in zip(self.layers, activations, gradients):
             with torch.no_grad():
-                layer_map = self.layer_map(act.detach(), None if grad is None else grad.detach(), images, targets)
+                grid_grad = None if grad is None else self._grid(name, grad.detach(), size)
+                layer_map = self.layer_map(self._grid(name, act.detach(), size), grid_grad, images, targets)
                 maps[name] = upsample(layer_map.float(), size).float()
         return maps
+
+    def _grid(self, name: str, output: Tensor, size: tuple[int, int]) -> Tensor:
+        try:
+            return to_grid(self.model, name, output, self.reshape, size)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from None
 
     @abc.abstractmethod
     def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import CamExplainer
+from .layers import Reshape
 
 __all__ = ["Fem"]
 
@@ -26,13 +27,14 @@ class Fem(CamExplainer):
     Parameters:
         layer: a module name or a list of them.
         k: the threshold in standard deviations above the mean (2 in the paper).
+        reshape: how the layers' outputs become grids (:mod:`pipeline.methods.layers`).
     """
 
     name = "fem"
     needs_gradients = False
 
-    def __init__(self, model: nn.Module, layer: str | Sequence[str], k: float = 2.0) -> None:
-        super().__init__(model, layer)
+    def __init__(self, model: nn.Module, layer: str | Sequence[str], k: float = 2.0, reshape: Reshape = "auto") -> None:
+        super().__init__(model, layer, reshape)
         if isinstance(k, bool) or not isinstance(k, (int, float)):
             raise TypeError(f"{self.name}: k must be a number, got {k!r}")
         self.k = float(k)

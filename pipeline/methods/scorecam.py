@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import CamExplainer, batched, minmax_normalize, upsample
+from .layers import Reshape
 
 __all__ = [
     "ScoreCam",
@@ -104,6 +105,7 @@ class ScoreCam(CamExplainer):
               ``w_k = exp(S_k) / sum_j exp(S_j)``, a softmax over the image's non-constant
               channels (constant channels keep weight 0; if all are constant the map is 0).
         batch_size: masked inputs per forward pass.
+        reshape: how the layers' outputs become grids (:mod:`pipeline.methods.layers`).
     """
 
     name = "scorecam"
@@ -116,8 +118,9 @@ class ScoreCam(CamExplainer):
         layer: str | Sequence[str],
         weights: str = "probability",
         batch_size: int = 64,
+        reshape: Reshape = "auto",
     ) -> None:
-        super().__init__(model, layer)
+        super().__init__(model, layer, reshape)
         if weights not in self.WEIGHTS:
             raise ValueError(f"{self.name}: unknown weights {weights!r}; valid: {', '.join(self.WEIGHTS)}")
         if not isinstance(batch_size, int) or batch_size < 1:

@@ -4,13 +4,22 @@ Perturbation metrics run the model on changed images (insertion, deletion, Avera
 Drop / Increase); ground-truth metrics compare maps with reference maps (PCC, SSIM,
 pointing game). Every function takes batches and returns per-image values on the
 model's or the maps' device.
+
+A metric is found by its registered name (the built-ins, and functions decorated with
+:func:`register_metric`), by ``package.module:function`` (a function registered by the
+decorator, or a :class:`MetricSpec`) or by an entry point of group ``xai_pipeline.metrics``
+(:mod:`pipeline.plugins`). Scoring calls every metric, built-in or not, through its
+:class:`MetricSpec` (:meth:`MetricSpec.call`), which says what it needs.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
+from torch import Tensor, nn
+
+from ..plugins import METRIC_GROUP, PluginError, entry_point_names, load_plugin
 from .average_drop import average_drop_increase, check_drop_parameters, explanation_masks, summarize_drop_increase
 from .insertion_deletion import (
     blur_substrate,
@@ -27,6 +36,8 @@ __all__ = [
     "METRICS",
     "MetricSpec",
     "metric_spec",
+    "metric_names",
+    "register_metric",
     "check_metric_parameters",
     "insertion",
     "deletion",
@@ -53,23 +64,30 @@ class MetricSpec:
     """How a metric is computed and reported.
 
     ``function`` computes it; when it returns a tuple, ``output`` is the index of this
-    metric's per-image values in it (``None``: the function returns them directly).
-    Model-based metrics are called ``function(model, images, maps, targets, **params)``,
-    ground-truth ones ``function(maps, gt, **params)``; ``parameters`` are the keyword
+    metric's per-image values in it (``None``: the function returns them directly),
+    multiplied by ``scale``, and ``curve`` the index of per-image curves ``[n, T]``
+    (``None``: none). What it needs decides how it is called (:meth:`call`):
+    ``function(model, images, maps, targets[, gt], **params)`` with the model,
+    ``function(maps[, gt], **params)`` without; a metric that needs ground truth gets
+    only the images that have one (NaN for the others). ``parameters`` are the keyword
     parameters a config may set. ``check(size, **params)`` (``None``: nothing to check)
     is the rule the function applies to its parameter values first, on maps of ``size``.
+    ``group`` gathers metrics into one score shard (by default ``perturbation`` with the
+    model, ``groundtruth`` without).
     """
 
     name: str
     title: str
     function: Callable[..., Any]
-    group: Literal["perturbation", "groundtruth"]
+    group: str
     needs_model: bool
     needs_ground_truth: bool
     higher_is_better: bool
     parameters: tuple[str, ...]
     output: int | None = None
     check: Callable[..., object] | None = None
+    curve: int | None = None
+    scale: float = 1.0
 
     @property
     def arrow(self) -> str:
@@ -93,6 +111,23 @@ class MetricSpec:
         }
         self.check(size, **{**defaults, **params})
 
+    def call(
+        self, model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, gt: Tensor | None,
+        params: Mapping[str, Any],
+    ) -> Any:
+        """The function's result on a batch, given what the metric needs (``gt``: ``[n, H, W]`` or ``None``)."""
+        inputs = (model, images, maps, targets) if self.needs_model else (maps,)
+        return self.function(*inputs, *((gt,) if self.needs_ground_truth else ()), **params)
+
+    def values(self, result: Any) -> Tensor:
+        """Per-image values ``[n]`` of a result of :meth:`call`."""
+        chosen = result if self.output is None else result[self.output]
+        return chosen.double() * self.scale
+
+    def curves(self, result: Any) -> Tensor | None:
+        """Per-image curves ``[n, T]`` of a result of :meth:`call`, if the metric has them."""
+        return None if self.curve is None else result[self.curve]
+
 
 def _keyword_parameters(function: Callable[..., Any]) -> tuple[str, ...]:
     signature = inspect.signature(function)
@@ -100,10 +135,12 @@ def _keyword_parameters(function: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def _perturbation(
-    name: str, title: str, function: Callable[..., Any], higher: bool, output: int, check: Callable[..., object]
+    name: str, title: str, function: Callable[..., Any], higher: bool, output: int, check: Callable[..., object],
+    curve: int | None = None, scale: float = 1.0,
 ) -> MetricSpec:
     parameters = _keyword_parameters(function)
-    return MetricSpec(name, title, function, "perturbation", True, False, higher, parameters, output, check)
+    return MetricSpec(name, title, function, "perturbation", True, False, higher, parameters, output, check, curve,
+                      scale)
 
 
 def _groundtruth(
@@ -117,21 +154,68 @@ def _groundtruth(
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        _perturbation("insertion", "Insertion", insertion, True, 0, check_curve_parameters),
-        _perturbation("deletion", "Deletion", deletion, False, 0, check_curve_parameters),
+        _perturbation("insertion", "Insertion", insertion, True, 0, check_curve_parameters, curve=1),
+        _perturbation("deletion", "Deletion", deletion, False, 0, check_curve_parameters, curve=1),
         _groundtruth("pcc", "PCC", pcc),
         _groundtruth("ssim", "SSIM", ssim, ssim_window),
         _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0, check_drop_parameters),
-        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, check_drop_parameters),
+        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, check_drop_parameters,
+                      scale=100.0),
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
     )
 }
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def register_metric(
+    name: str,
+    *,
+    title: str | None = None,
+    higher_is_better: bool = True,
+    needs_model: bool = False,
+    needs_ground_truth: bool = False,
+    output: int | None = None,
+    curve: int | None = None,
+    scale: float = 1.0,
+    check: Callable[..., object] | None = None,
+    group: str | None = None,
+) -> Callable[[F], F]:
+    """Function decorator: make the function metric ``name`` (see :class:`MetricSpec`; its
+    keyword-only arguments are its parameters)."""
+
+    def register(function: F) -> F:
+        if name in METRICS and METRICS[name].function is not function:
+            raise ValueError(f"metric {name!r} is already registered")
+        default_group = "perturbation" if needs_model else "groundtruth"
+        METRICS[name] = MetricSpec(
+            name, title or name, function, group or default_group, needs_model, needs_ground_truth,
+            higher_is_better, _keyword_parameters(function), output, check, curve, scale,
+        )
+        return function
+
+    return register
+
+
+def metric_names() -> list[str]:
+    """The names of the registered metrics and of the installed metric entry points."""
+    return [*METRICS, *(n for n in entry_point_names(METRIC_GROUP) if n not in METRICS)]
+
+
 def metric_spec(name: str) -> MetricSpec:
-    """The description of metric ``name``; an unknown name lists the known ones."""
+    """The description of metric ``name``: registered, ``module:function`` or an entry point (a
+    plug-in is registered under ``name`` once found); an unknown name lists the known ones."""
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}")
+        found = load_plugin(name, METRIC_GROUP)
+        if found is None:
+            raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(metric_names())}")
+        spec = found if isinstance(found, MetricSpec) else next(
+            (s for s in list(METRICS.values()) if s.function is found), None)
+        if spec is None:
+            raise PluginError(f"plug-in metric {name!r} is {found!r}: neither a MetricSpec nor a function "
+                              "decorated with register_metric")
+        METRICS[name] = dataclasses.replace(spec, name=name)
     return METRICS[name]
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..config import MetricConfig
 from ..data import DataError, load_gt
-from ..metrics import METRICS, average_drop_increase, deletion, insertion, pcc, pointing_game, ssim
+from ..metrics import METRICS, metric_spec
 from ..planning import Shard
 from ..store import ShardOutput
 from .context import RunContext
@@ -69,7 +69,7 @@ class ScoreStage:
             for m in metrics
         }
         if not scored:  # every map is unusable: NaN values, no curves
-            output.values = {m.name: _nan(len(loaded)) for m in metrics}
+            output.values = {m.name: np.full(len(loaded), np.nan) for m in metrics}
             return output
         rows = torch.tensor(scored, dtype=torch.long)
         values, curves = score_maps(
@@ -83,10 +83,6 @@ class ScoreStage:
         output.values = {name: _spread(array, scored, len(loaded)) for name, array in values.items()}
         output.curves = {name: _spread(array, scored, len(loaded)) for name, array in curves.items()}
         return output
-
-
-def _nan(n: int) -> np.ndarray:
-    return np.full(n, np.nan, dtype=np.float64)
 
 
 def unusable_maps(maps: np.ndarray) -> list[str]:
@@ -120,32 +116,31 @@ def score_maps(
     gt: Sequence[Tensor | None],
     metrics: Sequence[MetricConfig],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-image values ``{metric: [n]}`` and curves ``{metric: [n, T]}`` for ``maps`` ``[n, H, W]``."""
+    """Per-image values ``{metric: [n]}`` and curves ``{metric: [n, T]}`` for ``maps`` ``[n, H, W]``.
+
+    Every metric is called as its specification says (:meth:`~pipeline.metrics.MetricSpec.call`);
+    one that needs ground truth sees the images that have one, the others get NaN. Metrics of the
+    same function and parameters (Average Drop and Increase) share one call.
+    """
     n = maps.shape[0]
     values: dict[str, np.ndarray] = {}
     curves: dict[str, np.ndarray] = {}
     with_gt = [i for i, g in enumerate(gt) if g is not None]
     gt_stack = torch.stack([gt[i] for i in with_gt]).to(maps.device) if with_gt else None
-    drop_increase: dict[str, tuple[Tensor, Tensor]] = {}  # by parameters: drop and increase share one pass
+    results: dict[tuple[object, str], object] = {}
     for metric in metrics:
-        params = dict(metric.params)
-        if metric.name in ("insertion", "deletion"):
-            function = insertion if metric.name == "insertion" else deletion
-            auc, curve = function(model, images, maps, targets, **params)
-            values[metric.name] = auc.double().cpu().numpy()
-            curves[metric.name] = curve.float().cpu().numpy()
-        elif metric.name in ("average_drop", "average_increase"):
-            key = repr(sorted(params.items()))
-            if key not in drop_increase:
-                drop_increase[key] = average_drop_increase(model, images, maps, targets, **params)
-            drop, increase = drop_increase[key]
-            chosen = drop if metric.name == "average_drop" else increase.double() * 100.0
-            values[metric.name] = chosen.double().cpu().numpy()
-        else:
-            column = _nan(n)
-            if gt_stack is not None:
-                function = {"pcc": pcc, "ssim": ssim, "pointing_game": pointing_game}[metric.name]
-                scores = function(maps[with_gt], gt_stack, **params)
-                column[with_gt] = scores.double().cpu().numpy()
-            values[metric.name] = column
+        spec = metric_spec(metric.name)
+        column = np.full(n, np.nan, dtype=np.float64)
+        values[metric.name] = column
+        if spec.needs_ground_truth and gt_stack is None:
+            continue
+        rows: slice | list[int] = with_gt if spec.needs_ground_truth else slice(None)
+        key = (spec.function, repr(sorted(metric.params.items())))
+        if key not in results:
+            results[key] = spec.call(model, images[rows], maps[rows], targets[rows], gt_stack, metric.params)
+        column[rows] = spec.values(results[key]).double().cpu().numpy()
+        curve = spec.curves(results[key])
+        if curve is not None:
+            curves[metric.name] = np.full((n, curve.shape[1]), np.nan, dtype=np.float32)
+            curves[metric.name][rows] = curve.float().cpu().numpy()
     return values, curves

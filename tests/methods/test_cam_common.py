@@ -108,7 +108,7 @@ def test_unknown_parameter_lists_valid_parameters(name: str) -> None:
 
 
 def test_gradcam_unknown_parameter_message() -> None:
-    with pytest.raises(TypeError, match="valid parameters: layer$"):
+    with pytest.raises(TypeError, match="valid parameters: layer, reshape$"):
         build_method("gradcam", make_tiny_cam_net(), layer="x", bogus=1)
 
 
