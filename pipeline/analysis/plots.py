@@ -189,7 +189,7 @@ def curve_plot(
     The band is the 95% confidence interval of the mean (``"ci"``, Student t) or one
     standard deviation (``"std"``), clipped like the curves to [0, 1] (they are
     probabilities); images that failed are left out. The AUC of the mean curve equals
-    the mean of the per-image AUCs. Each view keeps its colour and line style
+    the mean of the per-image AUCs; a view without curves (every map unusable) has no line. Each view keeps its colour and line style
     (:func:`palette`). With more than :data:`MAX_BANDS` views the shared panel has no
     bands; ``facets`` instead draws one panel per view and metric (rows: metrics), the
     view with its band in colour over the other views' means in grey.
@@ -203,7 +203,7 @@ def curve_plot(
     styles = palette(len(views))
     means: dict[tuple[str, View], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for metric in metrics:
-        for view in views:
+        for view in (v for v in views if run.has_curves(metric, *v)):
             curves = run.curves(metric, *view)
             curves = curves[~np.isnan(curves).any(axis=1)]
             if len(curves):

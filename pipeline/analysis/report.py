@@ -219,6 +219,7 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
     views = run.views()
     sections = [
         _Section("Run", "run", [_Table(_overview(run), header=False)]),
+        _warnings(run),
         _Section("Configuration (config.yaml)", "config", [
             _Text(yaml.safe_dump(config_dict(run.config), sort_keys=False, allow_unicode=True), preformatted=True)
         ]),
@@ -290,6 +291,16 @@ def _add_selection(section: _Section, run: Run, metric: str, view: View, index: 
         f"selection_{index:02d}_{_safe(label)}",
         f"{label}: the best, typical and worst images by {metric_title(metric)} (value beside each row).",
         lambda: overlay_grid(run, keys, [view], row_labels=row_labels)))
+
+
+def _warnings(run: Run) -> _Section:
+    """The warnings reduce wrote (warnings.md), one paragraph each."""
+    section = _Section("Warnings", "warnings")
+    path = run.path / "warnings.md"
+    lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("- ")] if path.is_file() else []
+    section.blocks += [_Text(line) for line in lines] or [_Text("No warnings." if path.is_file() else
+                                                               "This run was reduced before warnings were written.")]
+    return section
 
 
 def _failures(run: Run) -> _Section:
