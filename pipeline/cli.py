@@ -36,17 +36,26 @@ def _print_failures(failures: dict[str, str]) -> None:
         print(f"  {shard_id}: {message.splitlines()[0] if message else ''}", file=sys.stderr)
 
 
-def _print_results(run_dir: Path, result: "ReduceResult") -> None:
+def _print_results(run_dir: Path, result: "ReduceResult") -> int:
+    """Print the summary, its warnings and the tables' paths; 1 when a method has no usable map, else 0."""
     from .run_dir import RunDir
 
     folder = RunDir(run_dir)
     print(folder.summary_md.read_text())
+    _print_warnings(result)
     if result.failures:
         print(f"{len(result.failures)} image(s) failed; see {folder.failures_csv}")
     if folder.comparison_md.is_file():
         print(folder.comparison_md.read_text())
     tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md, folder.comparison_csv]
     print(f"results: {result.results}\ntables:  {', '.join(str(p) for p in tables if p.is_file())}")
+    return 1 if result.warnings.degenerate_methods else 0
+
+
+def _print_warnings(result: "ReduceResult") -> None:
+    """The run's warnings (as in warnings.md), or nothing."""
+    if result.warnings.lines:
+        print(result.warnings.markdown())
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -115,8 +124,7 @@ def _launch(run_dir: Path, args: argparse.Namespace, *, check: bool) -> int:
         if again.failures:
             return _failed(run_dir, again.failures)
         reduced = reduce_run(run_dir, progress=args.progress)
-    _print_results(run_dir, reduced)
-    return 0
+    return _print_results(run_dir, reduced)
 
 
 def _failed(run_dir: Path, failures: dict[str, str]) -> int:
@@ -142,8 +150,7 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
     from .stages.reduce import reduce_run
 
     result = reduce_run(args.run_dir, progress=args.progress, group_by_class=args.by_class)
-    _print_results(Path(args.run_dir), result)
-    return 0
+    return _print_results(Path(args.run_dir), result)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -63,6 +63,16 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     setattr(parent, name.rpartition(".")[2], nn.Linear(head.in_features, num_classes))
 
 
+def _pickled_model_message(path: Path) -> str:
+    """What to do with a checkpoint that pickles Python objects (a whole model) instead of a state_dict."""
+    target = path.with_name(f"{path.stem}_state_dict.pt")
+    load = f"torch.load({str(path)!r}, map_location='cpu', weights_only=False)"
+    return (f"checkpoint {path} holds pickled Python objects (a whole model saved with torch.save(model)?), not a "
+            "state_dict, and is not unpickled here: save model.state_dict() instead. For a file you trust, with "
+            f"the model's code importable:\n  python -c \"import torch; torch.save({load}.state_dict(), "
+            f"{str(target)!r})\"\nthen set model.checkpoint: {target}")
+
+
 def load_checkpoint(model: nn.Module, path: Path) -> None:
     """Load a state_dict into ``model``; a mismatch names the file and the keys."""
     if not path.is_file():
@@ -70,6 +80,8 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a bad file
+        if "Unsupported global" in str(error):
+            raise ModelError(_pickled_model_message(path)) from None
         raise ModelError(f"checkpoint {path} cannot be loaded with weights_only=True: {error}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

@@ -146,6 +146,10 @@ class RunDir:
         return self.root / "failures.csv"
 
     @property
+    def warnings_md(self) -> Path:
+        return self.root / "warnings.md"
+
+    @property
     def jobs(self) -> Path:
         return self.root / "jobs.json"
 
@@ -197,7 +201,7 @@ class RunDir:
     def outputs(self) -> list[Path]:
         """The files reduce writes (removed with the shards when a folder is overwritten)."""
         return [self.results, self.metrics_csv, self.metrics_parquet, self.summary_csv, self.summary_md,
-                self.summary_tex, self.failures_csv, self.comparison_csv, self.comparison_md]
+                self.summary_tex, self.failures_csv, self.warnings_md, self.comparison_csv, self.comparison_md]
 
     # ----------------------------------------------------------------- shards
     def shard_folder(self, shard_id: str) -> Path:

@@ -10,7 +10,8 @@ takes changed input files into account (new ids for the shards that read them, s
 :func:`preflight` checks on the submitting machine what would otherwise fail on
 every node: the model and checkpoint load, the layers exist and give grids, every
 method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
-the data is readable, the folder is writable.
+the data is readable (one of the first :data:`PREFLIGHT_IMAGES` images reads: an unreadable or
+truncated one is recorded as a failure at run time, not here), the folder is writable.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 
 from .checks import check_entries, check_layers, with_default_layers
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
-from .data import ImageSet, discover_images, load_image
+from .data import DataError, ImageSet, discover_images, load_image
 from .errors import PipelineError
 from .models import build_model, model_digest
 from .planning import Plan, make_plan
@@ -62,10 +63,27 @@ def config_changes(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
     ]
 
 
+#: how many images (the first) the pre-flight tries before it says the data is unreadable
+PREFLIGHT_IMAGES = 8
+
+
+def _one_image_reads(images: ImageSet, config: ExperimentConfig) -> None:
+    """Return at the first of the first :data:`PREFLIGHT_IMAGES` images that reads; raise if none does."""
+    errors = []
+    for record in images.records[:PREFLIGHT_IMAGES]:
+        try:
+            load_image(record.path, config.data.image_size, config.data.mean, config.data.std)
+            return
+        except DataError as error:
+            errors.append(str(error))
+    raise DataError(f"none of the first {len(errors)} image(s) can be read (the first: {errors[0]}); "
+                    "check data.root / data.manifest")
+
+
 def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None = None) -> ImageSet:
     """Fail early, naming the item, if the run cannot work (see module docstring); returns the images."""
     images = images or discover_images(config.data)
-    load_image(images.records[0].path, config.data.image_size, config.data.mean, config.data.std)
+    _one_image_reads(images, config)
     model = build_model(config.model)
     check_entries(config, model)
     check_layers(config, model)

@@ -1,7 +1,10 @@
 """pipeline.models: factories, torchvision architectures, checkpoints, digests, devices."""
 from __future__ import annotations
 
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,7 +114,7 @@ def test_unusable_checkpoint_files(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="tensor.pt holds a Tensor, not a state_dict"):
         load_checkpoint(model, tmp_path / "tensor.pt")
     torch.save({"layer": nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a module is refused by weights_only
-    with pytest.raises(ModelError, match="pickled.pt cannot be loaded with weights_only=True"):
+    with pytest.raises(ModelError, match=r"pickled.pt holds pickled Python objects .* save model.state_dict\(\)"):
         load_checkpoint(model, tmp_path / "pickled.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="garbage.pt cannot be loaded"):
@@ -146,3 +149,21 @@ def test_select_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="device 'cuda:1' asked for, but CUDA is not available"):
             select_device("cuda:1")
+
+
+def test_a_whole_pickled_model_gets_the_command_that_saves_its_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    whole = ShapesNet(num_classes=3, width=4)
+    path = tmp_path / "whole.pt"
+    torch.save(whole, path)
+    with pytest.raises(ModelError, match=r"save model\.state_dict\(\) instead") as error:
+        load_checkpoint(ShapesNet(num_classes=3, width=4), path)
+    message = str(error.value)
+    command = next(line.strip() for line in message.splitlines() if line.strip().startswith("python -c"))
+    subprocess.run([sys.executable, "-c", shlex.split(command)[2]], check=True, cwd=Path(__file__).parents[1])
+    target = tmp_path / "whole_state_dict.pt"
+    assert message.endswith(f"then set model.checkpoint: {target}")
+    model = ShapesNet(num_classes=3, width=4)
+    load_checkpoint(model, target)
+    for name, value in whole.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value)

@@ -4,13 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline.config import load_config, parse_config
 from pipeline.data import DataError
 from pipeline.demo_model import ShapesNet
 from pipeline.models import ModelError
 from pipeline.planning import Plan
-from pipeline.rundir import RunDirError, config_changes, load_run_plan, plan_run
+from pipeline.launching import run_local
+from pipeline.rundir import PREFLIGHT_IMAGES, RunDirError, config_changes, load_run_plan, plan_run
+from pipeline.stages import reduce_run
 from pipeline.run_dir import RunDir
 from tests.tiny_experiment import ConfigFactory, ImageTree, write_checkpoint
 
@@ -137,13 +140,32 @@ def test_a_checkpoint_mismatch_fails_before_any_shard(make_config: ConfigFactory
     _assert_nothing_written(run_dir)
 
 
-def test_an_unreadable_first_image_fails_the_preflight(
+def test_a_truncated_first_image_is_a_failure_at_run_time_not_at_planning(
     make_config: ConfigFactory, tree_copy: ImageTree, tmp_path: Path
 ) -> None:
-    first = tree_copy.root / f"{sorted(tree_copy.keys)[0]}.png"
-    first.write_bytes(b"garbage")
+    first_key = sorted(tree_copy.keys)[0]
+    first = tree_copy.root / f"{first_key}.png"
+    with Image.open(first) as image:
+        image.save(first.with_suffix(".jpg"), quality=95)
+    first.unlink()
+    data = first.with_suffix(".jpg").read_bytes()
+    first.with_suffix(".jpg").write_bytes(data[: len(data) // 2])  # a truncated JPEG
     run_dir = tmp_path / "run"
-    with pytest.raises(DataError, match=f"cannot read image {first}"):
+    plan_run(parse_config(make_config(root=tree_copy.root)), run_dir)  # the pre-flight reads the next image
+    assert run_local(run_dir, progress=False) == {}
+    result = reduce_run(run_dir, progress=False)
+    assert list(result.failures) == [first_key] and "cannot read image" in result.failures[first_key]
+
+
+def test_a_sample_of_unreadable_images_fails_the_preflight(
+    make_config: ConfigFactory, tree_copy: ImageTree, tmp_path: Path
+) -> None:
+    for key in sorted(tree_copy.keys)[:PREFLIGHT_IMAGES]:
+        (tree_copy.root / f"{key}.png").write_bytes(b"garbage")
+    first = tree_copy.root / f"{sorted(tree_copy.keys)[0]}.png"
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=f"none of the first {PREFLIGHT_IMAGES} image.s. can be read "
+                                        f"\\(the first: cannot read image {first}"):
         plan_run(parse_config(make_config(root=tree_copy.root)), run_dir)
     _assert_nothing_written(run_dir)
     plan_run(parse_config(make_config(root=tree_copy.root)), run_dir, check=False)  # planning itself opens nothing

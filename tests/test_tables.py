@@ -9,7 +9,17 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pipeline.tables import METRIC_COLUMNS, Moments, metric_title, summarize, wide_summary, write_summary
+from pipeline.tables import (
+    METRIC_COLUMNS,
+    Moments,
+    combined_table,
+    constant_metrics,
+    format_number,
+    metric_title,
+    summarize,
+    wide_summary,
+    write_summary,
+)
 
 VALUES = {  # (method, layer, metric) -> per-image values
     ("rise", "-", "insertion"): [0.61, 0.42, 0.77, 0.58, np.nan],
@@ -103,22 +113,74 @@ def test_written_tables(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv", "summary.md", "summary.tex"]
     assert len(pd.read_csv(tmp_path / "summary.csv")) == len(summary) == 7
     markdown = (tmp_path / "summary.md").read_text()
-    assert [line for line in markdown.splitlines() if line.startswith("## ")] == ["## Mean", "## Variance",
-                                                                                  "## Images", "## NaN values"]
-    assert markdown.count("Insertion ↑") == 4 and markdown.count("Deletion ↓") == 4
+    assert [line for line in markdown.splitlines() if line.startswith("## ")] == [
+        "## Mean ± variance (ddof = 1)", "## Mean ± half-width of the 95% confidence interval (Student t)",
+        "## Mean", "## Variance", "## Images", "## NaN values"]
+    assert markdown.count("Insertion ↑") == 6 and markdown.count("Deletion ↓") == 6
     nan_section = markdown.split("## NaN values")[1]
     rise_row = next(line for line in nan_section.splitlines() if line.startswith("| rise"))
     assert [cell.strip() for cell in rise_row.strip("|").split("|")] == ["rise", "-", "1", "0", "3"]
-    mean_section = markdown.split("## Variance")[0]
+    mean_section = markdown.split("## Mean\n")[1].split("## Variance")[0]
     rise_row = next(line for line in mean_section.splitlines() if line.startswith("| rise"))
     assert f"{np.nanmean(VALUES[('rise', '-', 'insertion')]):.4f}" in rise_row
     variance_section = markdown.split("## Variance")[1].split("## Images")[0]
     rise_row = next(line for line in variance_section.splitlines() if line.startswith("| rise"))
     assert f"{np.var(VALUES[('rise', '-', 'deletion')], ddof=1):.4f}" in rise_row
     latex = (tmp_path / "summary.tex").read_text()
-    assert latex.count("\\begin{tabular}") == 4
-    assert "Insertion ↑" in latex and "Deletion ↓" in latex
+    assert latex.count("\\begin{tabular}") == 6
+    assert "Insertion $\\uparrow$" in latex and "Deletion $\\downarrow$" in latex and "↑" not in latex
     assert "--" in latex  # missing figures are marked
+
+
+def test_numbers_switch_to_scientific_notation_when_small() -> None:
+    assert format_number(0.59504) == "0.5950" and format_number(0.0) == "0.0000" and format_number(-0.25) == "-0.2500"
+    assert format_number(1.9e-05) == "1.90e-05" and format_number(-4.2e-04) == "-4.20e-04"
+    assert format_number(1.9e-05, latex=True) == r"$1.90 \times 10^{-5}$"
+    assert format_number(float("nan")) == "–" and format_number(float("nan"), latex=True) == "--"
+
+
+def test_combined_table_bolds_the_best_mean_per_column() -> None:
+    summary = summarize(_metrics())
+    table = combined_table(summary, "var").set_index(["method", "layer"])
+    rise_insertion = VALUES[("rise", "-", "insertion")]
+    assert table.loc[("rise", "-"), "Insertion ↑"] == (
+        f"**{np.nanmean(rise_insertion):.4f} ± {np.nanvar(rise_insertion, ddof=1):.4f}**")
+    assert not table.loc[("gradcam", "layer4"), "Insertion ↑"].startswith("**")
+    deletion = table["Deletion ↓"]  # lower is better: rise (mean 0.176) beats gradcam layer4 (0.2)
+    assert deletion[("rise", "-")].startswith("**") and not deletion[("gradcam", "layer4")].startswith("**")
+    assert table.loc[("gradcam", "layer3"), "Insertion ↑"] == "0.4000"  # one value: no spread
+    ci = combined_table(summary, "ci95").set_index(["method", "layer"])
+    row = summary.set_index(["method", "layer", "metric"]).loc[("gradcam", "layer4", "deletion")]
+    assert ci.loc[("gradcam", "layer4"), "Deletion ↓"] == (
+        f"{row['mean']:.4f} ± {(row['ci95_high'] - row['ci95_low']) / 2:.4f}")
+    latex = combined_table(summary, "var", markup="latex")
+    assert list(latex.columns)[2:] == [r"Insertion $\uparrow$", r"Deletion $\downarrow$", r"PCC $\uparrow$"]
+    assert latex.iloc[0, 2].startswith(r"\textbf{0.5950 $\pm$ ")
+
+
+def test_small_variances_are_not_printed_as_zero(tmp_path: Path) -> None:
+    metrics = _metrics()
+    chosen = metrics["metric"] == "deletion"
+    metrics.loc[chosen, "value"] = 0.3 + metrics.loc[chosen, "value"] * 0.03  # variances near 1e-5
+    write_summary(summarize(metrics), tmp_path)
+    variance = np.var(metrics[chosen & (metrics["method"] == "rise")]["value"], ddof=1)
+    assert 1e-6 < variance < 1e-3
+    assert f"{variance:.2e}" in (tmp_path / "summary.md").read_text()
+    mantissa, exponent = f"{variance:.2e}".split("e")
+    assert rf"{mantissa} \times 10^{{{int(exponent)}}}" in (tmp_path / "summary.tex").read_text()
+
+
+def test_a_metric_with_the_same_mean_everywhere_is_flagged(tmp_path: Path) -> None:
+    metrics = _metrics()
+    metrics.loc[metrics["metric"] == "deletion", "value"] = 1 / 3
+    metrics = metrics[~((metrics["metric"] == "deletion") & metrics["value"].isna())]
+    summary = summarize(metrics)
+    assert constant_metrics(summary) == ["deletion"]
+    table = combined_table(summary)
+    assert "Deletion ↓ (same for all)" in table.columns
+    assert not any(cell.startswith("**") for cell in table["Deletion ↓ (same for all)"])
+    write_summary(summary, tmp_path)
+    assert "the mean of Deletion ↓ is the same for every method and layer" in (tmp_path / "summary.md").read_text()
 
 
 def test_every_method_and_layer_has_a_row_in_every_section(tmp_path: Path) -> None:

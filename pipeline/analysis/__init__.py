@@ -6,6 +6,7 @@ into ``RUN_DIR/report/index.html`` and ``report.md`` (``xai-pipeline report``).
 """
 from .plots import (
     DPI,
+    MAX_BANDS,
     SALIENCY_CMAP,
     curve_area,
     curve_plot,
@@ -14,6 +15,7 @@ from .plots import (
     metric_heatmap,
     normalize_map,
     overlay_grid,
+    palette,
     save_figure,
 )
 from .report import REPORT_DIR, ReportError, default_metric, sample_images, select_images, write_report
@@ -26,6 +28,8 @@ __all__ = [
     "view_label",
     "overlay_grid",
     "curve_plot",
+    "palette",
+    "MAX_BANDS",
     "curve_area",
     "metric_distributions",
     "metric_heatmap",

@@ -40,6 +40,8 @@ __all__ = [
     "save_figure",
     "normalize_map",
     "curve_area",
+    "palette",
+    "MAX_BANDS",
     "DPI",
     "SALIENCY_CMAP",
 ]
@@ -179,13 +181,18 @@ def curve_plot(
     methods: Sequence[str | View] | None = None,
     *,
     band: Literal["ci", "std"] = "ci",
+    facets: bool = False,
     panel_size: tuple[float, float] = (4.6, 3.6),
 ) -> Figure:
     """Mean Insertion / Deletion curves, one line per view, with a band and the AUC in the legend.
 
     The band is the 95% confidence interval of the mean (``"ci"``, Student t) or one
-    standard deviation (``"std"``); images that failed are left out. The AUC of the mean
-    curve equals the mean of the per-image AUCs.
+    standard deviation (``"std"``), clipped like the curves to [0, 1] (they are
+    probabilities); images that failed are left out. The AUC of the mean curve equals
+    the mean of the per-image AUCs; a view without curves (every map unusable) has no line. Each view keeps its colour and line style
+    (:func:`palette`). With more than :data:`MAX_BANDS` views the shared panel has no
+    bands; ``facets`` instead draws one panel per view and metric (rows: metrics), the
+    view with its band in colour over the other views' means in grey.
     """
     if band not in ("ci", "std"):
         raise ValueError(f"band must be 'ci' or 'std', got {band!r}")
@@ -193,40 +200,86 @@ def curve_plot(
     if not metrics:
         raise ValueError(f"metrics: none has curves in this run; curves: {', '.join(run.curve_metrics) or '(none)'}")
     views = run.views(methods)
-    palette = _palette(len(views))
-    band_alpha = 0.2 if len(views) <= 3 else 0.08
+    styles = palette(len(views))
+    means: dict[tuple[str, View], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for metric in metrics:
+        for view in (v for v in views if run.has_curves(metric, *v)):
+            curves = run.curves(metric, *view)
+            curves = curves[~np.isnan(curves).any(axis=1)]
+            if len(curves):
+                means[metric, view] = tuple(np.clip(c, 0.0, 1.0) for c in _mean_and_band(curves, band))
+    band_title = f"band: {'95% CI' if band == 'ci' else '± 1 std'}"
+    if facets:
+        columns = min(len(views), 6)
+        rows = math.ceil(len(views) / columns)
+        figure = _figure(panel_size[0] * 0.6 * columns, panel_size[1] * 0.6 * rows * len(metrics) + 0.4)
+        grid = figure.subplots(rows * len(metrics), columns, squeeze=False, sharex=True, sharey=True)
+        for m, metric in enumerate(metrics):
+            panels = grid[m * rows:(m + 1) * rows].ravel()
+            for ax, (index, view) in zip(panels, enumerate(views)):
+                for other in views:
+                    if other != view and (metric, other) in means:
+                        mean = means[metric, other][0]
+                        ax.plot(np.linspace(0.0, 1.0, len(mean)), mean, color="0.8", lw=0.8)
+                _draw_curve(ax, means.get((metric, view)), view, styles[index], 0.25)
+                ax.set_title(f"{metric_title(metric)}: {view_label(*view)}", fontsize=8)
+                ax.legend(fontsize=6, frameon=False, title=band_title, title_fontsize=6)
+                _curve_axes(ax, metric, labels=False)
+            for ax in panels[len(views):]:
+                figure.delaxes(ax)
+        figure.supxlabel("fraction of pixels inserted or deleted", fontsize=9)
+        figure.supylabel("probability of the target class", fontsize=9)
+        return figure
+    with_bands = len(views) <= MAX_BANDS
     legend_below = len(views) > 4
     height = panel_size[1] + (0.17 * math.ceil(len(views) / 2) + 0.4 if legend_below else 0.0)
     figure = _figure(panel_size[0] * len(metrics), height)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
-        for color, view in zip(palette, views):
-            curves = run.curves(metric, *view)
-            curves = curves[~np.isnan(curves).any(axis=1)]
-            if not len(curves):
-                continue
-            mean, low, high = _mean_and_band(curves, band)
-            x = np.linspace(0.0, 1.0, curves.shape[1])
-            ax.plot(x, mean, color=color, lw=1.6, label=f"{view_label(*view)} (AUC {curve_area(mean):.3f})")
-            ax.fill_between(x, low, high, color=color, alpha=band_alpha, lw=0)
+        for style, view in zip(styles, views):
+            _draw_curve(ax, means.get((metric, view)), view, style, (0.2 if len(views) <= 3 else 0.12) * with_bands)
         ax.set_title(metric_title(metric), fontsize=10)
-        ax.set_xlabel(_CURVE_X_LABELS.get(metric, "fraction of pixels"), fontsize=9)
-        ax.set_ylabel("probability of the target class", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
+        _curve_axes(ax, metric, labels=True)
         placement = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "ncols": 2} if legend_below else {}
-        ax.legend(fontsize=7, frameon=False, title=f"band: {'95% CI' if band == 'ci' else '± 1 std'}",
+        ax.legend(fontsize=7, frameon=False, title=band_title if with_bands else "no bands: see facets=True",
                   title_fontsize=7, **placement)
     return figure
 
 
-def _palette(count: int) -> list[tuple[float, float, float, float]]:
-    from matplotlib import colormaps
+#: the most views :func:`curve_plot` draws bands for in one panel
+MAX_BANDS = 4
+#: twelve colours told apart also by most colour-blind readers (Okabe and Ito's eight, then Tol's)
+_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
+            "#000000", "#882255", "#117733", "#999933", "#332288", "#AA4499"]
+_LINE_STYLES = ["-", "--", "-.", ":"]
 
-    name = "tab10" if count <= 10 else "tab20"
-    table = colormaps[name]
-    return [table(i % table.N) for i in range(count)]
+
+def palette(count: int) -> list[tuple[str, str]]:
+    """(colour, line style) of ``count`` views: twelve colours with solid lines, then again dashed, ..."""
+    return [(_COLOURS[i % len(_COLOURS)], _LINE_STYLES[(i // len(_COLOURS)) % len(_LINE_STYLES)])
+            for i in range(count)]
+
+
+def _draw_curve(ax: Axes, curve: tuple[np.ndarray, np.ndarray, np.ndarray] | None, view: View,
+                style: tuple[str, str], band_alpha: float) -> None:
+    if curve is None:
+        return
+    mean, low, high = curve
+    x = np.linspace(0.0, 1.0, len(mean))
+    colour, line = style
+    ax.plot(x, mean, color=colour, ls=line, lw=1.6, label=f"{view_label(*view)} (AUC {curve_area(mean):.3f})")
+    if band_alpha:
+        ax.fill_between(x, low, high, color=colour, alpha=band_alpha, lw=0)
+
+
+def _curve_axes(ax: Axes, metric: str, labels: bool) -> None:
+    if labels:
+        ax.set_xlabel(_CURVE_X_LABELS.get(metric, "fraction of pixels"), fontsize=9)
+        ax.set_ylabel("probability of the target class", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
 
 
 def metric_distributions(
@@ -252,13 +305,13 @@ def metric_distributions(
     width = max(panel_size[0], 0.55 * len(views) + 1.2)
     figure = _figure(width * columns, panel_size[1] * rows)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    palette = _palette(len(views))
+    colours = [colour for colour, _ in palette(len(views))]
     rng = np.random.default_rng(0)
     table = run.metrics
     for ax, metric in zip(axes, metrics):
         part = table[table["metric"] == metric]
         positions, data, shown_colors = [], [], []
-        for position, (color, (method, layer)) in enumerate(zip(palette, views)):
+        for position, (color, (method, layer)) in enumerate(zip(colours, views)):
             values = part[(part["method"] == method) & (part["layer"] == layer)]["value"].dropna().to_numpy()
             if len(values):
                 positions.append(position)

@@ -1,8 +1,12 @@
-"""The report of a finished run: ``RUN_DIR/report/index.html`` and ``RUN_DIR/report/report.md``.
+"""The report of a finished run: ``RUN_DIR/report/index.html`` and ``report.md``, and a second
+page ``selection.html`` / ``selection.md``.
 
-Both hold the same content: the run's overview and config, the summary tables (mean
-with its 95% confidence interval, variance, image counts, means per class), the figures
-of :mod:`pipeline.analysis.plots` and the failures the run recorded. Figures are PNG
+The first page holds the run's overview and config, the summary tables (mean ± 95%
+confidence interval and mean ± variance with the best mean per column in bold, image
+counts; the means per class and the failures collapsed), the figures of
+:mod:`pipeline.analysis.plots`; it stays a few screens long whatever the number of methods
+(curves get one panel per view above :data:`~pipeline.analysis.plots.MAX_BANDS` views).
+The second page holds each view's best, typical and worst images. Figures are PNG
 files in ``report/figures/`` (PDF beside them on request), referenced by relative
 paths, so the page opens from disk in any browser, with no server and no script.
 
@@ -30,9 +34,10 @@ from ..config import config_dict
 from ..errors import PipelineError
 from ..metrics import METRICS
 from ..planning import NO_LAYER
-from ..tables import metric_title, summarize, wide_summary
+from ..tables import combined_table, format_number, metric_title, summarize, wide_summary
 from .plots import (
     DPI,
+    MAX_BANDS,
     critical_difference_diagram,
     curve_plot,
     ground_truth_comparison,
@@ -112,6 +117,7 @@ class _Table:
     frame: pd.DataFrame
     caption: str = ""
     header: bool = True
+    collapsed: bool = False
 
 
 @dataclasses.dataclass
@@ -129,6 +135,7 @@ class _Section:
     title: str
     anchor: str
     blocks: list[object] = dataclasses.field(default_factory=list)
+    page: str = "index"
 
 
 @dataclasses.dataclass
@@ -139,20 +146,6 @@ class _Text:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
-
-
-def _mean_ci_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per view, one column per metric: ``mean ± half-width of the 95% CI``."""
-    cells = summary.assign(
-        cell=[f"{m:.4f} ± {(h - l) / 2:.4f}" if np.isfinite(h - l) else f"{m:.4f}"
-              for m, l, h in zip(summary["mean"], summary["ci95_low"], summary["ci95_high"])]
-    )
-    order = list(dict.fromkeys(summary["metric"]))
-    wide = cells.pivot(index=["method", "layer"], columns="metric", values="cell").reindex(columns=order)
-    views = list(dict.fromkeys(zip(summary["method"], summary["layer"])))
-    wide = wide.reindex(pd.MultiIndex.from_tuples(views, names=["method", "layer"]))
-    wide.columns = [metric_title(m) for m in order]
-    return wide.reset_index()
 
 
 def _ordered(run: Run, summary: pd.DataFrame) -> pd.DataFrame:
@@ -226,6 +219,7 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
     views = run.views()
     sections = [
         _Section("Run", "run", [_Table(_overview(run), header=False)]),
+        _warnings(run),
         _Section("Configuration (config.yaml)", "config", [
             _Text(yaml.safe_dump(config_dict(run.config), sort_keys=False, allow_unicode=True), preformatted=True)
         ]),
@@ -233,14 +227,15 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
     if run.metric_names:
         summary = _ordered(run, run.summary())
         tables: list[object] = [
-            _Table(_mean_ci_table(summary), "Mean ± half-width of the 95% confidence interval (Student t)"),
-            _Table(wide_summary(summary, statistic="var", by=["method", "layer"]), "Variance (ddof = 1)"),
+            _Table(combined_table(summary, "ci95"), "Mean ± half-width of the 95% confidence interval (Student t); "
+                   "bold: the best mean of each column"),
+            _Table(combined_table(summary, "var"), "Mean ± variance (ddof = 1), as in summary.md and summary.tex"),
             _Table(_count_table(summary, ["method", "layer"]), "Images with a value"),
         ]
         if len(run.class_names) <= _MAX_CLASS_ROWS:
             by_class = _ordered(run, summarize(run.metrics, group_by_class=True))
             tables.append(_Table(wide_summary(by_class, statistic="mean", by=["method", "layer", "class_name"]),
-                                 "Mean per class"))
+                                 "Mean per class", collapsed=True))
         else:
             tables.append(_Text(f"{len(run.class_names)} classes: the means per class are left out here; "
                                 "see `load_run(RUN_DIR).summary(group_by_class=True)`."))
@@ -257,7 +252,7 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
         figures.blocks.append(_Figure(
             "curves", "Mean " + " and ".join(metric_title(m) for m in curve_metrics)
                       + " curves with their 95% confidence band; the legend gives the area under the mean curve.",
-            lambda: curve_plot(run, curve_metrics)))
+            lambda: curve_plot(run, curve_metrics, facets=len(views) > MAX_BANDS)))
     if run.metric_names:
         figures.blocks.append(_Figure(
             "distributions", "Per-image metric values (box: quartiles and median; points: images).",
@@ -273,7 +268,8 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
             lambda: ground_truth_comparison(run, with_gt)))
     sections.append(figures)
     if metric is not None:
-        selection = _Section(f"Best, typical and worst images by {metric_title(metric)}", "selection")
+        selection = _Section(f"Best, typical and worst images by {metric_title(metric)}", "selection",
+                             page="selection")
         for index, view in enumerate(views):
             _add_selection(selection, run, metric, view, index, count)
         sections.append(selection)
@@ -297,6 +293,16 @@ def _add_selection(section: _Section, run: Run, metric: str, view: View, index: 
         lambda: overlay_grid(run, keys, [view], row_labels=row_labels)))
 
 
+def _warnings(run: Run) -> _Section:
+    """The warnings reduce wrote (warnings.md), one paragraph each."""
+    section = _Section("Warnings", "warnings")
+    path = run.path / "warnings.md"
+    lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("- ")] if path.is_file() else []
+    section.blocks += [_Text(line) for line in lines] or [_Text("No warnings." if path.is_file() else
+                                                               "This run was reduced before warnings were written.")]
+    return section
+
+
 def _failures(run: Run) -> _Section:
     section = _Section("Failures", "failures")
     failures = run.failures
@@ -306,7 +312,7 @@ def _failures(run: Run) -> _Section:
     shown = f"; the first {_MAX_FAILURE_ROWS} are listed" if len(failures) > _MAX_FAILURE_ROWS else ""
     section.blocks.append(_Table(failures.head(_MAX_FAILURE_ROWS),
                                  f"{len(failures)} image(s) could not be explained or scored{shown} "
-                                 f"(all of them are in {run.path / 'failures.csv'})."))
+                                 f"(all of them are in {run.path / 'failures.csv'}).", collapsed=True))
     return section
 
 
@@ -328,9 +334,13 @@ figcaption { font-size: .85rem; color: #444; } summary { cursor: pointer; color:
 """
 
 
+_NUMBER = r"-?[0-9.]+(?:e[-+][0-9]+)?"
+
+
 def _html_cell(value: object) -> str:
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9.]+ ± [0-9.]+", value):
-        return f'<td class="num">{value}</td>'
+    if isinstance(value, str) and re.fullmatch(rf"(\*\*)?{_NUMBER}( ± {_NUMBER})?\1", value):
+        bold = value.startswith("**")
+        return f'<td class="num">{"<strong>" if bold else ""}{value.strip("*")}{"</strong>" if bold else ""}</td>'
     if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
         return '<td class="num">–</td>'
     if isinstance(value, (bool, np.bool_)):
@@ -338,13 +348,14 @@ def _html_cell(value: object) -> str:
     if isinstance(value, (int, np.integer)):
         return f'<td class="num">{value}</td>'
     if isinstance(value, (float, np.floating)):
-        return f'<td class="num">{value:.4f}</td>'
+        return f'<td class="num">{format_number(float(value))}</td>'
     return f"<td>{html.escape(str(value))}</td>"
 
 
 def _html_table(table: _Table) -> str:
-    """A table with numbers right-aligned (class ``num``) and everything escaped."""
-    parts = ["<table>"]
+    """A table with numbers right-aligned (class ``num``) and everything escaped (in a closed
+    ``<details>`` when ``collapsed``)."""
+    parts = [f"<details><summary>{html.escape(table.caption)}</summary>" if table.collapsed else "", "<table>"]
     if table.caption:
         parts.append(f"<caption>{html.escape(table.caption)}</caption>")
     if table.header:
@@ -353,7 +364,7 @@ def _html_table(table: _Table) -> str:
     parts.append("<tbody>")
     for row in table.frame.itertuples(index=False):
         parts.append("<tr>" + "".join(_html_cell(value) for value in row) + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append("</tbody></table>" + ("</details>" if table.collapsed else ""))
     return "\n".join(parts)
 
 
@@ -362,22 +373,40 @@ def _md_cell(value: object) -> str:
 
 
 def _md_table(table: _Table) -> str:
+    """A Markdown table; a ``collapsed`` one inside ``<details>`` (shown closed where HTML is rendered)."""
     frame = table.frame.astype(object)
     frame = frame.where(frame.notna(), None).map(lambda v: v if v is None or isinstance(v, float) else _md_cell(v))
-    text = frame.to_markdown(index=False, floatfmt=".4f", missingval="–")
+    frame = frame.map(lambda v: format_number(v) if isinstance(v, float) else v)
+    text = frame.to_markdown(index=False, missingval="–", disable_numparse=True)
+    if table.collapsed:
+        return f"<details><summary>{html.escape(table.caption)}</summary>\n\n{text}\n\n</details>\n"
     return (f"**{table.caption}**\n\n" if table.caption else "") + text + "\n"
 
 
-def _render_html(run: Run, sections: list[_Section], created: str) -> str:
+#: the report's pages: (HTML file, Markdown file)
+_PAGES = {"index": ("index.html", "report.md"), "selection": ("selection.html", "selection.md")}
+
+
+def _nav(sections: list[_Section], page: str, markdown: bool) -> str:
+    """Links to every section: anchors on this page, the other page's file for the others."""
+    links = []
+    for section in sections:
+        target = "" if section.page == page else _PAGES[section.page][int(markdown)]
+        links.append(f"[{section.title}]({target}#{section.anchor})" if markdown
+                     else f'<a href="{target}#{section.anchor}">{html.escape(section.title)}</a>')
+    return " · ".join(links) if markdown else "<nav>" + "".join(links) + "</nav>"
+
+
+def _render_html(run: Run, sections: list[_Section], created: str, page: str) -> str:
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>Report: {html.escape(run.config.name)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
         f"<h1>Saliency report: {html.escape(run.config.name)}</h1>",
         f'<p class="meta">{html.escape(str(run.path.resolve()))} · made {created}</p>',
-        "<nav>" + "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections) + "</nav>",
+        _nav(sections, page, markdown=False),
     ]
-    for section in sections:
+    for section in (s for s in sections if s.page == page):
         parts.append(f'<section id="{section.anchor}"><h2>{html.escape(section.title)}</h2>')
         for block in section.blocks:
             if isinstance(block, _Table):
@@ -401,9 +430,10 @@ def _render_html(run: Run, sections: list[_Section], created: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _render_markdown(run: Run, sections: list[_Section], created: str) -> str:
-    parts = [f"# Saliency report: {run.config.name}", "", f"`{run.path.resolve()}` · made {created}", ""]
-    for section in sections:
+def _render_markdown(run: Run, sections: list[_Section], created: str, page: str) -> str:
+    parts = [f"# Saliency report: {run.config.name}", "", f"`{run.path.resolve()}` · made {created}", "",
+             _nav(sections, page, markdown=True), ""]
+    for section in (s for s in sections if s.page == page):
         parts += [f"## {section.title}", ""]
         for block in section.blocks:
             if isinstance(block, _Table):
@@ -427,7 +457,8 @@ def write_report(
     dpi: int = DPI,
     progress: bool | None = None,
 ) -> Path:
-    """Write ``RUN_DIR/report/index.html`` and ``report.md`` (see the module docstring); returns the HTML path.
+    """Write ``RUN_DIR/report/index.html``, ``report.md`` and the second page (see the module
+    docstring); returns the path of index.html.
 
     ``metric`` chooses the best/typical/worst images (default :func:`default_metric`),
     ``images`` is how many images per group (and in the overview sample), ``pdf`` also
@@ -446,6 +477,9 @@ def write_report(
         raise ReportError(f"metric {metric!r} is not in this run; its metrics: {known}")
     out = run.path / REPORT_DIR
     shutil.rmtree(out / _FIGURES, ignore_errors=True)
+    for names in _PAGES.values():
+        for name in names:
+            (out / name).unlink(missing_ok=True)
     (out / _FIGURES).mkdir(parents=True)
     sections = _sections(run, metric, images)
     figures = [block for section in sections for block in section.blocks if isinstance(block, _Figure)]
@@ -454,7 +488,9 @@ def write_report(
         with Image.open(figure.files[0]) as png:
             figure.width = round(png.width * _SCREEN_DPI / dpi)
     created = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    (out / "report.md").write_text(_render_markdown(run, sections, created), encoding="utf-8")
+    for page, (html_name, markdown_name) in _PAGES.items():
+        if any(section.page == page for section in sections):
+            (out / markdown_name).write_text(_render_markdown(run, sections, created, page), encoding="utf-8")
+            (out / html_name).write_text(_render_html(run, sections, created, page), encoding="utf-8")
     index = out / "index.html"
-    index.write_text(_render_html(run, sections, created), encoding="utf-8")
     return index

@@ -215,6 +215,10 @@ class Run:
         """
         return self._read(f"maps/{method}/{self._layer(method, layer)}", keys, indices, maps=True)
 
+    def has_curves(self, metric: str, method: str, layer: str) -> bool:
+        """Whether the results hold ``metric`` curves of this view (none when every map was unusable)."""
+        return layer in self._curves.get(metric, {}).get(method, [])
+
     def curves(self, metric: str, method: str, layer: str | None = None, *,
                keys: str | Sequence[str] | None = None, indices: int | Sequence[int] | None = None) -> np.ndarray:
         """Per-image ``metric`` curves ``[n, T]`` of one view (selection as in :meth:`maps`)."""

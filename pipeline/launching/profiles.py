@@ -131,7 +131,18 @@ def parse_profile(raw: object, *, source: str = "profile", name: str = "profile"
     return validate_mapping(ClusterProfile, raw, source, ProfileError)
 
 
+#: where a profile given by name alone (``--profile slurm-gpu``) is looked up, from the working directory
+PROFILE_FOLDER = Path("jobs") / "clusters"
+
+
 def load_profile(path: str | Path) -> ClusterProfile:
-    """Read and validate a cluster profile YAML file; its name defaults to the file's stem."""
+    """Read and validate a cluster profile YAML file; its name defaults to the file's stem. A bare
+    name that is not a file (``slurm-gpu``) is ``jobs/clusters/NAME.yaml``."""
     path = Path(path)
+    if not path.exists() and path.parent == Path(".") and not path.suffix:
+        found = PROFILE_FOLDER / f"{path.name}.yaml"
+        if not found.is_file():
+            known = ", ".join(sorted(p.stem for p in PROFILE_FOLDER.glob("*.yaml"))) or "(none)"
+            raise ProfileError(f"no profile file {path} and no {found}; profiles in {PROFILE_FOLDER}: {known}")
+        path = found
     return parse_profile(read_yaml(path, ProfileError), source=str(path), name=path.stem)

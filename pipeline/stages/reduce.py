@@ -22,7 +22,7 @@ moments for the summary, so memory does not grow with the number of images.
 plan's image order (sorted keys). The merged maps do not depend on how the work
 was sharded. Metric rows are in the config's order of methods, then by layer, image
 chunk and metric. Beside it: ``summary.{csv,md,tex}`` (see :mod:`pipeline.tables`),
-``failures.csv`` and ``comparison.{csv,md}`` (see
+``failures.csv``, ``warnings.md`` (see :mod:`pipeline.diagnostics`) and ``comparison.{csv,md}`` (see
 :mod:`pipeline.comparison`); their SHA-256 digests are in the attribute ``tables`` of
 ``results.h5``, which is renamed into place last (see :func:`pipeline.integrity.results_whole`).
 
@@ -50,9 +50,11 @@ import pyarrow.parquet as pq
 
 from ..comparison import write_comparison
 from ..config import ExperimentConfig, ResultsConfig, load_config
+from ..diagnostics import RunWarnings, run_warnings, write_warnings
 from ..digests import file_digest
 from ..errors import PipelineError
 from ..integrity import TABLES_ATTRIBUTE, quarantine_shards
+from ..metrics import METRICS
 from ..planning import Plan, Shard
 from ..run_dir import RunDir, atomic_write, temporary_path
 from ..store import CorruptShardError, ShardOutput, atomic_h5, read_shard
@@ -91,6 +93,7 @@ class ReduceResult:
     metrics_path: Path
     summary: pd.DataFrame
     failures: dict[str, str]
+    warnings: RunWarnings
 
     @functools.cached_property
     def metrics(self) -> pd.DataFrame:
@@ -336,9 +339,14 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
             unread = [(key, "explain", "", "", "", error) for key, error in failures.items()]
             table = pd.DataFrame(unread + nan_reasons, columns=FAILURE_COLUMNS)
             atomic_write(folder.failures_csv, table.to_csv(index=False))
+            gt_metrics = [m.name for m in config.metrics if METRICS[m.name].needs_ground_truth]
+            overall = rows.moments.frame(["method", "layer", "metric"], _summary_order(config, plan, False))
+            warnings = run_warnings(table, overall, ground_truth_metrics=gt_metrics,
+                                    images_with_gt=sum(gt is not None for gt in plan.images.gt))
+            write_warnings(folder.warnings_md, warnings)
             written = [p for p in folder.outputs() if p != folder.results and p.is_file()]
             f.attrs[TABLES_ATTRIBUTE] = json.dumps({p.name: file_digest(p) for p in written})
     finally:
         if not closed:
             rows.close(committed=False)
-    return ReduceResult(folder.results, folder.metrics_parquet, summary, failures)
+    return ReduceResult(folder.results, folder.metrics_parquet, summary, failures, warnings)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -13,7 +14,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.analysis import (
+    MAX_BANDS,
     Run,
+    palette,
     curve_plot,
     ground_truth_comparison,
     load_run,
@@ -102,11 +105,48 @@ def test_curve_plot_means_and_legend(run: Run, tiny_run: Path) -> None:
         top = band.get_paths()[0].vertices[:, 1].max()
         curves = _stored(tiny_run, f"curves/{metric}/gradcam/layer2")
         curves = curves[~np.isnan(curves).any(axis=1)]
-        assert top == pytest.approx((curves.mean(axis=0) + curves.std(axis=0, ddof=1)).max(), rel=1e-5)
+        expected_top = min((curves.mean(axis=0) + curves.std(axis=0, ddof=1)).max(), 1.0)  # clipped to [0, 1]
+        assert top == pytest.approx(expected_top, rel=1e-5)
     single = curve_plot(run, ["deletion"], ["rise"])
     assert len(single.axes) == 1 and len(single.axes[0].get_lines()) == 1
     with pytest.raises(ValueError, match="none has curves"):
         curve_plot(run, ["pcc"])
+
+
+def test_curve_bands_stay_in_the_unit_interval(tiny_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    with h5py.File(copy / "results.h5", "r+") as f:  # probabilities near 1 and spread out: the band passes 1
+        curves = f["curves/insertion/rise/-"]
+        spread = np.where(np.arange(curves.shape[0]) % 2, 0.99, 0.6)[:, None]
+        curves[...] = np.where(np.isnan(curves[()]), np.nan, np.broadcast_to(spread, curves.shape))
+        written = f["curves/insertion/rise/-"][()]
+    written = written[~np.isnan(written).any(axis=1)]
+    assert (written.mean(axis=0) + written.std(axis=0, ddof=1)).max() > 1.0
+    figure = curve_plot(load_run(copy), ["insertion"], ["rise"], band="std")
+    for ax in figure.axes:
+        assert ax.get_ylim() == (0.0, 1.02)
+        for band in (c for c in ax.collections if isinstance(c, PolyCollection)):
+            vertices = band.get_paths()[0].vertices[:, 1]
+            assert vertices.min() >= 0.0 and vertices.max() <= 1.0
+
+
+def test_twelve_views_get_distinct_styles_and_facets(run: Run) -> None:
+    styles = palette(12)
+    assert len(set(styles)) == 12 and len({colour for colour, _ in styles}) == 12
+    assert palette(13)[12] == (styles[0][0], "--")  # beyond twelve: the colours again, dashed
+    views = run.views()
+    figure = curve_plot(run, ["insertion", "deletion"], facets=True)
+    panels = [ax for ax in figure.axes if ax.get_lines()]
+    assert len(panels) == 2 * len(views)
+    first = panels[0]
+    assert first.get_title() == "Insertion ↑: gradcam / layer2"
+    coloured = [line for line in first.get_lines() if line.get_color() != "0.8"]
+    assert len(coloured) == 1 and len(first.get_lines()) == len(views)  # the others' means in grey
+    assert any(isinstance(c, PolyCollection) for c in first.collections)
+    many = curve_plot(run, ["insertion"], [*views, *views])  # more than MAX_BANDS views: no bands in one panel
+    assert len(many.axes[0].get_lines()) == 2 * len(views) > MAX_BANDS
+    assert not any(isinstance(c, PolyCollection) for c in many.axes[0].collections)
 
 
 @pytest.mark.parametrize("kind", ["box", "violin"])

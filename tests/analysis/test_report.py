@@ -10,7 +10,11 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import h5py
+import pandas as pd
 import pytest
+import yaml
+from PIL import Image
 
 from pipeline.analysis import ReportError, load_run, select_images, write_report
 from pipeline.cli import main
@@ -51,25 +55,29 @@ def report(tiny_run: Path) -> Path:
     return tiny_run / "report"
 
 
-def _page(report: Path) -> _Links:
+def _page(report: Path, name: str = "index.html") -> _Links:
     parser = _Links()
-    parser.feed((report / "index.html").read_text(encoding="utf-8"))
+    parser.feed((report / name).read_text(encoding="utf-8"))
     return parser
 
 
 def test_report_files_and_links_exist(report: Path) -> None:
-    page = _page(report)
-    local = [link for link in page.links if not link.startswith("#")]
-    assert local, "the page links no files"
-    for link in local:
-        assert not re.match(r"^[a-z]+:", link) and not link.startswith("/"), f"not a relative link: {link}"
-        assert (report / link).is_file(), f"index.html links a missing file: {link}"
+    pages = {name: _page(report, name) for name in ("index.html", "selection.html")}
+    for name, page in pages.items():
+        local = [link.split("#")[0] for link in page.links if not link.startswith("#")]
+        assert local, f"{name} links no files"
+        for link in local:
+            assert not re.match(r"^[a-z]+:", link) and not link.startswith("/"), f"not a relative link: {link}"
+            assert (report / link).is_file(), f"{name} links a missing file: {link}"
+    assert "selection.html#selection" in pages["index.html"].links
     pngs = sorted(p.relative_to(report).as_posix() for p in (report / "figures").glob("*.png"))
-    assert sorted(page.images) == pngs
+    assert sorted(pages["index.html"].images + pages["selection.html"].images) == pngs
+    assert all("selection_" in image for image in pages["selection.html"].images)
+    assert not any("selection_" in image for image in pages["index.html"].images)
     assert sorted(p.with_suffix(".pdf") for p in (report / "figures").glob("*.png")) == sorted(
         (report / "figures").glob("*.pdf"))
-    markdown = (report / "report.md").read_text(encoding="utf-8")
-    md_images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    md_images = [image for name in ("report.md", "selection.md")
+                 for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report / name).read_text(encoding="utf-8"))]
     assert sorted(md_images) == pngs
 
 
@@ -85,6 +93,8 @@ def test_report_holds_tables_config_and_failures(report: Path, tiny_run: Path, b
         values = [float(r["value"]) for r in csv.DictReader(handle)
                   if (r["metric"], r["method"], r["layer"]) == ("insertion", "rise", "-")]
     assert f"{sum(values) / len(values):.4f} ±" in text
+    assert "<strong>" in (report / "index.html").read_text(encoding="utf-8")  # the best mean per column
+    assert "<details><summary>Mean per class</summary>" in (report / "index.html").read_text(encoding="utf-8")
     markdown = (report / "report.md").read_text(encoding="utf-8")
     assert "| gradcam" in markdown and broken_key in markdown and "Deletion ↓" in markdown
 
@@ -149,6 +159,44 @@ def test_report_opens_in_a_browser_without_a_server(report: Path, tmp_path: Path
     assert images == expected_images + 1
     assert (broken, missing) == (1, "figures/__missing__.png")
     assert tables >= 6
+
+
+def _displayed_height(report: Path, page: str) -> int:
+    """The CSS pixels the page's open tables (30 per row) and figures take (shown at most 1400 px
+    wide; small figures two side by side)."""
+    text = re.sub(r"<details>.*?</details>", "", (report / page).read_text(encoding="utf-8"), flags=re.DOTALL)
+    height = 30 * text.count("<tr>")
+    for small, source, width in re.findall(r'<figure id="[^"]+"( class="small")?><a href="[^"]+"><img src="([^"]+)" '
+                                           r'width="(\d+)"', text):
+        with Image.open(report / source) as png:
+            height += round(png.height * min(int(width), 1400) / png.width / (2 if small else 1))
+    return height
+
+
+def test_report_stays_short_with_many_views(tiny_run: Path, tmp_path: Path) -> None:
+    """Twelve views (the run's three, four times): the first page stays under eight 1000-px screens,
+    curves get one panel per view, the selection goes to the second page."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    with h5py.File(copy / "results.h5", "r+") as f:
+        for group in ("maps", *(f"curves/{m}" for m in ("insertion", "deletion"))):
+            for method in ("gradcam", "rise"):
+                for copy_index in range(1, 4):
+                    f.copy(f[f"{group}/{method}"], f[group], name=f"{method}{copy_index}")
+    metrics = pd.read_parquet(copy / "metrics.parquet")
+    copies = [metrics.assign(method=metrics["method"] + str(i), value=metrics["value"] + i / 100) for i in range(1, 4)]
+    pd.concat([metrics, *copies]).to_parquet(copy / "metrics.parquet")
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["methods"] += [dict(m, id=f"{m['name']}{i}") for i in range(1, 4) for m in config["methods"]]
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    (copy / "comparison.csv").unlink()
+    assert len(load_run(copy).views()) == 12
+    write_report(copy, images=3, progress=False)
+    report = copy / "report"
+    assert _displayed_height(report, "index.html") < 8 * 1000
+    assert _displayed_height(report, "selection.html") > 8 * 1000 - _displayed_height(report, "index.html")
+    with Image.open(report / "figures" / "curves.png") as curves:
+        assert curves.height > curves.width / 2  # facets: panels in rows
 
 
 def test_report_says_which_differences_are_significant(report: Path) -> None:

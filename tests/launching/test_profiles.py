@@ -103,3 +103,17 @@ def test_launch_warns_when_start_up_cannot_fit_before_the_timeout_signal() -> No
     assert warning is not None
     assert "30 s before its timeout signal (time 1 min minus signal_delay_s 30 s)" in warning
     assert "took 45 s" in warning
+
+
+def test_a_profile_is_found_by_name_in_jobs_clusters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "jobs" / "clusters").mkdir(parents=True)
+    (tmp_path / "jobs" / "clusters" / "gpu.yaml").write_text((CLUSTERS / "slurm-gpu.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    profile = resolve_profile(tmp_path / "run", "gpu", None)
+    assert profile == load_profile(tmp_path / "jobs" / "clusters" / "gpu.yaml")
+    assert profile.name == "gpu" and profile.executor == "slurm"
+    with pytest.raises(ProfileError, match=r"no profile file gpu2 and no jobs/clusters/gpu2.yaml; profiles in "
+                                           r"jobs/clusters: gpu"):
+        load_profile("gpu2")
+    with pytest.raises(ProfileError):  # a path is never looked up by name
+        load_profile("other/gpu")
