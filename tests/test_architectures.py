@@ -70,11 +70,17 @@ def test_every_method_runs_on_the_architecture(arch: str, tmp_path: Path, capsys
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
-    assert main(["run", str(path), "--out", str(run_dir), "--no-progress"]) == 0, capsys.readouterr().err
+    status = main(["run", str(path), "--out", str(run_dir), "--no-progress"])
+    warnings = (run_dir / "warnings.md").read_text() if (run_dir / "warnings.md").is_file() else ""
+    # random weights may leave a method with nothing but constant maps: exit 1, said in warnings.md
+    assert status == 0 or (status == 1 and "is degenerate: check the method" in warnings), capsys.readouterr().err
+    assert (run_dir / "results.h5").is_file()
     saved = load_config(run_dir / "config.yaml")
     cams = [m for m in methods if m in ALL_CAMS]
     assert {m.name: m.layers for m in saved.methods if m.name in cams} == {m: [default] for m in cams}
     table = pd.read_csv(run_dir / "metrics.csv")
     assert sorted(table["method"].unique()) == sorted(methods)
     counts = table.dropna(subset=["value"]).groupby("method")["metric"].nunique()
-    assert (counts >= len(METRICS) - 2).all(), counts  # PCC/SSIM are NaN for a constant map (e.g. a 1x1 grid)
+    degenerate = {m for m in methods if f"every saliency map of {m} is degenerate" in warnings}
+    assert degenerate < set(methods), warnings  # random weights can zero some CAM methods' maps, never all
+    assert (counts.drop(sorted(degenerate & set(counts.index))) >= len(METRICS) - 2).all(), counts
