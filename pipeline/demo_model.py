@@ -38,7 +38,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: bump when the generator or the training changes, so cached checkpoints are remade
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 class _ResidualBlock(nn.Module):
@@ -154,14 +154,14 @@ def train_shapes_net(
     data_root: Path,
     checkpoint: Path,
     *,
-    epochs: int = 30,
+    epochs: int = 20,
     seed: int = 0,
     image_size: int = 64,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     width: int = 8,
     lr: float = 0.01,
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     """Train :class:`ShapesNet` on CPU on ``data_root/images`` and save its ``state_dict``.
 
@@ -222,15 +222,15 @@ def _short_hash(parameters: dict[str, object]) -> str:
 def ensure_shapes_checkpoint(
     cache_dir: Path,
     *,
-    n_per_class: int = 40,
+    n_per_class: int = 200,
     image_size: int = 64,
     classes: Sequence[str] = SHAPE_CLASSES,
     data_seed: int = 0,
-    epochs: int = 30,
+    epochs: int = 20,
     train_seed: int = 0,
     width: int = 8,
     lr: float = 0.01,
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> Path:
     """The checkpoint of a :class:`ShapesNet` trained with these parameters, made when missing.
 
