@@ -222,7 +222,7 @@ def _short_hash(parameters: dict[str, object]) -> str:
 def ensure_shapes_checkpoint(
     cache_dir: Path,
     *,
-    n_per_class: int = 200,
+    n_per_class: int = 400,
     image_size: int = 64,
     classes: Sequence[str] = SHAPE_CLASSES,
     data_seed: int = 0,
