@@ -90,5 +90,6 @@ def test_the_demo_separates_methods_and_prints_the_comparison_last(
     assert deletion["gradcam"] < deletion["random"] - 0.1, deletion
     comparison = pd.read_csv(tmp_path / "run" / "comparison.csv")
     pairs = comparison[comparison[["method_a", "method_b"]].isin(["gradcam", "random"]).all(axis=1)]
-    decided = pairs.set_index("metric").loc[["insertion", "deletion"]]
-    assert decided["significant"].all() and (decided["better"] == "gradcam").all(), decided
+    paired = pairs.set_index("metric").loc[["insertion", "deletion"]]
+    gradcam_effect = paired["effect_size"].where(paired["method_a"] == "gradcam", -paired["effect_size"])
+    assert (paired["p_value"] < 0.01).all() and (gradcam_effect > 0.5).all(), paired
