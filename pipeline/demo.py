@@ -1,9 +1,9 @@
 """The embedded demo: self-made data and model, no downloads.
 
-:func:`prepare_demo` trains (once, cached) a small CNN on generated shapes on
-textured clutter, generates a separate set of shapes images with their
-ground-truth maps (the blurred object masks), and writes an experiment config
-that explains and scores them with several methods on several layers.
+:func:`prepare_demo` trains (once, cached) a small CNN to tell generated shapes apart
+by their outline on textured clutter, generates a separate set of shapes images
+with their ground-truth maps (the blurred object masks), and writes an experiment
+config that explains them with every method and scores them with every metric.
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def cache_dir() -> Path:
 
 
 def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
-    """The demo experiment: every cheap method on the last two stages, every metric."""
+    """The demo experiment: every method (small LIME and Extremal settings) on ``layer3``, every metric."""
     step = IMAGE_SIZE * IMAGE_SIZE // 32
+    layers = ["layer3"]
     return {
         "name": "shapes-demo",
         "data": {"root": str(data_root / "images"), "gt_dir": str(data_root / "gt"), "image_size": IMAGE_SIZE},
@@ -36,11 +37,16 @@ def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
         "methods": [
             {"name": "rise", "params": {"n_masks": 500, "grid_size": 8, "batch_size": 250}},
             {"name": "rise-gaussian", "params": {"n_masks": 500, "grid_size": 8, "batch_size": 250}},
-            {"name": "gradcam", "layers": ["layer2", "layer3"]},
-            {"name": "abscam-init", "layers": ["layer2", "layer3"]},
-            {"name": "abscam-final", "layers": ["layer3"]},
-            {"name": "fem", "layers": ["layer2", "layer3"]},
-            {"name": "scorecam", "layers": ["layer3"]},
+            {"name": "gradcam", "layers": layers},
+            {"name": "abscam-init", "layers": layers},
+            {"name": "abscam-final", "layers": layers},
+            {"name": "fem", "layers": layers},
+            {"name": "scorecam", "layers": layers},
+            {"name": "lime", "params": {"n_samples": 200, "segmentation": "slic", "n_segments": 30, "batch_size": 200}},
+            {"name": "extremal", "params": {"areas": [0.1], "iterations": 30, "step": 8, "sigma": 8.0,
+                                            "num_levels": 4, "lr": 0.1, "area_growth": 1.1}},
+            {"name": "random"},
+            {"name": "centre"},
         ],
         "metrics": [
             {"name": "insertion", "params": {"step": step}},

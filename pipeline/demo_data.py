@@ -3,10 +3,11 @@
 :func:`make_shapes_dataset` writes, deterministically for a seed,
 
 - ``root/images/<class>/<class>_<idx:04d>.png``: RGB images in ImageFolder layout, each
-  holding one shape of its class (circle, square, triangle or cross) in the class's
-  colour (jittered) on a muted smooth-noise background with a few muted distractor
-  lines and elongated blobs. Shape and colour both tell the class and both lie on
-  the object, so a tiny CNN learns the task in seconds and its evidence is the object;
+  holding one shape of its class (circle, square, triangle or cross) in a random
+  saturated colour on a muted smooth-noise background with a few muted distractor
+  lines and elongated blobs. Only the outline tells the class (the colour is drawn
+  alike for every class), so the evidence is the object's edges and corners, which a
+  blur destroys: Insertion and Deletion then tell good saliency maps from bad ones;
 - ``root/gt/<class>/<class>_<idx:04d>.png``: 8-bit grayscale ground-truth maps, the
   shape's binary mask blurred with a Gaussian and scaled to a maximum of 255, standing
   in for a gaze-fixation density map;
@@ -48,14 +49,6 @@ VALIDATION_EVERY = 5
 _MIN_IMAGE_SIZE = 16
 _SHAPE_EXTENT = (0.20, 0.35)  # shape extent as a fraction of the image side
 _SATURATION = 0.3  # how much colour the background and distractors keep (0: grey)
-_COLOUR_JITTER = 0.1
-#: each class's shape colour (RGB in [0, 1]); classes beyond these get an evenly spaced hue
-_CLASS_COLOURS = {
-    "circle": (0.9, 0.2, 0.2),
-    "cross": (0.2, 0.8, 0.2),
-    "square": (0.2, 0.3, 0.95),
-    "triangle": (0.95, 0.85, 0.1),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,24 +177,20 @@ def _muted(image: np.ndarray) -> np.ndarray:
     return grey + _SATURATION * (image - grey)
 
 
-def _class_colour(class_name: str, classes: Sequence[str], rng: np.random.Generator) -> np.ndarray:
-    """The class's colour with a little random jitter."""
-    if class_name in _CLASS_COLOURS:
-        base = np.array(_CLASS_COLOURS[class_name])
-    else:
-        hue = 2 * math.pi * sorted(classes).index(class_name) / len(classes)
-        base = 0.55 + 0.4 * np.cos(hue + np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3]))
-    return np.clip(base + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, 3), 0.0, 1.0)
+def _shape_colour(rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour of random hue, the same distribution for every class."""
+    hue = rng.uniform(0, 2 * math.pi)
+    return 0.55 + 0.4 * np.cos(hue + np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3]))
 
 
-def _render(class_name: str, classes: Sequence[str], size: int, clutter: float, gt_sigma: float,
+def _render(class_name: str, size: int, clutter: float, gt_sigma: float,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
     """One ``uint8`` RGB image, its ``uint8`` ground-truth map and the shape's colour."""
     image = _muted(_background(size, clutter, rng))
     _draw_distractors(image, clutter, rng)
     image = _muted(image)
     mask = _shape_mask(class_name, size, rng)
-    colour = np.round(_class_colour(class_name, classes, rng) * 255).astype(np.uint8)
+    colour = np.round(_shape_colour(rng) * 255).astype(np.uint8)
     rgb = np.round(image * 255).astype(np.uint8)
     rgb[mask] = colour
     density = gaussian(mask.astype(np.float64), sigma=gt_sigma * size)
@@ -252,7 +241,7 @@ def make_shapes_dataset(
         (root / "images" / class_name).mkdir(parents=True, exist_ok=True)
         (root / "gt" / class_name).mkdir(parents=True, exist_ok=True)
         for index in range(n_per_class):
-            rgb, gt, colour = _render(class_name, classes, image_size, clutter, gt_sigma, rng)
+            rgb, gt, colour = _render(class_name, image_size, clutter, gt_sigma, rng)
             name = f"{class_name}/{class_name}_{index:04d}.png"
             Image.fromarray(rgb).save(root / "images" / name)
             Image.fromarray(gt).save(root / "gt" / name)

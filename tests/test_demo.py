@@ -1,25 +1,29 @@
-"""The demo end to end: its model learns the task, saliency finds the objects, its config is valid."""
+"""The demo end to end: its model learns the shapes, a blur hides them, saliency finds them
+and the demo's run tells good methods from the baselines."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data import load_gt, load_image
 from pipeline.demo import cache_dir, demo_config, prepare_demo
 from pipeline.demo_data import make_shapes_dataset
 from pipeline.demo_model import ShapesNet, ensure_shapes_checkpoint, load_shapes_net
-from pipeline.methods import build_method
-from pipeline.metrics import pcc, pointing_game
+from pipeline.methods import METHODS, build_method
+from pipeline.metrics import METRICS, pcc, pointing_game
+from pipeline.metrics.insertion_deletion import blur_substrate
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def trained() -> ShapesNet:
-    """The demo's cached checkpoint (trained on first use, about a minute on 2 cores)."""
+    """The demo's cached checkpoint (trained on first use, under a minute on 2 cores)."""
     return load_shapes_net(ensure_shapes_checkpoint(cache_dir(), image_size=SIZE))
 
 
@@ -41,6 +45,14 @@ def test_model_learns_the_task(trained: ShapesNet, held_out: tuple[torch.Tensor,
     assert accuracy >= 0.85
 
 
+def test_the_insertion_substrate_hides_the_class(trained: ShapesNet, held_out: tuple[torch.Tensor, ...]) -> None:
+    images, labels, _ = held_out
+    with torch.no_grad():
+        sharp = trained(images).softmax(dim=1)[torch.arange(len(labels)), labels].mean().item()
+        blurred = trained(blur_substrate(images)).softmax(dim=1)[torch.arange(len(labels)), labels].mean().item()
+    assert sharp >= 0.85 and blurred <= 0.5, (sharp, blurred)
+
+
 def test_gradcam_finds_objects_better_than_a_random_map(trained: ShapesNet, held_out: tuple[torch.Tensor, ...]) -> None:
     images, labels, gt = held_out
     maps = build_method("gradcam", trained, layer="layer3").explain(images, labels)
@@ -58,5 +70,26 @@ def test_prepare_demo_writes_a_valid_config(tmp_path: Path) -> None:
     config_path = prepare_demo(tmp_path, images_per_class=2)
     config = load_config(config_path)
     assert config.data.gt_dir is not None and config.data.gt_dir.is_dir()
-    assert {m.name for m in config.methods} >= {"rise", "gradcam"}
+    assert sorted(m.name for m in config.methods) == sorted(METHODS)
+    assert sorted(m.name for m in config.metrics) == sorted(METRICS)
     assert demo_config(tmp_path, Path("x.pt"))["model"]["checkpoint"] == "x.pt"
+
+
+def test_the_demo_separates_methods_and_prints_the_comparison_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--images-per-class", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("## Mean") < printed.index("# Method comparison") < printed.rindex("\n## ")
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert set(metrics["method"]) == set(METHODS) and set(metrics["metric"]) == set(METRICS)
+    means = metrics.groupby(["metric", "method"])["value"].mean()
+    insertion, deletion = means["insertion"], means["deletion"]
+    assert insertion.max() - insertion.min() >= 0.1, insertion
+    assert insertion["gradcam"] > insertion["random"] + 0.15, insertion
+    assert deletion["gradcam"] < deletion["random"] - 0.1, deletion
+    comparison = pd.read_csv(tmp_path / "run" / "comparison.csv")
+    pairs = comparison[comparison[["method_a", "method_b"]].isin(["gradcam", "random"]).all(axis=1)]
+    paired = pairs.set_index("metric").loc[["insertion", "deletion"]]
+    gradcam_effect = paired["effect_size"].where(paired["method_a"] == "gradcam", -paired["effect_size"])
+    assert (paired["p_value"] < 0.01).all() and (gradcam_effect > 0.5).all(), paired
