@@ -37,18 +37,19 @@ def _print_failures(failures: dict[str, str]) -> None:
 
 
 def _print_results(run_dir: Path, result: "ReduceResult") -> int:
-    """Print the summary, its warnings and the tables' paths; 1 when a method has no usable map, else 0."""
+    """Print the tables' paths, the summary, its warnings and, last, which differences between methods
+    are significant; 1 when a method has no usable map, else 0."""
     from .run_dir import RunDir
 
     folder = RunDir(run_dir)
+    tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md, folder.comparison_csv]
+    print(f"results: {result.results}\ntables:  {', '.join(str(p) for p in tables if p.is_file())}\n")
     print(folder.summary_md.read_text())
     _print_warnings(result)
     if result.failures:
         print(f"{len(result.failures)} image(s) failed; see {folder.failures_csv}")
     if folder.comparison_md.is_file():
         print(folder.comparison_md.read_text())
-    tables = [folder.metrics_parquet, folder.metrics_csv, folder.summary_csv, folder.summary_md, folder.comparison_csv]
-    print(f"results: {result.results}\ntables:  {', '.join(str(p) for p in tables if p.is_file())}")
     return 1 if result.warnings.degenerate_methods else 0
 
 
