@@ -22,7 +22,6 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import datasets, transforms
 
 from .demo_data import SHAPE_CLASSES, is_validation_index, make_shapes_dataset
 
@@ -33,6 +32,7 @@ __all__ = [
     "train_shapes_net",
     "load_shapes_net",
     "ensure_shapes_checkpoint",
+    "one_torch_thread",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -95,6 +95,8 @@ class ShapesNet(nn.Module):
 def _load_split(data_root: Path, image_size: int, mean: Sequence[float],
                 std: Sequence[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Normalized train/val images and labels from ``data_root/images``, plus the class count."""
+    from torchvision import datasets, transforms  # only for training: the model itself needs none
+
     folder = datasets.ImageFolder(
         str(Path(data_root) / "images"),
         transform=transforms.Compose([
@@ -139,7 +141,7 @@ def _accuracy(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> Iterator[None]:
     """Run torch on one intra-op thread inside, restoring the thread count after.
 
     The model is too small to gain from more threads, and on a busy machine two
@@ -203,7 +205,7 @@ def train_shapes_net(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
-    with _one_torch_thread():
+    with one_torch_thread():
         model.train()
         for _ in range(epochs):
             order = torch.randperm(len(train_x), generator=generator)

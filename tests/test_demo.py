@@ -15,7 +15,7 @@ from pipeline.demo import cache_dir, demo_config, prepare_demo
 from pipeline.demo_data import make_shapes_dataset
 from pipeline.demo_model import ShapesNet, ensure_shapes_checkpoint, load_shapes_net
 from pipeline.methods import METHODS, build_method
-from pipeline.metrics import METRICS, pcc, pointing_game
+from pipeline.metrics import BUILTIN_METRICS, pcc, pointing_game
 from pipeline.metrics.insertion_deletion import blur_substrate
 
 SIZE = 64
@@ -71,7 +71,7 @@ def test_prepare_demo_writes_a_valid_config(tmp_path: Path) -> None:
     config = load_config(config_path)
     assert config.data.gt_dir is not None and config.data.gt_dir.is_dir()
     assert sorted(m.name for m in config.methods) == sorted(METHODS)
-    assert sorted(m.name for m in config.metrics) == sorted(METRICS)
+    assert sorted(m.name for m in config.metrics) == sorted(BUILTIN_METRICS)
     assert demo_config(tmp_path, Path("x.pt"))["model"]["checkpoint"] == "x.pt"
 
 
@@ -82,7 +82,7 @@ def test_the_demo_separates_methods_and_prints_the_comparison_last(
     printed = capsys.readouterr().out
     assert printed.index("## Mean") < printed.index("# Method comparison") < printed.rindex("\n## ")
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
-    assert set(metrics["method"]) == set(METHODS) and set(metrics["metric"]) == set(METRICS)
+    assert set(metrics["method"]) == set(METHODS) and set(metrics["metric"]) == set(BUILTIN_METRICS)
     means = metrics.groupby(["metric", "method"])["value"].mean()
     insertion, deletion = means["insertion"], means["deletion"]
     assert insertion.max() - insertion.min() >= 0.1, insertion

@@ -11,17 +11,16 @@ degenerate saliency maps (``model.factory: tests.tiny_experiment:NanLogitsNet``)
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.demo_model import ShapesNet
+from pipeline.demo_model import ShapesNet, one_torch_thread
 
 __all__ = [
     "IMAGE_SIZE",
@@ -179,13 +178,5 @@ def add_broken_image(root: Path) -> str:
     return BROKEN_KEY
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside the block: the tiny models are faster so, and
-    they do not stall when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+#: tiny models run faster on one CPU thread, and do not stall when other processes share the cores
+one_thread = one_torch_thread

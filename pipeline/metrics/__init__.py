@@ -34,6 +34,7 @@ from .similarity import pcc, prepare_pair, ssim, ssim_window
 
 __all__ = [
     "METRICS",
+    "BUILTIN_METRICS",
     "MetricSpec",
     "metric_spec",
     "metric_names",
@@ -164,6 +165,9 @@ METRICS: dict[str, MetricSpec] = {
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
     )
 }
+
+#: the names of the built-in metrics (``METRICS`` also holds the plug-ins found so far)
+BUILTIN_METRICS: tuple[str, ...] = tuple(METRICS)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

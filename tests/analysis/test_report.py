@@ -115,7 +115,7 @@ def test_selection_follows_the_metric_direction(tiny_run: Path) -> None:
         expected = sorted(sorted(rest, key=lambda k: abs(values[k] - middle))[:2], key=ordered.index)
         assert [k for k, _ in groups["typical"]] == expected
         chosen = [k for items in groups.values() for k, _ in items]
-        assert len(set(chosen)) == len(chosen) == 6
+        assert len(set(chosen)) == len(chosen) == min(6, len(values))  # unusable maps are not ranked
 
 
 def test_bad_report_requests(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

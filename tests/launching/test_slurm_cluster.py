@@ -325,6 +325,15 @@ def test_status_without_sacct_still_reports_committed_and_missing_shards(
     assert f"scheduler: {expected}" in out
 
 
+def _assert_same_as_uninterrupted(run_dir: Path, shard_id: str, uninterrupted: Path) -> None:
+    """The sums of ``shard_id`` in ``run_dir`` equal those of the same shard run here without interruption."""
+    ShardRunner(uninterrupted).run(shard_id)
+    resumed, expected = read_shard(RunDir(run_dir).shard(shard_id)), read_shard(RunDir(uninterrupted).shard(shard_id))
+    assert resumed.keys == expected.keys and expected.sums
+    for name in expected.sums:
+        np.testing.assert_array_equal(resumed.sums[name], expected.sums[name])
+
+
 def test_timeout_requeues_the_shard_and_it_finishes_from_its_saved_progress(
     timeout_run: Path, experiment: Experiment, image_tree: ImageTree, checkpoint: Path
 ) -> None:
@@ -339,12 +348,8 @@ def test_timeout_requeues_the_shard_and_it_finishes_from_its_saved_progress(
     assert "REQUEUED" in requeues and "TIMEOUT" not in requeues, requeues
     assert not RunDir(timeout_run).checkpoint(shard.id).exists()
 
-    uninterrupted = experiment.plan("timeout-local", launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS))
-    ShardRunner(uninterrupted).run(shard.id)
-    resumed, expected = read_shard(RunDir(timeout_run).shard(shard.id)), read_shard(RunDir(uninterrupted).shard(shard.id))
-    assert resumed.keys == expected.keys and expected.sums
-    for name in expected.sums:
-        np.testing.assert_array_equal(resumed.sums[name], expected.sums[name])
+    _assert_same_as_uninterrupted(timeout_run, shard.id, experiment.plan(
+        "timeout-local", launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS)))
     _wait_idle(timeout_run)
     assert (timeout_run / "results.h5").is_file()
 
@@ -359,10 +364,7 @@ def test_scontrol_requeue_mid_step_saves_progress_at_once_and_the_shard_ends_ide
     log = (sigterm_run / "slurm" / f"{task}_0_log.out").read_text()
     assert "caught SIGTERM: saving progress (preemption)" in log
     assert f"continuing {shard.id} from its saved progress" in log
-    uninterrupted = experiment.plan("sigterm-local", launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS))
-    ShardRunner(uninterrupted).run(shard.id)
-    resumed, expected = read_shard(RunDir(sigterm_run).shard(shard.id)), read_shard(RunDir(uninterrupted).shard(shard.id))
-    for name in expected.sums:
-        np.testing.assert_array_equal(resumed.sums[name], expected.sums[name])
+    _assert_same_as_uninterrupted(sigterm_run, shard.id, experiment.plan(
+        "sigterm-local", launch_config(image_tree.root, checkpoint, **TIMEOUT_OPTIONS)))
     _wait_idle(sigterm_run)
     assert (sigterm_run / "results.h5").is_file()
