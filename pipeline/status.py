@@ -15,6 +15,7 @@ answers in well under a second even for tens of thousands of shards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -58,6 +59,8 @@ class RunStatus:
     corrupt: dict[str, str] = dataclasses.field(default_factory=dict)
     #: how the input files differ from the plan's fingerprints (``verify`` only)
     inputs_note: str | None = None
+    #: whether the shards and tables were read and checked (``verify``)
+    verified: bool = False
 
     @property
     def total(self) -> int:
@@ -68,14 +71,15 @@ class RunStatus:
         """Every shard is committed."""
         return len(self.done) == self.total
 
-    @property
+    @functools.cached_property
     def reduced(self) -> bool:
-        """Every shard is committed and results.h5 with its tables is whole and of this plan."""
-        if not self.finished:
+        """Every shard is committed and results.h5 with its tables is of this plan (with ``verify``:
+        and every table unchanged since the reduce wrote it)."""
+        if not self.finished or not RunDir(self.run_dir).results.is_file():
             return False
         from .integrity import results_whole
 
-        return results_whole(self.run_dir)
+        return results_whole(self.run_dir, self.plan, deep=self.verified)
 
     @property
     def active(self) -> bool:
@@ -267,4 +271,4 @@ def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -
                       "retries": int(profile.get("retries", 0)), "log": str(last.log(0, "out"))}
     outcome = jobs.get("outcome")
     return RunStatus(folder.root, plan, done, failed, running, set(pending), waiting, pending, finish_job, outcome,
-                     note, corrupt, inputs_note)
+                     note, corrupt, inputs_note, verify)

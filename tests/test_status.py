@@ -47,9 +47,12 @@ def test_finished_only_while_the_results_and_tables_are_whole(run_copy: Path) ->
     status = run_status(run_copy, scheduler=False)
     assert status.reduced and f"finished: results in {run_copy / 'results.h5'}" in status.describe()
     summary = run_copy / "summary.md"
-    summary.write_text(summary.read_text()[:40])  # a table cut short
-    status = run_status(run_copy, scheduler=False)
+    summary.write_text(summary.read_text()[:40])  # a table cut short: --verify compares the digests
+    assert run_status(run_copy, scheduler=False).reduced
+    status = run_status(run_copy, scheduler=False, verify=True)
     assert not status.reduced and "all shards done" in status.describe()
+    summary.unlink()  # a table gone: status sees it without reading anything
+    assert not run_status(run_copy, scheduler=False).reduced
 
 
 def test_verify_finds_a_damaged_shard_and_resume_recomputes_it(

@@ -313,7 +313,8 @@ def test_status_json_and_watch_until_the_run_ends(
     assert data["pending"] == {s.id: "waiting on dependency" for s in plan.stage("score")}
     assert data["finish_job"]["job_id"] == "3" and data["finish_job"]["active"] and data["active"]
     _commit(run_dir, *(s.id for s in plan.shards))
-    monkeypatch.setattr("pipeline.integrity.results_whole", lambda run_dir: True)  # as the finish job leaves it
+    RunDir(run_dir).results.touch()
+    monkeypatch.setattr("pipeline.integrity.results_whole", lambda *args, **kwargs: True)  # as the finish job leaves it
     fake_slurm.answer(["1_[0-2]|COMPLETED", "2_[0-1]|COMPLETED", "3|COMPLETED"])
     assert main(["status", str(run_dir), "--watch", "--interval", "0.01"]) == 0
     assert f"finished: results in {RunDir(run_dir).results}" in capsys.readouterr().out
