@@ -120,8 +120,9 @@ def _compare_group(
     ranks = stats.rankdata(-values if higher else values, axis=1).mean(axis=0)
     means = values.mean(axis=0)
     intervals = [_interval(values[:, i], n_resamples, confidence, seed) for i in range(len(methods))]
+    varies = bool((values != values[:, :1]).any())  # all-tied ranks leave Friedman's statistic undefined
     friedman = (
-        stats.friedmanchisquare(*values.T) if len(methods) >= 3 and len(values) >= 2 else None
+        stats.friedmanchisquare(*values.T) if len(methods) >= 3 and len(values) >= 2 and varies else None
     )
     rows = []
     for i, j in itertools.combinations(range(len(methods)), 2):
