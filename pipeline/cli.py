@@ -83,17 +83,25 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .planning import Plan
+    from .run_dir import RunDir
     from .rundir import plan_run
 
-    from .run_dir import RunDir
-
+    folder = RunDir(args.out)
+    before = {s.id for s in Plan.read(folder.plan).shards} if folder.plan.is_file() else set()
     plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite, update=args.update,
                     hash_inputs=args.hash_inputs)
     stages = {stage: len(plan.stage(stage)) for stage in ("explain", "score")}
-    done = len(RunDir(args.out).committed() & {s.id for s in plan.shards})
+    planned = {s.id for s in plan.shards}
+    committed = folder.committed()
+    done = len(committed & planned)
     kept = f" ({done} already committed)" if done else ""
     print(f"planned {plan.image_count} images: {stages['explain']} explain and {stages['score']} score shards "
           f"in {args.out}{kept}")
+    dropped = len((before - planned) & committed)
+    if before and before != planned:
+        print(f"re-planned: {len(planned - before)} new shard(s), {len(before & planned)} unchanged, {dropped} "
+              f"committed shard(s) no longer planned (left in {folder.shards}, used again if planned again)")
     return 0
 
 

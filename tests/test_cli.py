@@ -216,7 +216,10 @@ def test_update_reuses_the_shards_a_changed_config_still_plans(
     assert main(["run", str(changed), "--out", str(run_dir), "--no-progress"]) == 2
     assert "--update" in capsys.readouterr().err
     assert main(["run", str(changed), "--out", str(run_dir), "--no-progress", "--update"]) == 0
-    assert f"({len(gradcam)} already committed)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"({len(gradcam)} already committed)" in out
+    rise = {s.id for s in before.shards if s.method != "gradcam"}
+    assert f"{len(gradcam)} unchanged, {len(rise)} committed shard(s) no longer planned" in out
     after = Plan.read(run_dir / "plan.json")
     assert {s.id for s in after.shards if s.method == "gradcam"} == set(gradcam)
     assert {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in gradcam} == gradcam  # not computed again
