@@ -40,12 +40,15 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
       loader_workers: auto           # image decoding processes; auto: SLURM_CPUS_PER_TASK - 1,
                                      # else min(4, CPUs); 0 decodes in the main process
     seed: 0                          # default seed of stochastic methods (>= 0)
+    plugins: [my_pkg.xai]            # modules imported first: methods and metrics their decorators
+                                     # register are then known here and on every worker
 
 :func:`load_config` validates everything at once and raises :class:`ConfigError`
 listing every problem with its field path; a misspelled key lists the valid keys.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -239,6 +242,20 @@ class ExperimentConfig(_Strict):
     device: str = "auto"
     compute: ComputeConfig = ComputeConfig()
     seed: int = Field(default=0, ge=0)
+    plugins: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        """Import the ``plugins`` modules first, so the methods and metrics they register with the
+        decorators are known to this validation, in every process that loads the config."""
+        plugins = data.get("plugins") if isinstance(data, dict) else None
+        for index, module in enumerate(plugins if isinstance(plugins, list) else []):
+            try:
+                importlib.import_module(str(module))
+            except ImportError as error:
+                raise ValueError(f"plugins[{index}]: cannot import {module!r}: {error}") from None
+        return data
 
     @field_validator("device")
     @classmethod
@@ -365,11 +382,13 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 
 def config_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The config as plain JSON-compatible data (paths as strings); a default ``compute`` section is
-    left out, so configs written before it existed keep their hash."""
+    """The config as plain JSON-compatible data (paths as strings); a default ``compute`` section and
+    an empty ``plugins`` list are left out, so configs written before they existed keep their hash."""
     data = config.model_dump(mode="json")
     if config.compute == ComputeConfig():
         del data["compute"]
+    if not config.plugins:
+        del data["plugins"]
     return data
 
 

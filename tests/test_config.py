@@ -99,7 +99,7 @@ def test_home_relative_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.parametrize(
     ("section", "typo", "path", "valid"),
     [
-        (None, "nmae", "nmae", "name, data, model, methods, metrics, target, sharding, results, device, compute, seed"),
+        (None, "nmae", "nmae", "name, data, model, methods, metrics, target, sharding, results, device, compute, seed, plugins"),
         ("data", "imagesize", "data.imagesize",
          "root, manifest, gt_dir, image_size, mean, std, class_names, subset"),
         ("model", "chekpoint", "model.chekpoint", "arch, factory, kwargs, num_classes, checkpoint, weights"),

@@ -2,8 +2,10 @@
 validated at plan time, sharded, scored and tabulated like the built-ins."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ import torch
 
 import pipeline.methods
 from pipeline.cli import main
-from pipeline.config import ConfigError, MetricConfig, parse_config
+from pipeline.config import ConfigError, MetricConfig, config_dict, parse_config
 from pipeline.methods import Explainer, method_class, method_names, register_method
 from pipeline.metrics import METRICS, metric_names, metric_spec
 from pipeline.planning import Plan
@@ -120,3 +122,25 @@ def test_plugin_parameters_are_validated_at_plan_time(make_config: ConfigFactory
     message = str(error.value)
     assert "has no parameter n_sample; valid parameters: n_samples, seed, batch_size" in message
     assert "has no parameter q; valid parameters: quantile" in message
+
+
+def test_plugins_listed_in_the_config_are_imported_before_it_is_validated(
+    make_config: ConfigFactory, write_yaml: YamlWriter
+) -> None:
+    raw = make_config()
+    raw["metrics"] = [{"name": "sparsity"}]  # registered by tests.plugin_example's decorator
+    code = ("import sys; from pipeline.config import load_config\n"
+            "try:\n    load_config(sys.argv[1])\nexcept Exception as error:\n    print(error)\nelse:\n    print('ok')")
+    repo = Path(__file__).resolve().parents[1]
+
+    def load(config: dict[str, Any], name: str) -> str:  # a fresh process, as a worker node is
+        done = subprocess.run([sys.executable, "-c", code, str(write_yaml(config, name))], capture_output=True,
+                              text=True, cwd=repo, check=True)
+        return done.stdout.strip()
+
+    assert "unknown metric 'sparsity'" in load(raw, "without.yaml")
+    assert load({**raw, "plugins": ["tests.plugin_example"]}, "with.yaml") == "ok"
+    assert "plugins[0]: cannot import 'tests.nowhere'" in load({**raw, "plugins": ["tests.nowhere"]}, "bad.yaml")
+    config = parse_config({**raw, "plugins": ["tests.plugin_example"]})
+    assert config_dict(config)["plugins"] == ["tests.plugin_example"]
+    assert "plugins" not in config_dict(parse_config(make_config()))  # an old config keeps its hash
