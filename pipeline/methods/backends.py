@@ -4,6 +4,10 @@
   (IntegratedGradients, Saliency, InputXGradient, GuidedBackprop, DeepLift, ...). Its
   parameters are those of ``NAME(model, ...)`` and of ``NAME.attribute(inputs, target, ...)``,
   passed through; the map is the absolute attribution summed over colour channels.
+  A layer attribution (``LayerGradCam``, ``LayerConductance``, ``LayerIntegratedGradients``,
+  ...) is a CAM method: it takes ``layers`` (default layers as for the others) and its map
+  on each layer, summed over channels (absolute values, except for ``LayerGradCam``, whose
+  sign is the method's), is upsampled bilinearly to the input size.
 - ``grad-cam:NAME``: the class-activation method ``pytorch_grad_cam.NAME`` whose channel
   weights come from activations and gradients alone (GradCAM, GradCAMPlusPlus, XGradCAM).
   It runs in this package's CAM template (:class:`~pipeline.methods.base.CamExplainer`:
@@ -21,17 +25,18 @@ import torch
 from torch import Tensor, nn
 
 from ..plugins import PluginError
-from .base import CamExplainer, Explainer
-from .layers import Reshape
+from .base import CamExplainer, Explainer, upsample
+from .layers import Reshape, resolve_module
 
-__all__ = ["BACKENDS", "backend_class", "CaptumAttribution", "GradCamLibrary"]
+__all__ = ["BACKENDS", "backend_class", "CaptumAttribution", "CaptumLayerAttribution", "GradCamLibrary"]
 
 #: prefix -> (importable module, distribution to install)
 BACKENDS: dict[str, tuple[str, str]] = {
     "captum": ("captum.attr", "captum"),
     "grad-cam": ("pytorch_grad_cam", "grad-cam"),
 }
-_SKIPPED = {"self", "forward_func", "model", "inputs", "target", "additional_forward_args", "return_convergence_delta"}
+_SKIPPED = {"self", "forward_func", "model", "inputs", "target", "additional_forward_args", "return_convergence_delta",
+            "layer", "device_ids"}
 
 
 def _keywords(function: Callable[..., Any]) -> list[inspect.Parameter]:
@@ -60,6 +65,39 @@ class CaptumAttribution(Explainer):
             inputs = images.detach().clone().requires_grad_(True)
             attributions = method.attribute(inputs, target=targets, **self.attribute)
         return attributions.detach().abs().sum(dim=1).float()
+
+
+class CaptumLayerAttribution(CamExplainer):
+    """A captum layer attribution on each of ``layers`` (see the module docstring); ``params`` go to
+    the class's constructor or its ``attribute`` by name."""
+
+    attribution: ClassVar[type]
+
+    def __init__(self, model: nn.Module, layer: str | Sequence[str], reshape: Reshape = "auto",
+                 **params: Any) -> None:
+        super().__init__(model, layer, reshape)
+        constructor = {p.name for p in _keywords(self.attribution.__init__)}
+        self.constructor = {k: v for k, v in params.items() if k in constructor}
+        self.attribute = {k: v for k, v in params.items() if k not in constructor}
+
+    def explain_layers(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        size = (images.shape[-2], images.shape[-1])
+        maps = {}
+        for name in self.layers:
+            method = self.attribution(self.model, resolve_module(self.model, name), **self.constructor)
+            with torch.enable_grad():
+                inputs = images.detach().clone().requires_grad_(True)
+                attributions = method.attribute(inputs, target=targets, **self.attribute)
+            attributions = attributions.detach().float()
+            if attributions.dim() != 4:
+                raise ValueError(f"{self.name}: layer {name!r} gives attributions of shape "
+                                 f"{tuple(attributions.shape)}; only [B, C, h, w] layers are supported")
+            signed = self.attribution.__name__ == "LayerGradCam"
+            maps[name] = upsample((attributions if signed else attributions.abs()).sum(dim=1), size)
+        return maps
+
+    def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError(f"{self.name}: captum computes each layer's map (explain_layers)")
 
 
 class GradCamLibrary(CamExplainer):
@@ -111,7 +149,11 @@ def backend_class(name: str) -> type[Explainer] | None:
     if not isinstance(wrapped, type) or not hasattr(wrapped, "attribute" if prefix == "captum" else "get_cam_weights"):
         raise PluginError(f"method {name!r}: {module_name} has no method class {attribute!r}")
     if prefix == "captum":
-        cls: type[Explainer] = type(attribute, (CaptumAttribution,), {"name": name, "attribution": wrapped})
-        _with_signature(cls, [*_keywords(wrapped.__init__), *_keywords(wrapped.attribute)])
+        layered = "layer" in inspect.signature(wrapped.__init__).parameters
+        base = CaptumLayerAttribution if layered else CaptumAttribution
+        cls: type[Explainer] = type(attribute, (base,), {"name": name, "attribution": wrapped})
+        extra = [inspect.Parameter("layer", inspect.Parameter.KEYWORD_ONLY),
+                 inspect.Parameter("reshape", inspect.Parameter.KEYWORD_ONLY, default="auto")] if layered else []
+        _with_signature(cls, [*extra, *_keywords(wrapped.__init__), *_keywords(wrapped.attribute)])
         return cls
     return type(attribute, (GradCamLibrary,), {"name": name, "library_class": wrapped})

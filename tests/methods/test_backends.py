@@ -30,6 +30,24 @@ def test_captum_integrated_gradients_with_parameters_passed_through() -> None:
         build_method("captum:IntegratedGradients", model, steps=8)
 
 
+def test_captum_layer_attributions_are_cam_methods_matching_the_library() -> None:
+    captum = pytest.importorskip("captum.attr", reason="captum is not installed: pip install 'xai-pipeline[backends]'")
+    assert list(method_parameters("captum:LayerGradCam"))[:2] == ["layer", "reshape"]
+    model = make_tiny_cam_net()
+    images, targets = seeded_batch(0, [1, 3])
+    maps = build_method("captum:LayerGradCam", model, layer="mid").explain(images, targets)
+    expected = captum.LayerGradCam(model, model.mid).attribute(images, target=targets).sum(dim=1)
+    upsampled = torch.nn.functional.interpolate(expected[:, None], size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(maps, upsampled[:, 0].detach())
+    method = build_method("captum:LayerConductance", model, layer=["features.3", "mid"], n_steps=4)
+    both = method.explain_layers(images, targets)
+    conductance = captum.LayerConductance(model, model.mid).attribute(images, target=targets, n_steps=4)
+    expected = torch.nn.functional.interpolate(conductance.abs().sum(dim=1)[:, None], size=(32, 32),
+                                               mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(both["mid"], expected.detach(), rtol=1e-4, atol=1e-6)
+    assert both["features.3"].shape == (2, 32, 32)
+
+
 def test_grad_cam_plus_plus_matches_the_library() -> None:
     reason = "grad-cam is not installed: pip install 'xai-pipeline[backends]'"
     library = pytest.importorskip("pytorch_grad_cam", reason=reason)
@@ -65,8 +83,10 @@ def test_backend_methods_run_through_the_pipeline(
     pytest.importorskip("pytorch_grad_cam", reason="grad-cam is not installed: pip install 'xai-pipeline[backends]'")
     raw = make_config()
     raw["methods"] = [{"name": "captum:IntegratedGradients", "id": "ig", "params": {"n_steps": 4}},
-                      {"name": "grad-cam:GradCAMPlusPlus", "id": "gradcam++"}]
+                      {"name": "grad-cam:GradCAMPlusPlus", "id": "gradcam++"},
+                      {"name": "captum:LayerGradCam", "id": "layer-gradcam", "layers": ["layer3"]}]
     run_dir = tmp_path / "run"
     assert main(["run", str(write_yaml(raw)), "--out", str(run_dir), "--no-progress"]) == 0
     table = pd.read_csv(run_dir / "metrics.csv").dropna(subset=["value"])
-    assert table.groupby("method").size().to_dict() == {"gradcam++": 12 * 2 + 9, "ig": 12 * 2 + 9}
+    sizes = table.groupby("method").size().to_dict()
+    assert sizes["gradcam++"] == sizes["ig"] == 12 * 2 + 9 and sizes["layer-gradcam"] > 0
