@@ -1,6 +1,7 @@
 """Every method that applies, on eight torchvision families, through ``xai-pipeline run``.
 
-Random weights, two small images (64x64; 32x32 for ViT-B/16 built with ``image_size=32``),
+Every built-in method on every family; random weights, two small images (64x64; 32x32 for
+ViT-B/16 built with ``image_size=32``),
 default layers (``layers`` omitted), every metric. Select with ``-m architectures``.
 """
 from __future__ import annotations
@@ -19,25 +20,25 @@ from pipeline.config import load_config
 
 pytestmark = pytest.mark.architectures
 
-CHEAP_CAMS = ["gradcam", "abscam-init", "fem"]
-ALL_CAMS = CHEAP_CAMS + ["scorecam", "abscam-final"]  # one forward per channel: on ResNet and ViT
-PERTURBATION = ["rise", "lime", "extremal"]  # need nothing from layers: on the transformers
+ALL_CAMS = ["gradcam", "abscam-init", "fem", "scorecam", "abscam-final"]
+EVERY_METHOD = ALL_CAMS + ["rise", "rise-gaussian", "lime", "extremal", "random", "centre"]
 
 ARCHITECTURES: dict[str, tuple[dict[str, Any], int, list[str], str]] = {
     # arch: (kwargs, image size, methods, default layer)
-    "resnet18": ({}, 64, ALL_CAMS, "layer4"),
-    "vgg11_bn": ({}, 64, CHEAP_CAMS, "features.27"),
-    "densenet121": ({}, 64, CHEAP_CAMS, "features.denseblock4"),
-    "mobilenet_v3_small": ({}, 64, CHEAP_CAMS, "features.12"),
-    "efficientnet_b0": ({}, 64, CHEAP_CAMS, "features.8"),
-    "convnext_tiny": ({}, 64, CHEAP_CAMS, "features.7"),
-    "vit_b_16": ({"image_size": 32}, 32, ALL_CAMS + PERTURBATION, "encoder.layers.encoder_layer_11.ln_1"),
-    "swin_t": ({}, 64, CHEAP_CAMS + PERTURBATION, "features.7"),
+    "resnet18": ({}, 64, EVERY_METHOD, "layer4"),
+    "vgg11_bn": ({}, 64, EVERY_METHOD, "features.27"),
+    "densenet121": ({}, 64, EVERY_METHOD, "features.denseblock4"),
+    "mobilenet_v3_small": ({}, 64, EVERY_METHOD, "features.12"),
+    "efficientnet_b0": ({}, 64, EVERY_METHOD, "features.8"),
+    "convnext_tiny": ({}, 64, EVERY_METHOD, "features.7"),
+    "vit_b_16": ({"image_size": 32}, 32, EVERY_METHOD, "encoder.layers.encoder_layer_11.ln_1"),
+    "swin_t": ({}, 64, EVERY_METHOD, "features.7"),
 }
 
 METRICS = ["insertion", "deletion", "average_drop", "average_increase", "pcc", "ssim", "pointing_game"]
 PARAMS = {
     "rise": {"n_masks": 8, "grid_size": 4, "batch_size": 8},
+    "rise-gaussian": {"n_masks": 8, "grid_size": 4, "batch_size": 8},
     "lime": {"n_samples": 8, "batch_size": 8},
     "extremal": {"areas": [0.1], "iterations": 3},
 }
