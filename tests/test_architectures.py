@@ -1,7 +1,6 @@
-"""Every method that applies, on eight torchvision families, through ``xai-pipeline run``.
+"""Every built-in method on eight torchvision families, through ``xai-pipeline run``.
 
-Every built-in method on every family; random weights, two small images (64x64; 32x32 for
-ViT-B/16 built with ``image_size=32``),
+Random weights, two small images (64x64; 32x32 for ViT-B/16 built with ``image_size=32``),
 default layers (``layers`` omitted), every metric. Select with ``-m architectures``.
 """
 from __future__ import annotations
