@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -153,16 +152,6 @@ class RunStatus:
         return "\n".join(lines)
 
 
-def _error_records(folder: RunDir, ids: set[str]) -> dict[str, dict[str, Any]]:
-    records = {}
-    for shard_id in ids:
-        try:
-            records[shard_id] = json.loads(folder.error(shard_id).read_text())
-        except (OSError, ValueError):
-            continue
-    return records
-
-
 def _inputs_note(folder: RunDir) -> str:
     """How the image and ground-truth files differ from the plan's fingerprints, and what to do."""
     from .data import DataError
@@ -206,7 +195,7 @@ def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -
         done -= set(corrupt)
         inputs_note = _inputs_note(folder)
     open_ids = planned - done
-    records = _error_records(folder, open_ids & files.errors)
+    records = folder.errors(open_ids & files.errors)
     jobs = read_jobs(folder.root)
     submissions = [Submission.from_json(s) for s in jobs["submissions"]]
     latest = latest_tasks(submissions)

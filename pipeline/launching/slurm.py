@@ -42,7 +42,6 @@ The records (``jobs.json``) and the scheduler's answers are in
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -269,13 +268,7 @@ def _why_missing(run_dir: Path, missing: Sequence[str], after: dict[str, tuple[s
     """``{shard id: (why it is not committed, whether a retry can help)}``."""
     folder = RunDir(run_dir)
     files = folder.scan()
-    records: dict[str, dict[str, Any]] = {}
-    for shard_id in missing:
-        if shard_id in files.errors:
-            try:
-                records[shard_id] = json.loads(folder.error(shard_id).read_text())
-            except (OSError, ValueError):
-                continue
+    records = folder.errors(i for i in missing if i in files.errors)
     latest = latest_tasks(read_submissions(run_dir))
     try:
         states = job_states({latest[i][0].job_id for i in missing if i in latest})
