@@ -5,7 +5,7 @@ a ShapesNet checkpoint, then times, each as a fresh process running the CLI:
 
 - ``plan`` of every method and metric over ``--images`` images (tens of thousands of shards);
 - ``status`` of that run right after planning, and with every shard committed (empty
-  shard files: status only lists them);
+  HDF5 files: status lists them and checks their headers);
 - ``reduce`` of runs of ``--reduce-images`` images whose shards are synthesized with
   :func:`pipeline.store.write_shard` in the layout the stages commit, beside the bound:
   reading every shard file once (:func:`pipeline.store.read_shard`, in this process).
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import h5py
 import numpy as np
 import yaml
 
@@ -207,15 +208,20 @@ def write_yaml(path: Path, config: dict[str, Any]) -> Path:
 
 # ---------------------------------------------------------------- the shards
 def sync_empty_shards(run: RunDir, plan: Plan) -> int:
-    """Make ``run``'s shard folder hold exactly an empty committed file per planned shard; returns the count."""
+    """Make ``run``'s shard folder hold exactly an empty (but whole) HDF5 file per planned shard;
+    returns the count."""
+    buffer = io.BytesIO()
+    h5py.File(buffer, "w").close()
+    empty = buffer.getvalue()
     wanted = {s.id for s in plan.shards}
     present = run.committed()
     for shard_id in present - wanted:
         run.shard(shard_id).unlink()
-    for shard_id in sorted(wanted - present):
+    for shard_id in sorted(wanted):
         path = run.shard(shard_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        if not path.is_file() or path.stat().st_size != len(empty):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(empty)
     return len(wanted)
 
 

@@ -29,6 +29,7 @@ from .launching.accounting import (
     latest_tasks,
     read_jobs,
 )
+from .hdf5_header import header_problems
 from .planning import Plan
 from .run_dir import RunDir
 
@@ -54,7 +55,8 @@ class RunStatus:
     finish_job: dict[str, Any] | None = None
     outcome: dict[str, Any] | None = None
     scheduler_note: str | None = None
-    #: committed shards found corrupt by ``verify`` (they count as not done)
+    #: committed shards found corrupt (they count as not done): cut or overwritten files by the
+    #: header check of every status, changed contents too with ``verify``
     corrupt: dict[str, str] = dataclasses.field(default_factory=dict)
     #: how the input files differ from the plan's fingerprints (``verify`` only)
     inputs_note: str | None = None
@@ -179,21 +181,24 @@ def _pending_reason(state: str | None, submission: Submission, active_jobs: set[
 
 
 def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -> RunStatus:
-    """The run's status; ``scheduler=False`` never asks the scheduler; ``verify`` reads every committed
-    shard and checks its checksums and digest (a corrupt shard counts as not done)."""
+    """The run's status; ``scheduler=False`` never asks the scheduler. Every committed shard's HDF5
+    header is checked (:func:`~pipeline.hdf5_header.header_problem`: empty, not HDF5 or truncated);
+    ``verify`` also reads every shard and checks its checksums and digest. A corrupt shard counts
+    as not done."""
     folder = RunDir(run_dir)
     plan = Plan.read(folder.plan)
     files = folder.scan()
     planned = {s.id for s in plan.shards}
     done = set(files.committed & planned)
-    corrupt: dict[str, str] = {}
     inputs_note = None
     if verify:
         from .integrity import find_corrupt
 
         corrupt = find_corrupt(folder, sorted(done), deep=True)
-        done -= set(corrupt)
         inputs_note = _inputs_note(folder)
+    else:
+        corrupt = header_problems(folder.shard_paths(sorted(done)))
+    done -= set(corrupt)
     open_ids = planned - done
     records = folder.errors(open_ids & files.errors)
     jobs = read_jobs(folder.root)

@@ -43,6 +43,7 @@ import numpy as np
 
 from .digests import content_digest
 from .errors import PipelineError
+from .hdf5_header import header_problem
 from .run_dir import atomic_write, temporary_path
 
 __all__ = [
@@ -256,9 +257,13 @@ def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def verify_shard(path: Path, *, deep: bool) -> str | None:
     """None when the shard file at ``path`` is whole, else one line saying what is wrong, naming the file.
 
-    The cheap check opens the file and checks the schema is recorded and every dataset
-    present; ``deep`` also reads every dataset (Fletcher-32) and recomputes the digest.
+    The cheap check reads the HDF5 header (:func:`~pipeline.hdf5_header.header_problem`), opens
+    the file and checks the schema is recorded and every dataset present; ``deep`` also reads
+    every dataset (Fletcher-32) and recomputes the digest.
     """
+    problem = header_problem(path) if Path(path).exists() else None
+    if problem is not None:
+        return problem
     if deep:
         try:
             _load(path)

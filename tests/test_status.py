@@ -16,20 +16,14 @@ from pipeline.run_dir import RunDir
 from pipeline.rundir import plan_run
 from pipeline.status import run_status
 from pipeline.stages import run_shards
-from tests.tiny_experiment import ConfigFactory, FinishedRun, ImageTree
-
-
-def _commit(run_dir: Path, shard_id: str) -> None:
-    path = RunDir(run_dir).shard(shard_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
+from tests.tiny_experiment import ConfigFactory, FinishedRun, ImageTree, mark_committed
 
 
 @pytest.mark.parametrize("scheduler", [False, True])
 def test_a_finished_run(make_config: ConfigFactory, tmp_path: Path, scheduler: bool) -> None:
     run_dir = tmp_path / "run"
     for shard in plan_run(parse_config(make_config()), run_dir).shards:
-        _commit(run_dir, shard.id)
+        mark_committed(run_dir, shard.id)
     RunDir(run_dir).results.write_bytes(b"")  # not a whole results file: the run still needs its reduce
     status = run_status(run_dir, scheduler=scheduler)
     planned = {s.id for s in status.plan.shards}
@@ -81,13 +75,28 @@ def test_verify_finds_a_damaged_shard_and_resume_recomputes_it(
                                   pd.read_parquet(finished_run.run_dir / "metrics.parquet"))
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_every_status_finds_cut_and_overwritten_shards(run_copy: Path, damage: str) -> None:
+    plan = run_status(run_copy, scheduler=False).plan
+    victim = plan.stage("score")[-1]
+    path = RunDir(run_copy).shard(victim.id)
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[:-100], "garbage": bytes(len(data))}[damage])
+    status = run_status(run_copy, scheduler=False)  # no --verify: the header check alone
+    assert victim.id not in status.done and not status.finished and not status.reduced
+    expected = {"empty": "the file is empty", "truncated": f"truncated ({len(data) - 100} bytes of the {len(data)}",
+                "garbage": "not an HDF5 file"}[damage]
+    assert list(status.corrupt) == [victim.id] and expected in status.corrupt[victim.id]
+    assert f"corrupt {victim.describe()}: {path}" in status.describe()
+
+
 def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     plan = plan_run(parse_config(make_config()), run_dir)
     status = run_status(run_dir)
     assert status.pending == {s.id for s in plan.shards}
     assert status.done == set() and status.failed == {} and not status.finished
-    _commit(run_dir, plan.shards[0].id)  # committed files are the truth
+    mark_committed(run_dir, plan.shards[0].id)  # committed files are the truth
     RunDir(run_dir).record_error(plan.shards[0].id, "an old failure", kind="error")  # ... over an older error record
     RunDir(run_dir).record_error("not-in-the-plan", "from another run", kind="error")
     status = run_status(run_dir, scheduler=False)

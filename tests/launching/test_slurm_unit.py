@@ -40,7 +40,7 @@ from pipeline.store import read_shard
 from pipeline.stages import ShardRunner
 from tests.launching.conftest import FakeSlurm
 from tests.launching.tiny import REPO, cluster_profile
-from tests.tiny_experiment import CLASSES, ImageTree, write_checkpoint
+from tests.tiny_experiment import CLASSES, ImageTree, mark_committed, write_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm-gpu.sbatch"
 FINISH_GOLDEN = Path(__file__).parent / "golden" / "slurm-gpu-finish.sbatch"
@@ -60,14 +60,6 @@ def _plan(run_dir: Path) -> Plan:
     return Plan.read(run_dir / "plan.json")
 
 
-
-
-def _commit(run_dir: Path, *shard_ids: str) -> None:
-    """Mark shards committed, as far as launching and status can tell."""
-    for shard_id in shard_ids:
-        path = RunDir(run_dir).shard(shard_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
 
 
 def _error_record(run_dir: Path, shard_id: str) -> dict[str, Any]:
@@ -166,7 +158,7 @@ def test_resume_submits_exactly_the_uncommitted_shards(fake_slurm: FakeSlurm, pl
     run_dir = plan_tiny()
     plan = _plan(run_dir)
     explain = plan.stage("explain")
-    _commit(run_dir, *(shard.id for shard in explain[:4]))
+    mark_committed(run_dir, *(shard.id for shard in explain[:4]))
     launch_run(run_dir, cluster_profile(shards_per_task=3))
     submitted = {i for s in read_submissions(run_dir) for task in s.tasks for i in task}
     assert submitted == {s.id for s in plan.shards} - {s.id for s in explain[:4]}
@@ -247,7 +239,7 @@ def test_status_reads_files_first_and_asks_sacct_once(fake_slurm: FakeSlurm, pla
     plan = _plan(run_dir)
     launch_run(run_dir, cluster_profile(shards_per_task=2))
     explain = read_submissions(run_dir)[0]
-    _commit(run_dir, *explain.tasks[0])
+    mark_committed(run_dir, *explain.tasks[0])
     fake_slurm.answer(["1_0|COMPLETED", "1_1|RUNNING", "1_2|CANCELLED by 0", "2_[0-1%2]|PENDING", "3|PENDING"])
     status = run_status(run_dir)
     assert status.done == set(explain.tasks[0])
@@ -274,9 +266,9 @@ def test_status_states_held_requeued_waiting_on_input_and_superseded_submissions
     plan = _plan(run_dir)
     launch_run(run_dir, cluster_profile(shards_per_task=2))  # jobs 1 (explain, 3 tasks), 2 (score, 2 tasks), 3
     explain = read_submissions(run_dir)[0]
-    _commit(run_dir, *explain.tasks[0], *explain.tasks[1])
+    mark_committed(run_dir, *explain.tasks[0], *explain.tasks[1])
     needing = [s.id for s in plan.stage("score") if set(s.after) & set(explain.tasks[2])]
-    _commit(run_dir, *(s.id for s in plan.stage("score") if s.id not in needing))
+    mark_committed(run_dir, *(s.id for s in plan.stage("score") if s.id not in needing))
     fake_slurm.answer(["1_[0-1]|COMPLETED", "1_2|CANCELLED by 0", "2_[0-1]|COMPLETED", "3|COMPLETED"])
     status = run_status(run_dir)
     assert set(status.failed) == set(explain.tasks[2])
@@ -312,7 +304,7 @@ def test_status_json_and_watch_until_the_run_ends(
     assert data["stages"]["explain"] == {"done": 0, "running": 6, "pending": 0, "failed": 0, "waiting": 0}
     assert data["pending"] == {s.id: "waiting on dependency" for s in plan.stage("score")}
     assert data["finish_job"]["job_id"] == "3" and data["finish_job"]["active"] and data["active"]
-    _commit(run_dir, *(s.id for s in plan.shards))
+    mark_committed(run_dir, *(s.id for s in plan.shards))
     RunDir(run_dir).results.touch()
     monkeypatch.setattr("pipeline.integrity.results_whole", lambda *args, **kwargs: True)  # as the finish job leaves it
     fake_slurm.answer(["1_[0-2]|COMPLETED", "2_[0-1]|COMPLETED", "3|COMPLETED"])
@@ -348,7 +340,7 @@ def test_status_without_a_working_sacct_still_counts_committed_shards(
     run_dir = plan_tiny()
     plan = _plan(run_dir)
     launch_run(run_dir, cluster_profile())
-    _commit(run_dir, *(shard.id for shard in plan.stage("explain")[:3]))
+    mark_committed(run_dir, *(shard.id for shard in plan.stage("explain")[:3]))
     if broken == "failing":
         fake_slurm.fail_sacct()
     else:
@@ -530,7 +522,7 @@ def test_a_plan_of_20000_shards_is_planned_submitted_and_shown_in_seconds(
     assert len(fake_slurm.scripts()) == 7
     assert sorted(i for s in submissions for t in s.tasks for i in t) == sorted(s.id for s in plan.shards)
     first_array = [i for task in submissions[0].tasks for i in task]
-    _commit(run_dir, *first_array)
+    mark_committed(run_dir, *first_array)
     fake_slurm.answer(["1_[0-399]|COMPLETED", "2_[0-9]|RUNNING", "2_[10-399%2]|PENDING", "3_[0-199]|PENDING",
                        "4_[0-399]|PENDING", "5_[0-399]|PENDING", "6_[0-199]|PENDING", "7|PENDING"])
     shown = time.perf_counter()
@@ -554,7 +546,7 @@ def test_finish_job_retries_what_can_succeed_then_lists_the_failures(
     explain = read_submissions(run_dir)[0]
     lost, bad = explain.tasks[2][0], explain.tasks[1][0]
     bad_needs = [s.id for s in plan.stage("score") if bad in s.after]
-    _commit(run_dir, *(i for i in {s.id for s in plan.shards} - {lost, bad} - {
+    mark_committed(run_dir, *(i for i in {s.id for s in plan.shards} - {lost, bad} - {
         s.id for s in plan.stage("score") if {lost, bad} & set(s.after)}))
     RunDir(run_dir).record_error(bad, "DataError: image x.png cannot be read", kind="data")
     fake_slurm.answer(["1_[0-1]|COMPLETED", "1_2|CANCELLED by 0", "2_[0-1]|COMPLETED", "3|RUNNING"])
