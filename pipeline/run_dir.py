@@ -25,7 +25,8 @@ slow down on large folders). :meth:`RunDir.scan` lists the shard folder in one p
 
 Every file is written under a temporary name in its folder and renamed into place
 (:func:`atomic_write`): a reader sees the whole file or none. The temporary files of
-writes that were interrupted are removed by :meth:`RunDir.remove_stale_temporaries`.
+writes that were interrupted are removed by the next command that takes the lock
+(:meth:`RunDir.remove_stale_temporaries`).
 One command at a time writes a run folder (:meth:`RunDir.locked`); SLURM jobs of the
 run write only their own shards and take no lock.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import platform
 import time
@@ -42,7 +44,9 @@ from typing import Any, Iterable, Iterator
 
 from .errors import PipelineError
 
-__all__ = ["RunDir", "RunDirBusy", "ShardFiles", "atomic_write", "temporary_path"]
+__all__ = ["RunDir", "RunDirBusy", "ShardFiles", "atomic_write", "temporary_path", "STALE_AFTER_S"]
+
+logger = logging.getLogger(__name__)
 
 _COMMITTED = ".h5"
 _CHECKPOINT = ".partial.h5"
@@ -55,9 +59,31 @@ class RunDirBusy(PipelineError, RuntimeError):
     """Another command holds the run folder's lock; the message says which process."""
 
 
+#: a temporary file of another host is stale when unchanged for this long (its writer's pid cannot
+#: be checked from here; a shard is written in one go, in seconds)
+STALE_AFTER_S = 6 * 3600
+
+
 def temporary_path(path: Path) -> Path:
-    """A hidden, unique name beside ``path`` for writing it before the rename."""
-    return path.with_name(f".{path.name}{_TEMPORARY}{os.getpid()}-{time.monotonic_ns()}")
+    """A hidden, unique name beside ``path`` for writing it before the rename, naming the writer's
+    host and pid (so the temporaries of writers that died can be told apart)."""
+    return path.with_name(f".{path.name}{_TEMPORARY}{platform.node()}-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def _writer_gone(name: str, modified: float) -> bool:
+    """Whether the writer of the temporary file ``name`` has ended: a process of this host that is
+    no longer running, or a writer on another host (or unknown) when the file is older than
+    :data:`STALE_AFTER_S`."""
+    host, _, pid = name.partition(_TEMPORARY)[2].rpartition("-")[0].rpartition("-")
+    if host == platform.node() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # running, as another user
+            return False
+        return False
+    return time.time() - modified > STALE_AFTER_S
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -168,7 +194,8 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the folder's lock while the block runs; raises :class:`RunDirBusy` naming the holder
-        when another command has it. A folder created for the lock and left empty is removed.
+        when another command has it. The temporary files of interrupted writes are removed first
+        (:meth:`remove_stale_temporaries`). A folder created for the lock and left empty is removed.
 
         The lock file is created exclusively and records the holder's pid and host
         (filelock's SoftFileLock, safe on NFS); a lock left by a process that died on
@@ -191,6 +218,7 @@ class RunDir:
                 f"to end; if that process is gone on another host, remove {self.lock}"
             ) from None
         try:
+            self.remove_stale_temporaries()
             yield
         finally:
             lock.release()
@@ -239,19 +267,24 @@ class RunDir:
         return target
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Remove the temporary files of interrupted writes in the run folder and its shard folders.
-
-        Call it only when no other process writes into the run folder; returns what was removed.
-        """
+        """Remove the temporary files of interrupted writes in the run folder and its shard folders
+        (those whose writer has ended: a dead process of this host, or older than
+        :data:`STALE_AFTER_S` from another host); returns what was removed. Every command that
+        takes the lock calls it (:meth:`locked`)."""
         removed: list[Path] = []
         for folder in [self.root, *self._prefix_folders()]:
             try:
                 with os.scandir(folder) as entries:
-                    removed += [Path(e.path) for e in entries if e.name.startswith(".") and _TEMPORARY in e.name]
+                    for entry in entries:
+                        if entry.name.startswith(".") and _TEMPORARY in entry.name and _writer_gone(
+                                entry.name, entry.stat().st_mtime):
+                            removed.append(Path(entry.path))
             except FileNotFoundError:
                 continue
         for path in removed:
             path.unlink(missing_ok=True)
+        if removed:
+            logger.warning("removed %d temporary file(s) of interrupted writes in %s", len(removed), self.root)
         return removed
 
     def _prefix_folders(self) -> list[str]:

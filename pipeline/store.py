@@ -50,6 +50,7 @@ __all__ = [
     "ShardOutput",
     "CorruptShardError",
     "ShardWriteError",
+    "ResultsWriteError",
     "write_shard",
     "read_shard",
     "verify_shard",
@@ -68,6 +69,10 @@ class CorruptShardError(PipelineError, ValueError):
 
 class ShardWriteError(PipelineError, OSError):
     """A shard file could not be written (e.g. the disk is full); the message names the folder."""
+
+
+class ResultsWriteError(PipelineError, OSError):
+    """``results.h5`` could not be written (e.g. the disk is full); the message names the folder."""
 
 
 @dataclasses.dataclass
@@ -105,8 +110,73 @@ def library_versions() -> dict[str, str]:
     }
 
 
+class _GuardedFile(io.RawIOBase):
+    """The file h5py writes ``results.h5`` through (its file-object driver): the first write error
+    (a full disk) is kept and later writes are dropped, so HDF5 never sees an error; after the
+    close the error is raised. HDF5 handles a failing write badly: the file stays open inside the
+    library and the process crashes when it exits."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = open(path, "w+b", buffering=0)
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer: Any) -> int | None:
+        return self._file.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                written = 0
+                while written < len(view):
+                    written += self._file.write(view[written:]) or 0
+                return written
+            except OSError as error:
+                self.error = error
+        self._file.seek(len(view), os.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as error:
+                self.error = error
+        return self.tell() if size is None else size
+
+    def fsync(self) -> None:
+        """Flush to the disk, keeping a failure as :attr:`error`."""
+        if self.error is None:
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as error:
+                self.error = error
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 class atomic_h5:
-    """Open ``path`` for writing under a temporary name; rename it into place on success."""
+    """Open ``path`` for writing under a temporary name; rename it into place on success. A write
+    that fails (a full disk) raises :class:`ResultsWriteError` naming the folder once the file is
+    closed, and leaves no file behind."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -114,20 +184,24 @@ class atomic_h5:
 
     def __enter__(self) -> h5py.File:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
+        self.handle = _GuardedFile(self.tmp)
+        self.file = h5py.File(self.handle, "w")
         return self.file
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
         try:
-            self.file.flush()
             self.file.close()
+            self.handle.fsync()
+            self.handle.close()
+            if self.handle.error is not None:
+                failed = self.handle.error
+                raise ResultsWriteError(
+                    failed.errno, f"cannot write {self.path.name} into {self.path.parent}: {failed.strerror or failed}"
+                ) from None
             if kind is None:
-                with open(self.tmp, "rb") as handle:
-                    os.fsync(handle.fileno())
                 os.replace(self.tmp, self.path)
         finally:
-            if self.tmp.exists():
-                self.tmp.unlink()
+            self.tmp.unlink(missing_ok=True)
 
 
 #: the groups of a shard file, each holding datasets only

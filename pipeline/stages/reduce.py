@@ -36,6 +36,7 @@ the score shards that read it) and the reduce stops, naming it and ``xai-pipelin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -121,10 +122,14 @@ class _MetricRows:
         self._pending: list[dict[str, Any]] = []
         self._pending_rows = 0
         self._parquet_tmp = temporary_path(run_dir.metrics_parquet)
-        self._parquet = pq.ParquetWriter(self._parquet_tmp, _SCHEMA)
         self._csv_tmp = temporary_path(run_dir.metrics_csv) if write_csv else None
-        if self._csv_tmp is not None:
-            pd.DataFrame(columns=METRIC_COLUMNS).to_csv(self._csv_tmp, index=False)
+        try:
+            if self._csv_tmp is not None:
+                pd.DataFrame(columns=METRIC_COLUMNS).to_csv(self._csv_tmp, index=False)
+            self._parquet = pq.ParquetWriter(self._parquet_tmp, _SCHEMA)
+        except OSError:
+            self._remove_temporaries()
+            raise
 
     def add(self, columns: dict[str, Any]) -> None:
         """Rows of one method, layer and metric: ``method``, ``layer``, ``metric`` are strings, the others arrays."""
@@ -163,17 +168,22 @@ class _MetricRows:
         try:
             if committed:
                 self._flush()
-            self._parquet.close()
-            if committed:
+                self._parquet.close()
                 self._parquet_tmp.replace(self.run_dir.metrics_parquet)
                 if self._csv_tmp is not None:
                     self._csv_tmp.replace(self.run_dir.metrics_csv)
                 else:
                     self.run_dir.metrics_csv.unlink(missing_ok=True)
         finally:
-            self._parquet_tmp.unlink(missing_ok=True)
-            if self._csv_tmp is not None:
-                self._csv_tmp.unlink(missing_ok=True)
+            if self._parquet.is_open:
+                with contextlib.suppress(OSError):  # a full disk: the file is removed anyway
+                    self._parquet.close()
+            self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        self._parquet_tmp.unlink(missing_ok=True)
+        if self._csv_tmp is not None:
+            self._csv_tmp.unlink(missing_ok=True)
 
 
 def _read(folder: RunDir, plan: Plan, shard: Shard) -> ShardOutput:
@@ -266,9 +276,10 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
     nan_reasons: list[tuple[str, ...]] = []  # (key, "score", method, layer, metric, reason)
     score_shards = _score_order(config, plan)
     expected_rows = sum((s.images[1] - s.images[0]) * len(s.metrics) for s in score_shards)
-    rows = _MetricRows(folder, expected_rows <= CSV_MAX_ROWS, group_by_class)
+    rows = None
     closed = False
     try:
+        rows = _MetricRows(folder, expected_rows <= CSV_MAX_ROWS, group_by_class)
         with atomic_h5(folder.results) as f:
             f.attrs.update(
                 config_hash=plan.config_hash,
@@ -346,7 +357,10 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
             write_warnings(folder.warnings_md, warnings)
             written = [p for p in folder.outputs() if p != folder.results and p.is_file()]
             f.attrs[TABLES_ATTRIBUTE] = json.dumps({p.name: file_digest(p) for p in written})
+    except OSError as error:  # a full disk, a quota: the shards are untouched
+        raise ReduceError(f"cannot write the results into {folder.root}: {error}; the committed shards are "
+                          f"untouched: free space, then `xai-pipeline reduce {folder.root}`") from error
     finally:
-        if not closed:
+        if rows is not None and not closed:
             rows.close(committed=False)
     return ReduceResult(folder.results, folder.metrics_parquet, summary, failures, warnings)

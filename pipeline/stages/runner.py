@@ -159,9 +159,7 @@ def run_shards(
     """
     runner = ShardRunner(run_dir)
     folder, plan = runner.run_dir, runner.plan
-    removed = folder.remove_stale_temporaries()
-    if removed:
-        logger.warning("removed %d temporary file(s) of interrupted writes in %s", len(removed), folder.root)
+    folder.remove_stale_temporaries()
     again = quarantine_shards(folder, plan, find_corrupt(folder, [s.id for s in plan.shards]))
     queue = _explain_first(plan, [*shard_ids, *(i for i in again if i not in set(shard_ids))])
     failed: dict[str, str] = {}
