@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]' $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test,backends]' $(TORCH)
 	touch $(STAMP)
 
 env: $(STAMP)
