@@ -39,7 +39,7 @@ class ExplainStage:
         self._progress: tuple[Shard, ShardOutput, Partial, int] | None = None
 
     def compute(self, shard: Shard) -> ShardOutput:
-        chunk = self.context.load_chunk(self.context.records(shard))
+        chunk = self.context.load_chunk(shard)
         output = chunk.output
         if not output.keys:  # every image failed: commit the failures, the other shards go on
             return output

@@ -43,11 +43,13 @@ class ScoreStage:
         if not output.keys:
             return output
         layer = shard.layers[0]
-        keys = set(output.keys)
-        records = [r for r in context.records(shard) if r.key in keys]
-        loaded, images, failures = context.load_images(records)
-        if failures:
-            raise DataError(f"images that were explained can no longer be read: {'; '.join(failures.values())}")
+        chunk, chunk_images, failures = context.load_images(shard)
+        lost = [failures[key] for key in output.keys if key in failures]
+        if lost:
+            raise DataError(f"images that were explained can no longer be read: {'; '.join(lost)}")
+        row_of = {record.key: row for row, record in enumerate(chunk)}
+        loaded = [chunk[row_of[key]] for key in output.keys]
+        images = chunk_images[torch.tensor([row_of[key] for key in output.keys], device=chunk_images.device)]
         metrics = [m for m in context.config.metrics if m.name in shard.metrics]
         needs_gt = any(METRICS[m.name].needs_ground_truth for m in metrics)
         size = context.config.data.image_size
