@@ -5,7 +5,8 @@ The config's ``compute`` section applies here: the model's forward runs under
 float32/float64), ``channels_last`` puts the model and the loaded images in that memory
 layout, and images are decoded by ``loader_workers`` processes ahead of their use
 (:mod:`pipeline.stages.prefetch`: the shards given to :meth:`RunContext.schedule`), pinned
-and copied to a CUDA device without blocking.
+and copied to a CUDA device without blocking. ``batch_size: auto`` is chosen here, once per
+input shape (:meth:`RunContext.auto_batch_size`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..batch_size import choose_batch_size
 from ..config import ComputeConfig, ExperimentConfig, load_config
 from ..data import DataError, ImageRecord, loader_workers
 from ..models import ModelError, build_model, select_device
@@ -61,6 +63,8 @@ class RunContext:
     model: nn.Module
     device: torch.device
     prefetcher: ImagePrefetcher
+    #: ``batch_size: auto`` choices of this process, by input shape and cap
+    batch_choices: dict[tuple[tuple[int, ...], int], tuple[int, str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, run_dir: str | Path | RunDir, device: str | None = None) -> "RunContext":
@@ -86,6 +90,14 @@ class RunContext:
         memory_format = torch.channels_last if self.config.compute.channels_last else torch.contiguous_format
         images = chunk.images.to(self.device, non_blocking=True, memory_format=memory_format)
         return chunk.records, images, chunk.failures
+
+    def auto_batch_size(self, images: Tensor, cap: int) -> tuple[int, str]:
+        """The forward batch for ``batch_size: auto`` on ``images`` (at most ``cap``), and how it was chosen:
+        searched once per input shape and cap in this process (:mod:`pipeline.batch_size`)."""
+        key = (tuple(images.shape[1:]), cap)
+        if key not in self.batch_choices:
+            self.batch_choices[key] = choose_batch_size(self.model, images, cap)
+        return self.batch_choices[key]
 
     def load_chunk(self, shard: Shard) -> ChunkImages:
         """Load ``shard``'s chunk and classify it: targets follow the config's ``target`` rule."""
