@@ -3,11 +3,16 @@
 One short script for a GPU node (`--device cuda`); it prints a table. Rows: the random draws of
 a shard (RISE grids and shifts, LIME on/off vectors: host time per ``--masks`` samples), RISE,
 Gaussian RISE and LIME walking their samples (LIME's segmentation done once, outside the
-timing), Insertion and Deletion, and image decoding by the loader. ``ratio`` is the hot path's
-time over that of the same number of plain model forwards: 1.0 means it costs only its forwards.
+timing), RISE again at twice the samples (its peak memory must not grow), Insertion and
+Deletion, and image decoding by the loader. ``ratio`` is the hot path's time over that of the
+same number of plain model forwards: 1.0 means it costs only its forwards; ``peak MiB`` is the
+device's peak allocated memory during the hot path (CUDA only).
 
-    python benchmarks/bench_gpu.py --device cuda --size 224 --masks 8000 --images 8 --precision bfloat16
-    python benchmarks/bench_gpu.py --device cpu --size 64 --masks 200 --arch resnet18   # a quick check
+The defaults (ResNet-50 at 224 px, 4 images, 4000 samples, one timed call after a warm-up) finish
+in a few minutes on one H200:
+
+    python benchmarks/bench_gpu.py --device cuda --precision bfloat16
+    python benchmarks/bench_gpu.py --device cpu --size 32 --masks 40 --images 1 --arch resnet18 --batch-size 20
 """
 from __future__ import annotations
 
@@ -35,13 +40,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--size", type=int, default=224, help="input side in pixels")
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--masks", type=int, default=8000, help="RISE masks / LIME samples")
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--masks", type=int, default=4000, help="RISE masks / LIME samples")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
-    parser.add_argument("--repeats", type=int, default=2, help="timings are the best of this many calls")
+    parser.add_argument("--repeats", type=int, default=1, help="timings are the best of this many calls")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -60,26 +65,39 @@ def main() -> None:
 
     print(f"{args.arch} {args.size}x{args.size} on {device}, {args.precision}"
           f"{', channels_last' if args.channels_last else ''}: {b} images, {n} samples, batch {bs}")
-    print(f"{'hot path':<28}{'seconds':>10}{'forwards':>10}{'model fwd s':>13}{'ratio':>8}")
+    print(f"{'hot path':<28}{'seconds':>10}{'forwards':>10}{'model fwd s':>13}{'ratio':>8}{'peak MiB':>10}")
+
+    def peak_mib() -> str:
+        if device.type != "cuda":
+            return "-"
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return f"{peak:.0f}"
 
     def row(label: str, seconds: float, forwards: int | None) -> None:
+        peak = peak_mib()
         if forwards:
             raw = forward_time(model, images, forwards, bs, args.repeats)
-            print(f"{label:<28}{seconds:10.4f}{forwards:10d}{raw:13.3f}{seconds / raw:8.2f}", flush=True)
+            print(f"{label:<28}{seconds:10.4f}{forwards:10d}{raw:13.3f}{seconds / raw:8.2f}{peak:>10}", flush=True)
         else:
-            print(f"{label:<28}{seconds:10.4f}{'-':>10}{'-':>13}{'-':>8}", flush=True)
+            print(f"{label:<28}{seconds:10.4f}{'-':>10}{'-':>13}{'-':>8}{peak:>10}", flush=True)
+        peak_mib()  # the next row's peak starts here
 
+    peak_mib()
     host = torch.device("cpu")
     row(f"RISE draws ({n} masks)", timed(host, lambda: mask_draws(0, 0, n, (args.size,) * 2, 8, binary_cells(0.5)),
                                           args.repeats), None)
     row(f"LIME draws ({n} x 50)", timed(host, lambda: lime_samples(0, 0, n, 50), args.repeats), None)
-    for name, params in (("rise", {"n_masks": n}), ("rise-gaussian", {"n_masks": n}),
-                         ("lime", {"n_samples": n, "segmentation": "slic"})):
+    for label, name, params in (("rise", "rise", {"n_masks": n}),
+                                (f"rise ({2 * n} masks)", "rise", {"n_masks": 2 * n}),
+                                ("rise-gaussian", "rise-gaussian", {"n_masks": n}),
+                                ("lime", "lime", {"n_samples": n, "segmentation": "slic"})):
         explainer = build_method(name, model, batch_size=bs, **params)
         assert isinstance(explainer, SampledExplainer)
         constants = explainer.prepare(images)
-        seconds = timed(device, lambda: explainer.accumulate(images, targets, 0, n, constants), args.repeats)
-        row(name, seconds, n * b)
+        samples = explainer.n_samples
+        seconds = timed(device, lambda: explainer.accumulate(images, targets, 0, samples, constants), args.repeats)
+        row(label, seconds, samples * b)
     maps = torch.rand(b, args.size, args.size, device=device)
     for label, metric in (("insertion", insertion), ("deletion", deletion)):
         seconds = timed(device, lambda: metric(model, images, maps, targets, step=step, batch_size=bs), args.repeats)

@@ -8,9 +8,10 @@ plan and every worker name it explicitly.
 worker would, on the model it is given (the pre-flight passes the real model on CPU),
 and checks each metric entry's values with the rule the metric applies first
 (:meth:`~pipeline.metrics.MetricSpec.check_values`) at the config's image size, without
-running the model or the metric on data. It lists every problem, one per entry, with
-its field path (``methods[0].params.p1: p1 must be in (0, 1], got 1.5``), so a value
-that would fail every shard on a node fails at plan time instead.
+running the model or the metric on data (``batch_size: auto`` is checked as a batch of
+one). It lists every problem, one per entry, with its field path
+(``methods[0].params.p1: p1 must be in (0, 1], got 1.5``), so a value that would fail
+every shard on a node fails at plan time instead.
 
 :func:`check_layers` checks the layers of CAM entries on one forward of a zero image:
 each must run and its output must become a ``[B, C, h, w]`` grid under the entry's ``reshape``.
@@ -23,6 +24,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from .batch_size import with_batch_size
 from .config import ConfigError, ExperimentConfig
 from .methods import CamExplainer, build_method, method_class, method_parameters
 from .methods.base import capture_outputs
@@ -63,7 +65,7 @@ def check_entries(config: ExperimentConfig, model: nn.Module) -> None:
 
 def _method_problems(config: ExperimentConfig, model: nn.Module) -> Iterator[str]:
     for index, entry in enumerate(config.methods):
-        params = method_params(config, entry)
+        params = with_batch_size(method_params(config, entry), 1)
         if entry.layers:
             params["layer"] = list(entry.layers)
         try:
@@ -111,7 +113,7 @@ def _metric_problems(config: ExperimentConfig) -> Iterator[str]:
     for index, entry in enumerate(config.metrics):
         spec = metric_spec(entry.name)
         try:
-            spec.check_values(entry.params, config.data.image_size)
+            spec.check_values(with_batch_size(entry.params, 1), config.data.image_size)
         except (TypeError, ValueError) as error:
             prefix = f"metrics[{index}]"
             paths = {name: f"{prefix}.params.{name}" for name in spec.parameters}

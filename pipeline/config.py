@@ -24,10 +24,11 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
         id: gradcam                  # its label in tables (default: the name; unique)
         layers: [layer3, layer4]     # CAM methods only: dotted module names (`xai-pipeline layers
                                      # CONFIG` lists them); default: the family's last spatial block
-        params: {}                   # the method's parameters (CAM: reshape: auto|tokens|channels_last|none)
+        params: {}                   # the method's parameters (CAM: reshape: auto|tokens|channels_last|none;
+                                     # batch_size: auto chooses it on the device, see pipeline/batch_size.py)
     metrics:                         # default: insertion and deletion
       - name: insertion              # a registered metric, `package.module:function` or an entry point
-        params: {step: 224}
+        params: {step: 224}          # (batch_size: auto, as for methods)
     target: predicted                # or `label`: the class that is explained and scored
     sharding: {images_per_shard: 16, samples_per_shard: 1000}
     results: {maps: all}             # maps kept in results.h5: all, none (metrics only) or

@@ -5,7 +5,8 @@ Two stages of shards, both planned up front:
 - ``explain``: one method entry on one image chunk (``sharding.images_per_shard``
   images, in key order); all layers of a CAM entry come from the same pass. A sampled
   method (RISE, LIME) is further split by sample range (``sharding.samples_per_shard``,
-  rounded down to whole forward batches: see :func:`sample_ranges`).
+  rounded down to whole forward batches: see :func:`sample_ranges`; with ``batch_size: auto``
+  exactly ``samples_per_shard``: see :mod:`pipeline.batch_size`).
 - ``score``: one method entry and layer on one image chunk for one metric group
   (``perturbation``: the metrics that run the model; ``groundtruth``: those that
   compare with a ground-truth map). It reads the explain shards of its chunk, listed
@@ -39,6 +40,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, NamedTuple, Sequence
 
+from .batch_size import with_batch_size
 from .config import DataConfig, ExperimentConfig, MethodConfig, config_hash, read_yaml, validate_mapping
 from .data import ImageRecord, ImageSet, discover_images
 from .digests import json_digest
@@ -223,12 +225,13 @@ def method_params(config: ExperimentConfig, entry: MethodConfig) -> dict[str, An
 
 
 def sampled_method(config: ExperimentConfig, entry: MethodConfig) -> "SampledExplainer | None":
-    """The entry's explainer, without a model, when it is a sampled method (RISE, LIME); else None."""
+    """The entry's explainer, without a model, when it is a sampled method (RISE, LIME); else None.
+    ``batch_size: auto`` stands as one input per forward: its alignment unit is one sample."""
     from .methods import SampledExplainer, build_method, method_class
 
     if not issubclass(method_class(entry.name), SampledExplainer):
         return None
-    explainer = build_method(entry.name, None, **method_params(config, entry))
+    explainer = build_method(entry.name, None, **with_batch_size(method_params(config, entry), 1))
     assert isinstance(explainer, SampledExplainer)
     return explainer
 

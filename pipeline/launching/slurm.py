@@ -24,7 +24,8 @@ and one small CPU job, the *finish job* (:func:`finish_run`):
   message names the profile field at fault.
 
 A job receives only the run folder and its shard ids (:class:`ShardJob`): it builds
-one :class:`~pipeline.worker.ShardRunner` and runs them in order. SIGUSR2 (sent
+one :class:`~pipeline.worker.ShardRunner` and runs them in order, decoding the images of the
+next ones ahead (:mod:`pipeline.stages.prefetch`). SIGUSR2 (sent
 ``signal_delay_s`` before the time limit), SIGTERM (``scontrol requeue``,
 preemption) and SIGINT all save the running sums of the shard in progress at once
 and leave the job to requeue with the shards it has not finished (SIGUSR2: the job
@@ -191,6 +192,7 @@ class ShardJob(Checkpointable):
         runner = ShardRunner(run_dir.root, checkpoint_every=self.checkpoint_every_s)
         self._runner = runner
         shards = {s.id: s for s in runner.plan.shards}
+        runner.schedule([i for i in self.shard_ids if self.force or not run_dir.shard(i).is_file()])
         failed: dict[str, str] = {}
         waiting: list[str] = []
         for shard_id in self.shard_ids:

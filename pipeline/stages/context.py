@@ -3,24 +3,29 @@
 The config's ``compute`` section applies here: the model's forward runs under
 :func:`torch.autocast` at ``precision`` (only the forward: sums, maps and metrics stay
 float32/float64), ``channels_last`` puts the model and the loaded images in that memory
-layout, and images are decoded by ``loader_workers`` processes, pinned and copied to a
-CUDA device without blocking.
+layout, and images are decoded by ``loader_workers`` processes ahead of their use
+(:mod:`pipeline.stages.prefetch`: the shards given to :meth:`RunContext.schedule`), pinned
+and copied to a CUDA device without blocking. ``batch_size: auto`` is chosen here, once per
+input shape (:meth:`RunContext.auto_batch_size`).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..batch_size import choose_batch_size
 from ..config import ComputeConfig, ExperimentConfig, load_config
-from ..data import DataError, ImageRecord, load_images, loader_workers
+from ..data import DataError, ImageRecord, loader_workers
 from ..models import ModelError, build_model, select_device
 from ..planning import Plan, Shard
 from ..run_dir import RunDir
 from ..store import ShardOutput
+from .prefetch import ImagePrefetcher
 
 __all__ = ["RunContext", "ChunkImages", "apply_compute"]
 
@@ -57,6 +62,9 @@ class RunContext:
     plan: Plan
     model: nn.Module
     device: torch.device
+    prefetcher: ImagePrefetcher
+    #: ``batch_size: auto`` choices of this process, by input shape and cap
+    batch_choices: dict[tuple[tuple[int, ...], int], tuple[int, str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, run_dir: str | Path | RunDir, device: str | None = None) -> "RunContext":
@@ -64,24 +72,36 @@ class RunContext:
         config = load_config(folder.config)
         chosen = select_device(device or config.device)
         model = apply_compute(build_model(config.model), config.compute, chosen)
-        return cls(folder, config, Plan.read(folder.plan), model, chosen)
+        prefetcher = ImagePrefetcher(config.data, loader_workers(config.compute.loader_workers),
+                                     pin=chosen.type == "cuda")
+        return cls(folder, config, Plan.read(folder.plan), model, chosen, prefetcher)
 
     def records(self, shard: Shard) -> list[ImageRecord]:
         return list(self.plan.records[shard.images[0] : shard.images[1]])
 
-    def load_images(self, records: list[ImageRecord]) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
-        """The images of ``records`` that load, on the device, and the failures (as :func:`load_images`)."""
-        workers = loader_workers(self.config.compute.loader_workers)
-        loaded, images, failures = load_images(records, self.config.data, workers=workers)
-        if self.device.type == "cuda":
-            images = images.pin_memory()
-        memory_format = torch.channels_last if self.config.compute.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
-        return loaded, images, failures
+    def schedule(self, shards: Sequence[Shard]) -> None:
+        """Decode the images of ``shards`` ahead, in this order: the order they will be computed in."""
+        self.prefetcher.schedule([(shard.id, self.records(shard)) for shard in shards])
 
-    def load_chunk(self, records: list[ImageRecord]) -> ChunkImages:
-        """Load ``records`` and classify them: targets follow the config's ``target`` rule."""
-        loaded, images, failures = self.load_images(records)
+    def load_images(self, shard: Shard) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
+        """The images of ``shard``'s chunk that load, on the device, and the failures (as
+        :func:`~pipeline.data.load_batch`)."""
+        chunk = self.prefetcher.take(shard.id, self.records(shard))
+        memory_format = torch.channels_last if self.config.compute.channels_last else torch.contiguous_format
+        images = chunk.images.to(self.device, non_blocking=True, memory_format=memory_format)
+        return chunk.records, images, chunk.failures
+
+    def auto_batch_size(self, images: Tensor, cap: int) -> tuple[int, str]:
+        """The forward batch for ``batch_size: auto`` on ``images`` (at most ``cap``), and how it was chosen:
+        searched once per input shape and cap in this process (:mod:`pipeline.batch_size`)."""
+        key = (tuple(images.shape[1:]), cap)
+        if key not in self.batch_choices:
+            self.batch_choices[key] = choose_batch_size(self.model, images, cap)
+        return self.batch_choices[key]
+
+    def load_chunk(self, shard: Shard) -> ChunkImages:
+        """Load ``shard``'s chunk and classify it: targets follow the config's ``target`` rule."""
+        loaded, images, failures = self.load_images(shard)
         output = self._targets(loaded, images)
         output.failures = failures
         return ChunkImages(images, output)

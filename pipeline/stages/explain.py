@@ -7,6 +7,9 @@ is called (e.g. on a scheduler's signal). A later attempt continues from there a
 ends identical to an uninterrupted run. A checkpoint that is corrupt, or whose
 ``next_sample`` disagrees with the sample count of its sums, is moved to
 ``shards/corrupt/`` and the shard starts afresh.
+
+``batch_size: auto`` is resolved on the chunk's images (:mod:`pipeline.batch_size`) and the
+batch used recorded in the shard's attributes (``batch_size``, ``batch_size_auto``).
 """
 from __future__ import annotations
 
@@ -14,12 +17,13 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
-from ..methods import CamExplainer, Partial, SampledExplainer, build_method
+from ..batch_size import MAX_AUTO_BATCH, is_auto, sampled_batch_size, with_batch_size
+from ..methods import CamExplainer, Partial, SampledExplainer, build_method, method_class
 from ..planning import NO_LAYER, Shard, method_params
 from ..store import CorruptShardError, ShardOutput, read_shard, write_shard
 from .context import RunContext
@@ -39,13 +43,15 @@ class ExplainStage:
         self._progress: tuple[Shard, ShardOutput, Partial, int] | None = None
 
     def compute(self, shard: Shard) -> ShardOutput:
-        chunk = self.context.load_chunk(self.context.records(shard))
+        chunk = self.context.load_chunk(shard)
         output = chunk.output
         if not output.keys:  # every image failed: commit the failures, the other shards go on
             return output
         config = self.context.config
         entry = config.method(shard.method)
         params = method_params(config, entry)
+        if is_auto(params):
+            params = self._auto_batch(entry.name, params, chunk.images, output)
         if entry.layers:
             params["layer"] = list(entry.layers)
         explainer = build_method(entry.name, self.context.model, **params)
@@ -61,6 +67,19 @@ class ExplainStage:
         else:
             output.maps = {NO_LAYER: explainer.explain(chunk.images, targets).float().cpu().numpy()}
         return output
+
+    def _auto_batch(self, name: str, params: dict[str, Any], images: Tensor, output: ShardOutput) -> dict[str, Any]:
+        """``params`` with ``batch_size: auto`` resolved for ``images``, recorded in ``output``'s attributes
+        (sampled methods: a whole number of images times a divisor of ``samples_per_shard`` samples)."""
+        if issubclass(method_class(name), SampledExplainer):
+            unit = self.context.config.sharding.samples_per_shard  # the same for every shard of the chunk
+            chosen, how = self.context.auto_batch_size(images, len(images) * unit)
+            chosen = sampled_batch_size(chosen, len(images), unit)
+            how += f"; {chosen // min(len(images), chosen)} samples per forward, a divisor of {unit}"
+        else:
+            chosen, how = self.context.auto_batch_size(images, MAX_AUTO_BATCH)
+        output.attrs.update(batch_size=chosen, batch_size_auto=how)
+        return with_batch_size(params, chosen)
 
     def save_progress(self) -> None:
         """Save the running sums of the sampled shard in progress, if any, from its last whole step."""

@@ -15,6 +15,7 @@ import torch
 
 from ..config import ExperimentConfig
 from ..methods import Partial, SampledExplainer, build_method
+from ..batch_size import with_batch_size
 from ..planning import Shard, method_params
 from ..run_dir import RunDir
 from ..store import ShardOutput, read_shard
@@ -57,7 +58,7 @@ def merge_outputs(config: ExperimentConfig, shards: Sequence[Shard], outputs: Se
     if first.maps or not first.sums:
         return ChunkMaps(images, {layer: m.astype(np.float32) for layer, m in first.maps.items()})
     entry = config.method(shards[0].method)
-    explainer = build_method(entry.name, None, **method_params(config, entry))
+    explainer = build_method(entry.name, None, **with_batch_size(method_params(config, entry), 1))
     assert isinstance(explainer, SampledExplainer)
     partials = [
         Partial({k: torch.from_numpy(v) for k, v in o.sums.items()},

@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from ..data import DataError
 from ..integrity import find_corrupt, quarantine_shards
@@ -79,6 +79,15 @@ class ShardRunner:
     @property
     def plan(self) -> Plan:
         return self.context.plan
+
+    def schedule(self, shard_ids: Sequence[str]) -> None:
+        """Decode the images of ``shard_ids`` ahead, in the order they will be run (see
+        :mod:`pipeline.stages.prefetch`); running other shards, or these in another order, stays correct."""
+        self.context.schedule([self.plan.shard(i) for i in shard_ids])
+
+    def close(self) -> None:
+        """Stop the image loader's worker processes."""
+        self.context.prefetcher.close()
 
     def committed(self, shard_id: str) -> bool:
         """True when shard ``shard_id`` is committed and its file whole (cheap check); a corrupt
@@ -163,7 +172,8 @@ def run_shards(
     again = quarantine_shards(folder, plan, find_corrupt(folder, [s.id for s in plan.shards]))
     queue = _explain_first(plan, [*shard_ids, *(i for i in again if i not in set(shard_ids))])
     failed: dict[str, str] = {}
-    with _progress_bar(len(queue), progress) as bar:
+    runner.schedule(queue if force else [i for i in queue if not folder.shard(i).is_file()])
+    with _progress_bar(len(queue), progress) as bar, contextlib.closing(runner):
         position = 0
         while position < len(queue):
             shard_id = queue[position]

@@ -9,6 +9,9 @@ unusable ground-truth map (unreadable, NaN or constant) is named in the shard's
 A saliency map with NaN or inf values, or one value everywhere, is not scored: every
 metric of that image is NaN (its curves too) with the reason in ``reasons``, and the
 other images of the chunk are scored as usual.
+
+``batch_size: auto`` of the metrics is resolved on the chunk's images (:mod:`pipeline.batch_size`)
+and recorded in the shard's attributes (``batch_size``, ``batch_size_auto``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..batch_size import MAX_AUTO_BATCH, is_auto, with_batch_size
 from ..config import MetricConfig
 from ..data import DataError, load_gt
 from ..metrics import METRICS, metric_spec
@@ -43,12 +47,18 @@ class ScoreStage:
         if not output.keys:
             return output
         layer = shard.layers[0]
-        keys = set(output.keys)
-        records = [r for r in context.records(shard) if r.key in keys]
-        loaded, images, failures = context.load_images(records)
-        if failures:
-            raise DataError(f"images that were explained can no longer be read: {'; '.join(failures.values())}")
+        chunk, chunk_images, failures = context.load_images(shard)
+        lost = [failures[key] for key in output.keys if key in failures]
+        if lost:
+            raise DataError(f"images that were explained can no longer be read: {'; '.join(lost)}")
+        row_of = {record.key: row for row, record in enumerate(chunk)}
+        loaded = [chunk[row_of[key]] for key in output.keys]
+        images = chunk_images[torch.tensor([row_of[key] for key in output.keys], device=chunk_images.device)]
         metrics = [m for m in context.config.metrics if m.name in shard.metrics]
+        if any(is_auto(m.params) for m in metrics):
+            chosen, how = context.auto_batch_size(images, MAX_AUTO_BATCH)
+            metrics = [m.model_copy(update={"params": with_batch_size(m.params, chosen)}) for m in metrics]
+            output.attrs.update(batch_size=chosen, batch_size_auto=how)
         needs_gt = any(METRICS[m.name].needs_ground_truth for m in metrics)
         size = context.config.data.image_size
         gt: list[Tensor | None] = []

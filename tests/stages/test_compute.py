@@ -1,19 +1,26 @@
 """The config's compute section: forward precision by autocast, channels-last layout, and
-how bfloat16 changes RISE maps and their Insertion/Deletion AUCs on the demo model."""
+how bfloat16 changes every method's maps and their Insertion/Deletion AUCs on the demo."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ComputeConfig, ConfigError, ExperimentConfig, config_dict, parse_config
+from pipeline.config import (
+    IMAGENET_MEAN, IMAGENET_STD, ComputeConfig, ConfigError, ExperimentConfig, config_dict, parse_config,
+)
+from pipeline.data import load_image
+from pipeline.demo import IMAGE_SIZE, cache_dir, demo_config
+from pipeline.demo_data import make_shapes_dataset
 from pipeline.demo_model import ensure_shapes_checkpoint, load_shapes_net
 from pipeline.methods import build_method
 from pipeline.metrics import deletion, insertion
 from pipeline.models import ModelError
 from pipeline.stages.context import apply_compute
+from tests.tiny_experiment import one_thread
 
 
 def small_net() -> nn.Module:
@@ -50,25 +57,54 @@ def test_bfloat16_autocasts_only_the_forward_and_keeps_module_names() -> None:
         apply_compute(small_net(), ComputeConfig(precision="float16"), torch.device("cpu"))
 
 
-def test_what_bfloat16_changes_in_rise_maps_and_aucs(tmp_path: Path) -> None:
-    """On the demo's shapes network (briefly trained), RISE maps under bfloat16 correlate with the
-    float32 maps and Insertion/Deletion AUCs move little; the numbers are printed (pytest -s) for the docs."""
-    checkpoint = ensure_shapes_checkpoint(tmp_path, n_per_class=6, image_size=32, epochs=2)
-    torch.manual_seed(0)
-    images = torch.randn(4, 3, 32, 32)
+@pytest.fixture(scope="module")
+def demo_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], torch.Tensor]:
+    """The demo's trained model (cached), its config, and two fresh demo images per class."""
+    checkpoint = ensure_shapes_checkpoint(cache_dir(), image_size=IMAGE_SIZE)
+    root = tmp_path_factory.mktemp("demo")
+    make_shapes_dataset(root, n_per_class=2, image_size=IMAGE_SIZE, seed=2024, split=False)
+    paths = sorted((root / "images").rglob("*.png"))
+    images = torch.stack([load_image(p, (IMAGE_SIZE, IMAGE_SIZE), IMAGENET_MEAN, IMAGENET_STD) for p in paths])
+    return checkpoint, demo_config(root, checkpoint), images
+
+
+Results = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _maps_and_aucs(checkpoint: Path, precision: str, entries: list[dict[str, Any]], images: torch.Tensor,
+                   targets: torch.Tensor, step: int) -> Results:
+    """``{method: (maps, Insertion AUCs, Deletion AUCs)}`` with the model's forwards at ``precision``."""
+    model = apply_compute(load_shapes_net(checkpoint).eval(), ComputeConfig(precision=precision), torch.device("cpu"))
     results = {}
-    for precision in ("float32", "bfloat16"):
-        model = apply_compute(load_shapes_net(checkpoint).eval(), ComputeConfig(precision=precision),
-                              torch.device("cpu"))
-        targets = torch.tensor([0, 1, 2, 3])
-        maps = build_method("rise", model, n_masks=256, grid_size=4, batch_size=64).explain(images, targets)
-        auc_in, _ = insertion(model, images, maps, targets, step=32)
-        auc_del, _ = deletion(model, images, maps, targets, step=32)
+    for entry in entries:
+        params = {**entry.get("params", {}), **({"layer": entry["layers"]} if "layers" in entry else {})}
+        maps = build_method(entry["name"], model, **params).explain(images, targets)
+        auc_in, _ = insertion(model, images, maps, targets, step=step)
+        auc_del, _ = deletion(model, images, maps, targets, step=step)
         assert maps.dtype == torch.float32 and auc_in.dtype == torch.float32
-        results[precision] = (maps, auc_in, auc_del)
-    (maps32, in32, del32), (maps16, in16, del16) = results["float32"], results["bfloat16"]
-    correlation = float(torch.corrcoef(torch.stack([maps32.flatten(), maps16.flatten()]))[0, 1])
-    insertion_change, deletion_change = float((in16 - in32).abs().max()), float((del16 - del32).abs().max())
-    print(f"bf16 vs fp32: map correlation {correlation:.4f}, largest AUC change: insertion "
-          f"{insertion_change:.4f}, deletion {deletion_change:.4f}")
-    assert correlation > 0.9 and insertion_change < 0.05 and deletion_change < 0.05
+        results[entry["name"]] = (maps, auc_in, auc_del)
+    return results
+
+
+def test_what_bfloat16_changes_on_the_demo(demo_batch: tuple[Path, dict[str, Any], torch.Tensor]) -> None:
+    """Every real method of the demo config, on its trained model and images, run with the model's
+    forwards in float32 and in bfloat16 (CPU autocast); Insertion and Deletion scored by the same
+    model. Per method: the correlation of the maps, and the change of the mean AUCs and the largest
+    change of one image's AUC. The table is printed (pytest -s) for the README."""
+    checkpoint, config, images = demo_batch
+    step = config["metrics"][0]["params"]["step"]
+    entries = [e for e in config["methods"] if e["name"] not in ("random", "centre")]
+    with one_thread():
+        with torch.no_grad():
+            targets = load_shapes_net(checkpoint).eval()(images).argmax(dim=1)
+        full = _maps_and_aucs(checkpoint, "float32", entries, images, targets, step)
+        half = _maps_and_aucs(checkpoint, "bfloat16", entries, images, targets, step)
+    print("\n| method | map correlation | Insertion mean change (largest) | Deletion mean change (largest) |")
+    for entry in entries:
+        (maps32, in32, del32), (maps16, in16, del16) = full[entry["name"]], half[entry["name"]]
+        correlation = float(torch.corrcoef(torch.stack([maps32.flatten(), maps16.flatten()]))[0, 1])
+        moves = [(float((b - a).mean()), float((b - a).abs().max())) for a, b in ((in32, in16), (del32, del16))]
+        print(f"| {entry['name']} | {correlation:.5f} | " + " | ".join(f"{m:+.4f} ({x:.4f})" for m, x in moves) + " |")
+        assert not torch.equal(maps32, maps16), entry["name"]  # bfloat16 did change the maps
+        assert correlation > 0.99, entry["name"]
+        assert all(abs(mean) < 0.01 and largest < 0.03 for mean, largest in moves), entry["name"]
