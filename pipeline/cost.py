@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .planning import Plan
 
 __all__ = ["Work", "UnitCosts", "Throughput", "CostLine", "CostEstimate", "unit_costs", "shard_work",
-           "estimate_cost", "format_duration"]
+           "estimate_cost", "read_estimate", "format_duration"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +260,16 @@ class CostEstimate:
         )
         return cls(UnitCosts.from_json(data["per_image"]), lines,
                    None if throughput is None else Throughput(**throughput), data.get("config_hash", ""))
+
+
+def read_estimate(path: Path, config_hash: str) -> CostEstimate | None:
+    """The estimate saved at ``path`` if it is one of the config ``config_hash``; ``None`` when absent,
+    unreadable or of another config."""
+    try:
+        estimate = CostEstimate.read(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return estimate if estimate.config_hash == config_hash else None
 
 
 def _layer_detail(layers: tuple[str, ...]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from .checks import check_entries, check_layers, with_default_layers
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
-from .cost import CostEstimate, Throughput, UnitCosts, estimate_cost, unit_costs
+from .cost import Throughput, UnitCosts, estimate_cost, read_estimate, unit_costs
 from .data import DataError, ImageSet, discover_images, load_image
 from .errors import PipelineError
 from .models import build_model, model_digest
@@ -173,11 +173,8 @@ def _write_cost(folder: RunDir, plan: Plan, checked: Preflight | None) -> None:
     if checked is not None:
         units, throughput = checked.units, checked.throughput
     else:
-        try:
-            previous = CostEstimate.read(folder.cost)
-        except (OSError, ValueError, KeyError, TypeError):
-            previous = None
-        if previous is None or previous.config_hash != plan.config_hash:
+        previous = read_estimate(folder.cost, plan.config_hash)
+        if previous is None:
             folder.cost.unlink(missing_ok=True)
             return
         units, throughput = previous.units, previous.throughput

@@ -81,7 +81,7 @@ def test_overwrite_replaces_the_run(make_config: ConfigFactory, tmp_path: Path) 
     raw = make_config()
     raw["methods"] = raw["methods"][:1]
     new = plan_run(parse_config(raw), run_dir, overwrite=True)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt", "plan.json", "shards"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "cost.json", "notes.txt", "plan.json", "shards"]
     assert list((run_dir / "shards").iterdir()) == []
     assert RunDir(run_dir).committed() == set()
     assert load_config(run_dir / "config.yaml") == parse_config(raw)

@@ -235,10 +235,10 @@ class ExtremalPerturbation(Explainer):
     benchmark (``smooth = 0.09``); ``smooth=0`` leaves the sum unsmoothed.
 
     Cost: ``iterations x len(areas)`` forwards and as many backwards per image (2400 of each
-    with the defaults, 800 iterations and 3 areas: the most expensive method here; fewer
-    iterations, e.g. 300, are often enough to converge). The smooth max holds ``(2r + 1)^2`` values per canvas pixel and mask (81 x
-    266 x 266 floats, 23 MB, per mask of a 224 x 224 image with the defaults, a few
-    times that with autograd), so memory grows with images x areas per call.
+    with the defaults, 800 iterations and 3 areas: the most expensive method here; time
+    falls in proportion to ``iterations``). The smooth max holds ``(2r + 1)^2`` values per
+    canvas pixel and mask (81 x 266 x 266 floats, 23 MB, per mask of a 224 x 224 image with
+    the defaults, a few times that with autograd), so memory grows with images x areas per call.
     """
 
     name = "extremal"

@@ -20,7 +20,13 @@ from ..methods.base import batched, check_targets, minmax_normalize
 from ._checks import number_in, positive_integer
 from .insertion_deletion import model_device, pixel_rank
 
-__all__ = ["average_drop_increase", "check_drop_parameters", "drop_cost", "explanation_masks", "summarize_drop_increase"]
+__all__ = [
+    "average_drop_increase",
+    "check_drop_parameters",
+    "drop_cost",
+    "explanation_masks",
+    "summarize_drop_increase",
+]
 
 
 def check_drop_parameters(size: tuple[int, int], *, top_percent: float | None, batch_size: int) -> None:

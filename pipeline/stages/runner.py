@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from ..cost import CostEstimate, shard_work
+from ..cost import read_estimate, shard_work
 from ..data import DataError
 from ..integrity import find_corrupt, quarantine_shards
 from ..planning import Plan, Shard
@@ -149,11 +149,8 @@ class ShardRunner:
 def planned_forwards(folder: RunDir, plan: Plan) -> dict[str, int] | None:
     """The forwards the cost estimate plans for every shard of ``plan``; ``None`` without an estimate
     of this config."""
-    try:
-        estimate = CostEstimate.read(folder.cost)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if estimate.config_hash != plan.config_hash:
+    estimate = read_estimate(folder.cost, plan.config_hash)
+    if estimate is None:
         return None
     return {shard_id: sum(work.forwards for work in lines.values())
             for shard_id, lines in shard_work(plan, estimate.units).items()}
@@ -161,7 +158,9 @@ def planned_forwards(folder: RunDir, plan: Plan) -> dict[str, int] | None:
 
 def _stage_label(shard: Shard) -> str:
     """``explain METHOD`` or ``score METHOD: METRICS``."""
-    return f"explain {shard.method}" if shard.stage == "explain" else f"score {shard.method}: {', '.join(shard.metrics)}"
+    if shard.stage == "explain":
+        return f"explain {shard.method}"
+    return f"score {shard.method}: {', '.join(shard.metrics)}"
 
 
 class _Progress:
