@@ -14,7 +14,8 @@ one). It lists every problem, one per entry, with its field path
 every shard on a node fails at plan time instead.
 
 :func:`check_layers` checks the layers of CAM entries on one forward of a zero image:
-each must run and its output must become a ``[B, C, h, w]`` grid under the entry's ``reshape``.
+each must run and its output must become a ``[B, C, h, w]`` grid under the entry's ``reshape``;
+it returns each grid's channel count ``C``, what Score-CAM-like methods cost (:mod:`pipeline.cost`).
 """
 from __future__ import annotations
 
@@ -78,15 +79,19 @@ def _method_problems(config: ExperimentConfig, model: nn.Module) -> Iterator[str
             yield _problem(message, paths, f"{prefix}.params")
 
 
-def check_layers(config: ExperimentConfig, model: nn.Module) -> None:
+def check_layers(config: ExperimentConfig, model: nn.Module) -> dict[str, dict[str, int]]:
     """Raise :class:`~pipeline.config.ConfigError` listing every layer of a CAM entry that does not
-    run in the model's forward or gives no grid (an unknown one is named by :func:`check_entries`)."""
-    problems = list(_layer_problems(config, model))
+    run in the model's forward or gives no grid (an unknown one is named by :func:`check_entries`);
+    returns the channel count of each layer's grid, per CAM entry (by label)."""
+    channels: dict[str, dict[str, int]] = {}
+    problems = list(_layer_problems(config, model, channels))
     if problems:
         raise ConfigError("\n".join(problems))
+    return channels
 
 
-def _layer_problems(config: ExperimentConfig, model: nn.Module) -> Iterator[str]:
+def _layer_problems(config: ExperimentConfig, model: nn.Module, channels: dict[str, dict[str, int]]) -> Iterator[str]:
+    """The problems of the CAM entries' layers; the channel count of every grid goes into ``channels``."""
     modules = dict(model.named_modules())
     entries = [(i, config.methods[i]) for i in _cam_entries(config) if config.methods[i].layers]
     layers = sorted({layer for _, e in entries for layer in e.layers or () if layer and layer in modules})
@@ -104,9 +109,11 @@ def _layer_problems(config: ExperimentConfig, model: nn.Module) -> Iterator[str]
                 yield f"methods[{index}].layers: layer {layer!r} does not run in the model's forward"
                 continue
             try:
-                to_grid(model, layer, captured[layer], reshape, size)
+                grid = to_grid(model, layer, captured[layer], reshape, size)
             except ValueError as error:
                 yield f"methods[{index}].layers: {error}"
+                continue
+            channels.setdefault(entry.label, {})[layer] = int(grid.shape[1])
 
 
 def _metric_problems(config: ExperimentConfig) -> Iterator[str]:

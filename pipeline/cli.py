@@ -1,7 +1,7 @@
 """The ``xai-pipeline`` command.
 
     xai-pipeline layers CONFIG                  the model's CAM layers with their output shapes
-    xai-pipeline plan CONFIG --out RUN_DIR      plan shards into a run folder
+    xai-pipeline plan CONFIG --out RUN_DIR      plan shards into a run folder; print what they cost
     xai-pipeline run CONFIG --out RUN_DIR       plan, run pending shards locally, reduce
                  [--profile jobs/clusters/NAME.yaml] [--executor slurm]   ... or submit them to SLURM
     xai-pipeline launch RUN_DIR --profile P     pre-flight checks, then run or submit the pending shards
@@ -83,6 +83,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .cost import CostEstimate
     from .planning import Plan
     from .run_dir import RunDir
     from .rundir import plan_run
@@ -102,6 +103,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if before and before != planned:
         print(f"re-planned: {len(planned - before)} new shard(s), {len(before & planned)} unchanged, {dropped} "
               f"committed shard(s) no longer planned (left in {folder.shards}, used again if planned again)")
+    if folder.cost.is_file():
+        print(CostEstimate.read(folder.cost).describe())
     return 0
 
 

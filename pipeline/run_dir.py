@@ -4,6 +4,7 @@ Layout::
 
     RUN_DIR/config.yaml                     the resolved experiment config
     RUN_DIR/plan.json                       the shards (see pipeline.planning)
+    RUN_DIR/cost.json                       forwards, backwards and time the plan needs (see pipeline.cost)
     RUN_DIR/shards/<ab>/<id>.h5             a committed shard (exists only when whole)
     RUN_DIR/shards/<ab>/<id>.partial.h5     a sampled shard's last saved progress (resumable)
     RUN_DIR/shards/<ab>/<id>.error.json     why the shard's last attempt failed
@@ -130,6 +131,10 @@ class RunDir:
     @property
     def plan(self) -> Path:
         return self.root / "plan.json"
+
+    @property
+    def cost(self) -> Path:
+        return self.root / "cost.json"
 
     @property
     def shards(self) -> Path:

@@ -11,10 +11,14 @@ takes changed input files into account (new ids for the shards that read them, s
 every node: the model and checkpoint load, the layers exist and give grids, every
 method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
 the data is readable (one of the first :data:`PREFLIGHT_IMAGES` images reads: an unreadable or
-truncated one is recorded as a failure at run time, not here), the folder is writable.
+truncated one is recorded as a failure at run time, not here), the folder is writable; then it
+times one forward (and backward) batch of the model on the configured device
+(:func:`~pipeline.throughput.time_model`). :func:`plan_run` turns that into the cost estimate
+of the plan (:mod:`pipeline.cost`), written to ``cost.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -22,13 +26,15 @@ from typing import Any
 
 from .checks import check_entries, check_layers, with_default_layers
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
+from .cost import Throughput, UnitCosts, estimate_cost, read_estimate, unit_costs
 from .data import DataError, ImageSet, discover_images, load_image
 from .errors import PipelineError
 from .models import build_model, model_digest
 from .planning import Plan, make_plan
 from .run_dir import RunDir
+from .throughput import time_model
 
-__all__ = ["RunDirError", "PreflightError", "plan_run", "preflight", "config_changes", "load_run_plan"]
+__all__ = ["RunDirError", "PreflightError", "Preflight", "plan_run", "preflight", "config_changes", "load_run_plan"]
 
 
 class RunDirError(PipelineError, RuntimeError):
@@ -80,13 +86,23 @@ def _one_image_reads(images: ImageSet, config: ExperimentConfig) -> None:
                     "check data.root / data.manifest")
 
 
-def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None = None) -> ImageSet:
-    """Fail early, naming the item, if the run cannot work (see module docstring); returns the images."""
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    """What the pre-flight found: the images, each method's and metric's work per image, and the
+    model's speed on the configured device (``None`` when it is not available here)."""
+
+    images: ImageSet
+    units: UnitCosts
+    throughput: Throughput | None
+
+
+def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None = None) -> Preflight:
+    """Fail early, naming the item, if the run cannot work, then time the model (see module docstring)."""
     images = images or discover_images(config.data)
     _one_image_reads(images, config)
     model = build_model(config.model)
     check_entries(config, model)
-    check_layers(config, model)
+    channels = check_layers(config, model)
     run_dir.mkdir(parents=True, exist_ok=True)
     probe_file = run_dir / f".write-test-{os.getpid()}"
     try:
@@ -94,7 +110,8 @@ def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None =
         probe_file.unlink()
     except OSError as error:
         raise RunDirError(f"run folder {run_dir} is not writable: {error.strerror}") from None
-    return images
+    units = unit_costs(config, channels)
+    return Preflight(images, units, time_model(model, config, backwards=units.needs_backwards()))
 
 
 def load_run_plan(run_dir: Path) -> tuple[ExperimentConfig, Plan]:
@@ -141,10 +158,24 @@ def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False
     if hash_inputs is None:
         hash_inputs = folder.plan.is_file() and Plan.read(folder.plan).fingerprint == "sha256"
     images = discover_images(config.data, hash_inputs=hash_inputs)
-    if check:
-        preflight(config, folder.root, images)
+    checked = preflight(config, folder.root, images) if check else None
     plan = make_plan(config, images, model_digest(config.model))
     folder.shards.mkdir(parents=True, exist_ok=True)
     save_config(config, folder.config)
     plan.write(folder.plan)
+    _write_cost(folder, plan, checked)
     return plan
+
+
+def _write_cost(folder: RunDir, plan: Plan, checked: Preflight | None) -> None:
+    """Write the plan's cost estimate: from the pre-flight, else from the folder's last estimate of the
+    same config (a re-plan for changed input files); an estimate that no longer applies is removed."""
+    if checked is not None:
+        units, throughput = checked.units, checked.throughput
+    else:
+        previous = read_estimate(folder.cost, plan.config_hash)
+        if previous is None:
+            folder.cost.unlink(missing_ok=True)
+            return
+        units, throughput = previous.units, previous.throughput
+    estimate_cost(plan, units, throughput, folder.committed()).write(folder.cost)

@@ -108,6 +108,9 @@ class RunStatus:
     def describe(self) -> str:
         folder = RunDir(self.run_dir)
         lines = [f"run {self.run_dir}: {self.plan.image_count} images, {self.total} shards"]
+        cost = _cost_note(folder, self.plan)
+        if cost:
+            lines.append(f"  cost: {cost}")
         for stage, counts in self.to_json()["stages"].items():
             lines.append(f"  {stage:8s} done {counts['done']:6d}  running {counts['running']:6d}  "
                          f"pending {counts['pending']:6d}  failed {counts['failed']:6d}  waiting {counts['waiting']:6d}")
@@ -152,6 +155,18 @@ class RunStatus:
         elif self.finished and not (finish and finish["active"]):
             lines.append(f"  all shards done: `xai-pipeline reduce {self.run_dir}` writes the results")
         return "\n".join(lines)
+
+
+def _cost_note(folder: RunDir, plan: Plan) -> str | None:
+    """The plan's forwards, backwards and estimated time from ``cost.json`` (None without one of this plan)."""
+    from .cost import format_duration, read_estimate
+
+    estimate = read_estimate(folder.cost, plan.config_hash)
+    if estimate is None:
+        return None
+    total, seconds = estimate.total, estimate.seconds(estimate.total)
+    timed = "" if seconds is None else f", ~{format_duration(seconds)} on {estimate.throughput.device} (estimate)"
+    return f"{total.forwards:,d} forwards, {total.backwards:,d} backwards planned{timed}; per method in {folder.cost}"
 
 
 def _inputs_note(folder: RunDir) -> str:

@@ -22,11 +22,11 @@ MODULES = [name for name, _ in ShapesNet(num_classes=3, width=4).named_modules()
 LAYER_ERRORS = (ValueError, RunDirError)
 
 
-def test_plan_run_writes_config_and_plan(make_config: ConfigFactory, tmp_path: Path) -> None:
+def test_plan_run_writes_config_plan_and_cost(make_config: ConfigFactory, tmp_path: Path) -> None:
     raw = make_config()
     run_dir = tmp_path / "run"
     plan = plan_run(parse_config(raw), run_dir)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "plan.json", "shards"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "cost.json", "plan.json", "shards"]
     assert list((run_dir / "shards").iterdir()) == []
     assert load_config(run_dir / "config.yaml") == parse_config(raw)
     config, read = load_run_plan(run_dir)
@@ -81,7 +81,7 @@ def test_overwrite_replaces_the_run(make_config: ConfigFactory, tmp_path: Path) 
     raw = make_config()
     raw["methods"] = raw["methods"][:1]
     new = plan_run(parse_config(raw), run_dir, overwrite=True)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "notes.txt", "plan.json", "shards"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "cost.json", "notes.txt", "plan.json", "shards"]
     assert list((run_dir / "shards").iterdir()) == []
     assert RunDir(run_dir).committed() == set()
     assert load_config(run_dir / "config.yaml") == parse_config(raw)

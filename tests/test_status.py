@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import parse_config
+from pipeline.cost import CostEstimate
 from pipeline.run_dir import RunDir
 from pipeline.rundir import plan_run
 from pipeline.status import run_status
@@ -103,6 +104,15 @@ def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path
     assert status.done == {plan.shards[0].id}
     assert status.failed == {}
     assert len(status.pending) == len(plan.shards) - 1
+
+
+def test_status_shows_the_planned_cost(make_config: ConfigFactory, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan_run(parse_config(make_config()), run_dir)
+    estimate = CostEstimate.read(RunDir(run_dir).cost)
+    text = run_status(run_dir, scheduler=False).describe()
+    assert f"cost: {estimate.total.forwards:,d} forwards, {estimate.total.backwards:,d} backwards planned" in text
+    assert "on cpu (estimate)" in text
 
 
 @pytest.mark.parametrize("scheduler", [False, True])

@@ -2,12 +2,13 @@
 scores of the inputs they mask (Zeng et al., 2022)."""
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .abscam_init import abs_gradient_weights
+from ..cost import Work
 from .base import CamExplainer
 from .layers import Reshape
 from .scorecam import ScoreFunction, channel_mask_scores, target_logit, target_probability, varying_channels
@@ -59,6 +60,12 @@ class AbsCamFinal(CamExplainer):
             raise ValueError(f"{self.name}: batch_size must be an int >= 1, got {batch_size!r}")
         self.score = score
         self.batch_size = batch_size
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:
+        """One forward and one backward for all layers, then one forward per channel of each layer
+        (at most: constant channels are skipped)."""
+        return Work(1 + sum(channels.values()), 1)
 
     def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:
         assert gradients is not None

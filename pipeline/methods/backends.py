@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..plugins import PluginError
+from ..cost import Work
 from .base import CamExplainer, Explainer, upsample
 from .layers import Reshape, resolve_module
 
@@ -79,6 +80,11 @@ class CaptumLayerAttribution(CamExplainer):
         constructor = {p.name for p in _keywords(self.attribution.__init__)}
         self.constructor = {k: v for k, v in params.items() if k in constructor}
         self.attribute = {k: v for k, v in params.items() if k not in constructor}
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work | None:
+        """Not declared: captum decides how often it runs the model."""
+        return None
 
     def explain_layers(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         size = (images.shape[-2], images.shape[-1])

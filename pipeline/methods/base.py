@@ -30,12 +30,13 @@ import contextlib
 import dataclasses
 import math
 from numbers import Integral, Real
-from typing import ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cost import Work
 from .layers import Reshape, check_reshape, resolve_module, to_grid
 
 __all__ = [
@@ -129,6 +130,13 @@ class Explainer(abc.ABC):
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         """Saliency maps ``[B, H, W]`` (float32) for ``images`` ``[B, 3, H, W]`` and ``targets`` ``[B]``."""
 
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work | None:
+        """The model forwards and backwards :meth:`explain` makes per image with ``params`` (every
+        parameter, defaults filled in) on ``size`` images; ``channels``: the channel count of each
+        layer (CAM methods). ``None``: not declared (see :mod:`pipeline.cost`)."""
+        return None
+
 
 class CamExplainer(Explainer):
     """Template for class-activation-map methods on one or several layers.
@@ -149,6 +157,11 @@ class CamExplainer(Explainer):
         for name in self.layers:
             resolve_module(model, name)
         self.reshape = check_reshape(self.name, reshape)
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work | None:
+        """One forward for all layers, and one backward when the method needs gradients."""
+        return Work(1, int(cls.needs_gradients))
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         if len(self.layers) != 1:

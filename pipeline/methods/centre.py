@@ -7,9 +7,12 @@ score every model against a map that ignores the image and only favours its cent
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import Tensor, nn
 
+from ..cost import Work
 from .base import Explainer, check_real, check_targets
 
 __all__ = ["CentreBias", "DEFAULT_CENTRE_SIGMA"]
@@ -40,6 +43,11 @@ class CentreBias(Explainer):
         self.sigma = check_real(self.name, "sigma", sigma)
         if self.sigma <= 0:
             raise ValueError(f"{self.name}: sigma must be > 0, got {sigma!r}")
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:
+        """No forward: the model is not used."""
+        return Work()
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         check_targets(images, targets)

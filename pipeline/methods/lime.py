@@ -21,13 +21,14 @@ segmentation is the constant ``segments`` (int64 ``[B, H, W]``, labels ``0 .. K_
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
+from ..cost import Work
 from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
 from .draws import to_device, uniforms
 
@@ -140,6 +141,11 @@ class Lime(SampledExplainer):
             raise ValueError(f"{self.name}: positive_only must be true or false, got {positive_only!r}")
         self.segmentation = segmentation
         self.positive_only = positive_only
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:
+        """``n_samples`` forwards per image."""
+        return Work(params["n_samples"])
 
     def segment(self, images: Tensor) -> Tensor:
         """Superpixel labels ``0 .. K_b - 1`` of each image, int64 ``[B, H, W]`` on the images' device."""

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..cost import Work
 from .base import Explainer, check_integer, check_targets
 
 __all__ = ["RandomMap", "image_seed"]
@@ -36,6 +38,11 @@ class RandomMap(Explainer):
     def __init__(self, model: nn.Module, seed: int = 0) -> None:
         super().__init__(model)
         self.seed = check_integer(self.name, "seed", seed, 0)
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:
+        """No forward: the model is not used."""
+        return Work()
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         check_targets(images, targets)

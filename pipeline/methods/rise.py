@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cost import Work
 from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
 from .draws import to_device, uniforms
 
@@ -153,6 +154,11 @@ class _MaskedSampling(SampledExplainer):
     def __init__(self, model: nn.Module | None, n_masks: int, grid_size: int, seed: int, batch_size: int) -> None:
         super().__init__(model, check_integer(self.name, "n_masks", n_masks, 1), seed, batch_size)
         self.grid_size = check_integer(self.name, "grid_size", grid_size, 1)
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:
+        """``n_masks`` forwards per image."""
+        return Work(params["n_masks"])
 
     @abc.abstractmethod
     def cell_values(self) -> _CellValues:

@@ -6,11 +6,12 @@ Abs-CAM's second phase (:mod:`pipeline.methods.abscam_final`).
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..cost import Work
 from .base import CamExplainer, batched, minmax_normalize, upsample
 from .layers import Reshape
 
@@ -127,6 +128,13 @@ class ScoreCam(CamExplainer):
             raise ValueError(f"{self.name}: batch_size must be an int >= 1, got {batch_size!r}")
         self.weights = weights
         self.batch_size = batch_size
+
+    @classmethod
+    def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:
+        """One forward for all layers, then one per channel of each layer (at most: constant channels
+        are skipped) and, with ``cic-softmax``, one of the zero baseline per layer."""
+        baselines = len(channels) if params["weights"] == "cic-softmax" else 0
+        return Work(1 + sum(channels.values()) + baselines)
 
     def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:
         varying = varying_channels(activations)

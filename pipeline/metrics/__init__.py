@@ -19,11 +19,19 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from torch import Tensor, nn
 
+from ..cost import Work
 from ..plugins import METRIC_GROUP, PluginError, entry_point_names, load_plugin
-from .average_drop import average_drop_increase, check_drop_parameters, explanation_masks, summarize_drop_increase
+from .average_drop import (
+    average_drop_increase,
+    check_drop_parameters,
+    drop_cost,
+    explanation_masks,
+    summarize_drop_increase,
+)
 from .insertion_deletion import (
     blur_substrate,
     check_curve_parameters,
+    curve_cost,
     deletion,
     insertion,
     make_substrate,
@@ -74,7 +82,8 @@ class MetricSpec:
     parameters a config may set. ``check(size, **params)`` (``None``: nothing to check)
     is the rule the function applies to its parameter values first, on maps of ``size``.
     ``group`` gathers metrics into one score shard (by default ``perturbation`` with the
-    model, ``groundtruth`` without).
+    model, ``groundtruth`` without). ``cost(size, **params)`` (``None``: not declared) is the
+    model forwards (and backwards) per image and map, as :class:`~pipeline.cost.Work`.
     """
 
     name: str
@@ -89,6 +98,7 @@ class MetricSpec:
     check: Callable[..., object] | None = None
     curve: int | None = None
     scale: float = 1.0
+    cost: Callable[..., Work] | None = None
 
     @property
     def arrow(self) -> str:
@@ -105,12 +115,22 @@ class MetricSpec:
         would make the metric fail on maps of ``size``; nothing runs on data."""
         if self.check is None:
             return
+        self.check(size, **self._with_defaults(params))
+
+    def work(self, params: Mapping[str, Any], size: tuple[int, int]) -> Work | None:
+        """The model forwards and backwards per image and map with ``params`` on maps of ``size``
+        (none for a metric without the model; ``None`` when not declared)."""
+        if not self.needs_model:
+            return Work()
+        return None if self.cost is None else self.cost(size, **self._with_defaults(params))
+
+    def _with_defaults(self, params: Mapping[str, Any]) -> dict[str, Any]:
         defaults = {
             name: p.default
             for name, p in inspect.signature(self.function).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        self.check(size, **{**defaults, **params})
+        return {**defaults, **params}
 
     def call(
         self, model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, gt: Tensor | None,
@@ -137,11 +157,11 @@ def _keyword_parameters(function: Callable[..., Any]) -> tuple[str, ...]:
 
 def _perturbation(
     name: str, title: str, function: Callable[..., Any], higher: bool, output: int, check: Callable[..., object],
-    curve: int | None = None, scale: float = 1.0,
+    cost: Callable[..., Work], curve: int | None = None, scale: float = 1.0,
 ) -> MetricSpec:
     parameters = _keyword_parameters(function)
     return MetricSpec(name, title, function, "perturbation", True, False, higher, parameters, output, check, curve,
-                      scale)
+                      scale, cost)
 
 
 def _groundtruth(
@@ -155,13 +175,14 @@ def _groundtruth(
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        _perturbation("insertion", "Insertion", insertion, True, 0, check_curve_parameters, curve=1),
-        _perturbation("deletion", "Deletion", deletion, False, 0, check_curve_parameters, curve=1),
+        _perturbation("insertion", "Insertion", insertion, True, 0, check_curve_parameters, curve_cost, curve=1),
+        _perturbation("deletion", "Deletion", deletion, False, 0, check_curve_parameters, curve_cost, curve=1),
         _groundtruth("pcc", "PCC", pcc),
         _groundtruth("ssim", "SSIM", ssim, ssim_window),
-        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0, check_drop_parameters),
+        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0, check_drop_parameters,
+                      drop_cost),
         _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, check_drop_parameters,
-                      scale=100.0),
+                      drop_cost, scale=100.0),
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
     )
 }
@@ -185,6 +206,7 @@ def register_metric(
     scale: float = 1.0,
     check: Callable[..., object] | None = None,
     group: str | None = None,
+    cost: Callable[..., Work] | None = None,
 ) -> Callable[[F], F]:
     """Function decorator: make the function metric ``name`` (see :class:`MetricSpec`; its
     keyword-only arguments are its parameters)."""
@@ -195,7 +217,7 @@ def register_metric(
         default_group = "perturbation" if needs_model else "groundtruth"
         METRICS[name] = MetricSpec(
             name, title or name, function, group or default_group, needs_model, needs_ground_truth,
-            higher_is_better, _keyword_parameters(function), output, check, curve, scale,
+            higher_is_better, _keyword_parameters(function), output, check, curve, scale, cost,
         )
         return function
 

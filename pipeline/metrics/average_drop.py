@@ -15,11 +15,18 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..cost import Work
 from ..methods.base import batched, check_targets, minmax_normalize
 from ._checks import number_in, positive_integer
 from .insertion_deletion import model_device, pixel_rank
 
-__all__ = ["average_drop_increase", "check_drop_parameters", "explanation_masks", "summarize_drop_increase"]
+__all__ = [
+    "average_drop_increase",
+    "check_drop_parameters",
+    "drop_cost",
+    "explanation_masks",
+    "summarize_drop_increase",
+]
 
 
 def check_drop_parameters(size: tuple[int, int], *, top_percent: float | None, batch_size: int) -> None:
@@ -30,6 +37,11 @@ def check_drop_parameters(size: tuple[int, int], *, top_percent: float | None, b
     """
     _check_top_percent(top_percent)
     positive_integer("batch_size", batch_size)
+
+
+def drop_cost(size: tuple[int, int], *, top_percent: float | None, batch_size: int) -> Work:
+    """The forwards per image: the image and the image times its explanation mask."""
+    return Work(2)
 
 
 def _check_top_percent(top_percent: float | None) -> None:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..cost import Work
 from ..methods.base import batched, check_targets
 from ._checks import positive_integer
 from ._filters import filter_2d, filter_matrix, gaussian_taps
@@ -34,6 +35,7 @@ __all__ = [
     "insertion",
     "deletion",
     "check_curve_parameters",
+    "curve_cost",
     "pixel_rank",
     "blur_substrate",
     "make_substrate",
@@ -83,6 +85,11 @@ def check_curve_parameters(
     pixels = size[0] * size[1]
     if step > pixels:
         raise ValueError(f"step {step} exceeds the {pixels} pixels of a {size[0]}x{size[1]} map")
+
+
+def curve_cost(size: tuple[int, int], *, step: int, substrate: Substrate, blur: Blur, batch_size: int) -> Work:
+    """The forwards per image of an insertion or deletion curve: its ``ceil(H * W / step) + 1`` points."""
+    return Work(-(-size[0] * size[1] // step) + 1)
 
 
 def pixel_rank(maps: Tensor) -> Tensor:

@@ -8,6 +8,12 @@ writes it, the one way a shard is committed. A failure is recorded beside the sh
 
 A committed shard that turns out corrupt (see :mod:`pipeline.integrity`) is moved to
 ``shards/corrupt/`` and computed again, with the score shards that read it.
+
+:func:`run_shards` shows a progress bar named after the stage and method of the shard in
+progress (``explain rise``, ``score rise: insertion, deletion``). It counts model forwards
+(images through the model) against those the plan's cost estimate (``cost.json``, see
+:mod:`pipeline.cost`) gives the queued shards, so its rate and remaining time follow the
+work, not the number of shards; without an estimate it counts shards.
 """
 from __future__ import annotations
 
@@ -16,8 +22,11 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
+from torch import nn
+
+from ..cost import read_estimate, shard_work
 from ..data import DataError
 from ..integrity import find_corrupt, quarantine_shards
 from ..planning import Plan, Shard
@@ -27,7 +36,7 @@ from .context import RunContext
 from .explain import ExplainStage
 from .score import ScoreStage
 
-__all__ = ["ShardRunner", "ShardError", "run_shards", "commit_shard"]
+__all__ = ["ShardRunner", "ShardError", "run_shards", "commit_shard", "planned_forwards"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +155,71 @@ class ShardRunner:
         self.explain.save_progress()
 
 
+def planned_forwards(folder: RunDir, plan: Plan) -> dict[str, int] | None:
+    """The forwards the cost estimate plans for every shard of ``plan``; ``None`` without an estimate
+    of this config."""
+    estimate = read_estimate(folder.cost, plan.config_hash)
+    if estimate is None:
+        return None
+    return {shard_id: sum(work.forwards for work in lines.values())
+            for shard_id, lines in shard_work(plan, estimate.units).items()}
+
+
+def _stage_label(shard: Shard) -> str:
+    """``explain METHOD`` or ``score METHOD: METRICS``."""
+    if shard.stage == "explain":
+        return f"explain {shard.method}"
+    return f"score {shard.method}: {', '.join(shard.metrics)}"
+
+
+class _Progress:
+    """A tqdm bar over the queued shards' planned forwards (``enabled=None``: only on a terminal).
+
+    The model's forward hook advances it by the images of each forward, up to the shard's planned
+    forwards; when a shard ends the bar is set to the plan's count of the shards done. Without
+    planned forwards it counts shards.
+    """
+
+    def __init__(self, bar: Any, planned: dict[str, int] | None) -> None:
+        self.bar, self.planned = bar, planned
+        self.done = 0
+        self.ceiling = 0
+
+    def weight(self, shard_id: str) -> int:
+        return 1 if self.planned is None else self.planned.get(shard_id, 0)
+
+    def start(self, shard: Shard, queued: list[str]) -> None:
+        """Name ``shard`` on the bar; ``queued``: it and the shards after it."""
+        self.bar.total = self.done + sum(self.weight(i) for i in queued)
+        self.ceiling = self.done + self.weight(shard.id)
+        self.bar.set_description(_stage_label(shard), refresh=False)
+
+    def forward(self, _module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
+        rows = getattr(inputs[0], "shape", (0,))[0] if inputs and self.planned is not None else 0
+        step = min(rows, self.ceiling - self.bar.n)
+        if step > 0:
+            self.bar.update(step)
+
+    def finish(self) -> None:
+        """The shard started last is done (or failed, or skipped)."""
+        self.done = self.ceiling
+        self.bar.update(self.done - self.bar.n)
+
+
 @contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool | None) -> Iterator[object]:
-    """A tqdm bar; ``enabled=None`` shows it only on a terminal."""
+def _progress(runner: ShardRunner, enabled: bool | None) -> Iterator[_Progress]:
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, disable=None if enabled is None else not enabled, unit="shard", dynamic_ncols=True) as bar:
-        yield bar
+    planned = planned_forwards(runner.run_dir, runner.plan)
+    unit = "shard" if planned is None else "forward"
+    with tqdm(total=0, disable=None if enabled is None else not enabled, unit=unit, unit_scale=planned is not None,
+              dynamic_ncols=True) as bar:
+        progress = _Progress(bar, planned)
+        handle = runner.context.model.register_forward_hook(progress.forward)
+        try:
+            yield progress
+        finally:
+            handle.remove()
 
 
 def run_shards(
@@ -173,12 +240,13 @@ def run_shards(
     queue = _explain_first(plan, [*shard_ids, *(i for i in again if i not in set(shard_ids))])
     failed: dict[str, str] = {}
     runner.schedule(queue if force else [i for i in queue if not folder.shard(i).is_file()])
-    with _progress_bar(len(queue), progress) as bar, contextlib.closing(runner):
+    with _progress(runner, progress) as bar, contextlib.closing(runner):
         position = 0
         while position < len(queue):
             shard_id = queue[position]
-            position += 1
             shard = plan.shard(shard_id)
+            bar.start(shard, queue[position:])
+            position += 1
             blocked = [i for i in shard.after if i in failed]
             if blocked:
                 failed[shard_id] = f"skipped: it needs failed shard(s) {', '.join(blocked)}"
@@ -190,8 +258,7 @@ def run_shards(
             redo = [i for i in sorted(runner.invalidated) if i not in queue[position:] and not runner.committed(i)]
             runner.invalidated.clear()
             queue[position:] = _explain_first(plan, [*queue[position:], *redo])
-            bar.total = len(queue)  # type: ignore[attr-defined]
-            bar.update(1)  # type: ignore[attr-defined]
+            bar.finish()
     return failed
 
 
