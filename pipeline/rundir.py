@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checks import check_entries, check_layers, with_default_layers
+from .checks import check_class_count, check_entries, check_layers, with_default_layers
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
-from .data import DataError, ImageSet, discover_images, load_image
+from .data import DataError, ImageSet, discover_images, load_data_image
 from .errors import PipelineError
 from .models import build_model, model_digest
 from .planning import Plan, make_plan
@@ -72,7 +72,7 @@ def _one_image_reads(images: ImageSet, config: ExperimentConfig) -> None:
     errors = []
     for record in images.records[:PREFLIGHT_IMAGES]:
         try:
-            load_image(record.path, config.data.image_size, config.data.mean, config.data.std)
+            load_data_image(record.path, config.data)
             return
         except DataError as error:
             errors.append(str(error))
@@ -141,6 +141,7 @@ def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False
     if hash_inputs is None:
         hash_inputs = folder.plan.is_file() and Plan.read(folder.plan).fingerprint == "sha256"
     images = discover_images(config.data, hash_inputs=hash_inputs)
+    check_class_count(config, images)
     if check:
         preflight(config, folder.root, images)
     plan = make_plan(config, images, model_digest(config.model))

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config, parse_config
+from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.data import DataError
 from pipeline.demo_model import ShapesNet
 from pipeline.models import ModelError
@@ -186,3 +187,28 @@ def test_omitted_cam_layers_are_planned_and_saved_as_the_default(make_config: Co
     assert {s.layers for s in plan.stage("score") if s.method == "gradcam"} == {("layer3",)}
     assert plan_run(parse_config(raw), run_dir) == plan  # the same config again: the same run
 
+
+
+def test_num_classes_other_than_the_class_folders_needs_the_models_class_names(
+    make_config: ConfigFactory, image_tree: ImageTree, tmp_path: Path
+) -> None:
+    raw = make_config(checkpoint_path=write_checkpoint(tmp_path / "four.pt", num_classes=4))
+    raw["model"]["num_classes"] = 4
+    raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]}]
+    raw["metrics"] = [{"name": "insertion", "params": {"step": 64}}]
+    raw["target"] = "label"
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"model.num_classes is 4 but data.root .*images has 3 class folder.s. "
+                                          r"\(alpha, beta, gamma\).*Give data.class_names"):
+        plan_run(parse_config(raw), run_dir)
+    _assert_nothing_written(run_dir)
+    names = ["delta", "gamma", "alpha", "beta"]  # the model's outputs in order; delta has no folder
+    raw["data"]["class_names"] = names
+    plan = plan_run(parse_config(raw), run_dir)
+    assert plan.class_names == tuple(names)
+    assert run_local(run_dir, progress=False) == {}
+    reduce_run(run_dir, progress=False)
+    table = pd.read_csv(RunDir(run_dir).metrics_csv)
+    folders = table["key"].str.split("/").str[0]
+    assert (table["class_name"] == folders).all()
+    assert (table["label"] == folders.map(names.index)).all() and (table["target"] == table["label"]).all()

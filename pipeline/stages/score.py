@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MetricConfig
-from ..data import DataError, load_gt
+from ..data import DataError, load_data_gt
 from ..metrics import METRICS, metric_spec
 from ..planning import Shard
 from ..store import ShardOutput
@@ -50,12 +50,11 @@ class ScoreStage:
             raise DataError(f"images that were explained can no longer be read: {'; '.join(failures.values())}")
         metrics = [m for m in context.config.metrics if m.name in shard.metrics]
         needs_gt = any(METRICS[m.name].needs_ground_truth for m in metrics)
-        size = context.config.data.image_size
         gt: list[Tensor | None] = []
         gt_reasons: list[str] = []
         for record in loaded:
             try:
-                gt.append(load_gt(record.gt_path, size) if needs_gt and record.gt_path else None)
+                gt.append(load_data_gt(record.gt_path, context.config.data) if needs_gt and record.gt_path else None)
                 gt_reasons.append("")
             except DataError as error:  # that image's ground-truth metrics are NaN; the others go on
                 gt.append(None)
