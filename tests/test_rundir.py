@@ -1,7 +1,9 @@
 """pipeline.rundir: planning into a folder, guarding another config's run, pre-flight checks."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -13,10 +15,17 @@ from pipeline.demo_model import ShapesNet
 from pipeline.models import ModelError
 from pipeline.planning import Plan
 from pipeline.launching import run_local
-from pipeline.rundir import PREFLIGHT_IMAGES, RunDirError, config_changes, load_run_plan, plan_run
+from pipeline.rundir import (
+    PREFLIGHT_IMAGES,
+    RunDirError,
+    config_changes,
+    load_run_plan,
+    plan_run,
+    replan_changes,
+)
 from pipeline.stages import reduce_run
 from pipeline.run_dir import RunDir
-from tests.tiny_experiment import ConfigFactory, ImageTree, write_checkpoint
+from tests.tiny_experiment import ConfigFactory, ImageTree, one_thread, write_checkpoint
 
 MODULES = [name for name, _ in ShapesNet(num_classes=3, width=4).named_modules() if name]
 #: what a bad layer raises today (ValueError) or once the CLI reports it cleanly (RunDirError)
@@ -212,3 +221,62 @@ def test_num_classes_other_than_the_class_folders_needs_the_models_class_names(
     folders = table["key"].str.split("/").str[0]
     assert (table["class_name"] == folders).all()
     assert (table["label"] == folders.map(names.index)).all() and (table["target"] == table["label"]).all()
+
+
+def _run_and_reduce(config: dict[str, Any], run_dir: Path, **planning: bool) -> Plan:
+    with one_thread():
+        plan = plan_run(parse_config(config), run_dir, **planning)
+        assert run_local(run_dir, progress=False) == {}
+        reduce_run(run_dir, progress=False)
+    return plan
+
+
+def _metrics(run_dir: Path) -> pd.DataFrame:
+    table = pd.read_csv(RunDir(run_dir).metrics_csv)
+    return table.sort_values(["key", "method", "layer", "metric"]).reset_index(drop=True)
+
+
+def test_an_update_keeps_exactly_the_unchanged_shards_and_ends_as_a_fresh_run(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    raw = make_config()
+    run_dir = tmp_path / "run"
+    first = _run_and_reduce(raw, run_dir)
+    folder = RunDir(run_dir)
+    committed = folder.committed()
+    written = {i: folder.shard(i).stat().st_mtime_ns for i in committed}
+    raw["methods"][1]["params"]["n_masks"] = 32  # RISE changes: all its shards
+    raw["metrics"] = raw["metrics"][:2]  # PCC goes: the ground-truth score shards of Grad-CAM
+    with pytest.raises(RunDirError, match="--update"):
+        plan_run(parse_config(raw), run_dir)
+    second = plan_run(parse_config(raw), run_dir, update=True)
+    unchanged = {s.id for s in first.shards if s.method == "gradcam" and "pcc" not in s.metrics}
+    assert {s.id for s in second.shards} & {s.id for s in first.shards} == unchanged
+    assert folder.committed() == unchanged
+    assert sorted(p.name for p in folder.dropped.iterdir()) == sorted(f"{i}.h5" for i in committed - unchanged)
+    changes = replan_changes(first, second, committed)
+    chunks = 3  # 12 images, 5 per shard
+    assert changes.kept == Counter({"explain gradcam": chunks, "score gradcam: insertion, deletion": 2 * chunks})
+    assert set(changes.added) == {"explain rise", "score rise: insertion, deletion"}
+    assert sum(changes.added.values()) == sum(s.method == "rise" for s in second.shards)
+    assert changes.dropped == Counter({"explain rise": sum(s.stage == "explain" and s.method == "rise"
+                                                          for s in first.shards),
+                                       "score rise: insertion, deletion": chunks, "score rise: pcc": chunks,
+                                       "score gradcam: pcc": 2 * chunks})
+    with one_thread():
+        assert run_local(run_dir, progress=False) == {}
+        reduce_run(run_dir, progress=False)
+    assert all(folder.shard(i).stat().st_mtime_ns == written[i] for i in unchanged)  # kept, not computed again
+    _run_and_reduce(raw, tmp_path / "fresh")
+    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(tmp_path / "fresh"), check_exact=True)
+
+
+def test_an_update_may_delete_the_dropped_shards(make_config: ConfigFactory, tmp_path: Path) -> None:
+    raw = make_config()
+    raw["methods"] = raw["methods"][:1]
+    run_dir = tmp_path / "run"
+    _run_and_reduce(raw, run_dir)
+    raw["metrics"] = raw["metrics"][:2]
+    plan = plan_run(parse_config(raw), run_dir, update=True, delete_dropped=True)
+    folder = RunDir(run_dir)
+    assert folder.committed() == {s.id for s in plan.shards} and not folder.dropped.exists()
