@@ -17,6 +17,12 @@ file, no file opened), or ``sha256:<hex>`` of its bytes with ``hash_inputs``;
 
 Images are scaled to [0, 1] by their bit depth: 8-bit modes by 255, 16-bit grayscale
 (``I;16``, and ``I`` as PNG reads it) by 65535, then replicated to three channels.
+They are resized as ``data.resize`` says: squashed to ``image_size``, or (``shorter_side_then_centre_crop``)
+torchvision's ``Resize(resize_size)`` then ``CenterCrop(crop_size)``, and their ground-truth maps likewise.
+
+An ImageFolder tree's classes are its sorted folder names, or ``data.class_names`` (the model's
+classes in output order), where each folder is labelled by its name's index. ``subset.first_n``
+keeps the first N images (in key order) of each class.
 """
 from __future__ import annotations
 

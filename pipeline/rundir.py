@@ -7,8 +7,8 @@ moves the files of those it no longer plans to ``shards/dropped/`` (or deletes t
 ``delete_dropped``), or ``overwrite``, which clears its shards and results.
 :func:`replan_changes` counts what a re-plan kept, added and dropped. Planning the same config again
 takes changed input files into account (new ids for the shards that read them, see
-:mod:`pipeline.planning`); the files of superseded shards are left in ``shards/``
-(unused, and used again if the inputs change back).
+:mod:`pipeline.planning`); without ``update`` the files of superseded shards are left in
+``shards/`` (unused, and used again if the inputs change back).
 :func:`preflight` checks on the submitting machine what would otherwise fail on
 every node: the model and checkpoint load, the layers exist and give grids, every
 method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
