@@ -5,8 +5,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config, parse_config
@@ -280,3 +282,32 @@ def test_an_update_may_delete_the_dropped_shards(make_config: ConfigFactory, tmp
     plan = plan_run(parse_config(raw), run_dir, update=True, delete_dropped=True)
     folder = RunDir(run_dir)
     assert folder.committed() == {s.id for s in plan.shards} and not folder.dropped.exists()
+
+
+def test_a_centre_cropped_run_scores_against_ground_truth_cropped_as_torchvision_does(
+    make_config: ConfigFactory, image_tree: ImageTree, tmp_path: Path
+) -> None:
+    from torchvision import transforms
+
+    from pipeline.analysis import load_run
+
+    raw = make_config()
+    raw["data"].update(resize="shorter_side_then_centre_crop", resize_size=44, crop_size=[28, 32])
+    del raw["data"]["image_size"]
+    raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]}]
+    raw["metrics"] = [{"name": "pcc"}]
+    _run_and_reduce(raw, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    table = _metrics(tmp_path / "run").set_index("key")
+    crop = transforms.Compose([transforms.Resize(44), transforms.CenterCrop((28, 32))])
+    for key, gt_path in image_tree.gt_files.items():
+        with Image.open(gt_path) as gt_image:
+            gt = torch.from_numpy(np.asarray(gt_image.convert("L"), dtype=np.float32) / 255)[None]
+        gt = transforms.CenterCrop((28, 32))(transforms.Resize(44, antialias=False)(gt))[0].numpy()
+        saliency = run.maps("gradcam", "layer3", keys=key)
+        assert saliency.shape == gt.shape == (28, 32)
+        expected = np.corrcoef(saliency.ravel().astype(np.float64), gt.ravel())[0, 1]
+        assert table.loc[key, "value"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        with Image.open(image_tree.root / f"{key}.png") as image:
+            pixels = np.asarray(crop(image.convert("RGB")), dtype=np.float32) / 255
+        np.testing.assert_allclose(run.image(key), pixels, atol=1e-5)
