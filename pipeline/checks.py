@@ -13,6 +13,9 @@ one). It lists every problem, one per entry, with its field path
 (``methods[0].params.p1: p1 must be in (0, 1], got 1.5``), so a value that would fail
 every shard on a node fails at plan time instead.
 
+:func:`check_class_count` refuses an ImageFolder tree whose number of class folders is not the
+model's ``num_classes`` unless ``data.class_names`` lists the model's classes: the labels would shift.
+
 :func:`check_layers` checks the layers of CAM entries on one forward of a zero image:
 each must run and its output must become a ``[B, C, h, w]`` grid under the entry's ``reshape``;
 it returns each grid's channel count ``C``, what Score-CAM-like methods cost (:mod:`pipeline.cost`).
@@ -27,6 +30,7 @@ from torch import nn
 
 from .batch_size import with_batch_size
 from .config import ConfigError, ExperimentConfig
+from .data import ImageSet
 from .methods import CamExplainer, build_method, method_class, method_parameters
 from .methods.base import capture_outputs
 from .methods.layers import RESHAPES, default_layer, to_grid
@@ -34,7 +38,7 @@ from .metrics import metric_spec
 from .models import build_model
 from .planning import method_params
 
-__all__ = ["check_entries", "check_layers", "with_default_layers"]
+__all__ = ["check_entries", "check_layers", "check_class_count", "with_default_layers"]
 
 
 def _cam_entries(config: ExperimentConfig) -> list[int]:
@@ -135,3 +139,16 @@ def _problem(message: str, paths: Mapping[str, str], fallback: str) -> str:
         if (match := re.search(rf"\b{re.escape(name)}\b", message)) is not None
     ]
     return f"{min(named)[1] if named else fallback}: {message}"
+
+
+def check_class_count(config: ExperimentConfig, images: ImageSet) -> None:
+    """Raise :class:`~pipeline.config.ConfigError` when ``model.num_classes`` differs from the number of
+    class folders of ``data.root`` and ``data.class_names`` does not give the model's classes."""
+    outputs, folders = config.model.num_classes, images.class_names
+    if config.data.root is None or config.data.class_names is not None or outputs in (None, len(folders)):
+        return
+    raise ConfigError(
+        f"model.num_classes is {outputs} but data.root {config.data.root} has {len(folders)} class folder(s) "
+        f"({', '.join(folders)}): the labels would not be the model's outputs. Give data.class_names, the "
+        f"model's {outputs} class names in output order (each folder is labelled by its name's index there)"
+    )

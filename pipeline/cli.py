@@ -86,23 +86,28 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .cost import CostEstimate
     from .planning import Plan
     from .run_dir import RunDir
-    from .rundir import plan_run
+    from .rundir import RunDirError, plan_run, replan_changes
 
+    if args.delete_dropped and not args.update:
+        raise RunDirError("--delete-dropped goes with --update (the shards a re-plan no longer plans)")
     folder = RunDir(args.out)
-    before = {s.id for s in Plan.read(folder.plan).shards} if folder.plan.is_file() else set()
+    before = Plan.read(folder.plan) if folder.plan.is_file() and not args.overwrite else None
+    committed = folder.committed()
     plan = plan_run(load_config(args.config), args.out, overwrite=args.overwrite, update=args.update,
-                    hash_inputs=args.hash_inputs)
+                    hash_inputs=args.hash_inputs, delete_dropped=args.delete_dropped)
     stages = {stage: len(plan.stage(stage)) for stage in ("explain", "score")}
     planned = {s.id for s in plan.shards}
-    committed = folder.committed()
-    done = len(committed & planned)
+    done = len(folder.committed() & planned)
     kept = f" ({done} already committed)" if done else ""
     print(f"planned {plan.image_count} images: {stages['explain']} explain and {stages['score']} score shards "
           f"in {args.out}{kept}")
-    dropped = len((before - planned) & committed)
-    if before and before != planned:
-        print(f"re-planned: {len(planned - before)} new shard(s), {len(before & planned)} unchanged, {dropped} "
-              f"committed shard(s) no longer planned (left in {folder.shards}, used again if planned again)")
+    if before is not None and {s.id for s in before.shards} != planned:
+        changes = replan_changes(before, plan, committed)
+        print("re-planned " + "\n".join(changes.describe()))
+        if sum(changes.dropped.values()):
+            where = ("deleted" if args.delete_dropped else f"moved to {folder.dropped}, never read again"
+                     if args.update else f"left in {folder.shards}, used again if planned again")
+            print(f"the files of the dropped shards: {where}")
     if folder.cost.is_file():
         print(CostEstimate.read(folder.cost).describe())
     return 0
@@ -197,6 +202,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo config: {config_path}")
     run_dir = Path(args.out) / "run"
     args.config, args.out, args.overwrite, args.update, args.hash_inputs = config_path, run_dir, True, False, None
+    args.delete_dropped = False
     args.profile, args.executor = None, "local"
     return _cmd_run(args)
 
@@ -251,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         replace.add_argument("--update", action="store_true",
                              help="plan a changed config into --out, reusing the shards it still plans")
         replace.add_argument("--overwrite", action="store_true", help="replace a run of another config in --out")
+        p.add_argument("--delete-dropped", action="store_true",
+                       help="with --update: delete the shards no longer planned (default: moved to shards/dropped/)")
         p.add_argument("--hash-inputs", action="store_const", const=True, default=None,
                        help="fingerprint input files by SHA-256, not size and time (kept by later re-plans)")
         if name == "run":

@@ -7,11 +7,23 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
       root: images/                  # an ImageFolder tree (class per sub-folder) ...
       manifest: images.csv           # ... or a CSV with columns path,label[,gt]
       gt_dir: gaze/                  # ground-truth maps matched by relative path and stem
-      image_size: [224, 224]         # or one int
+      image_size: [224, 224]         # the model's input size (or one int)
+      resize: squash                 # squash: every image resized to image_size (aspect ratio lost);
+                                     # shorter_side_then_centre_crop: torchvision's Resize(resize_size)
+                                     # then CenterCrop(crop_size); ground-truth maps likewise
+      resize_size: 256               # centre crop only: the shorter side's length after resizing
+      crop_size: 224                 # centre crop only: [h, w] or one int (default image_size; it
+                                     # is the model's input size, so image_size follows it)
       mean: [0.485, 0.456, 0.406]    # normalization (ImageNet by default)
       std: [0.229, 0.224, 0.225]
-      class_names: [...]             # names for integer labels of a manifest
-      subset: {split_file: val.txt, classes: [a, b], first_n: 100}
+      class_names: [...]             # the model's classes in output order: names for integer labels
+                                     # of a manifest; for an ImageFolder tree, each folder's label is
+                                     # its name's index here (needed when num_classes differs from the
+                                     # number of class folders)
+      subset:                        # applied in this order
+        split_file: val.txt          # keys or relative paths listed one per line
+        classes: [a, b]              # only these classes
+        first_n: 100                 # the first N images (in key order) of each class
     model:                           # *
       arch: resnet50                 # a torchvision architecture ...
       factory: my_pkg.models:build   # ... or a `module:callable`
@@ -72,6 +84,7 @@ __all__ = [
     "ResultsConfig",
     "ExperimentConfig",
     "ComputeConfig",
+    "CENTRE_CROP",
     "load_config",
     "parse_config",
     "config_hash",
@@ -102,17 +115,36 @@ class SubsetConfig(_Strict):
     first_n: int | None = Field(default=None, ge=1)
 
 
+#: the ``data.resize`` mode of torchvision's ``Resize(resize_size)`` followed by ``CenterCrop(crop_size)``
+CENTRE_CROP = "shorter_side_then_centre_crop"
+
+
 class DataConfig(_Strict):
     root: Path | None = None
     manifest: Path | None = None
     gt_dir: Path | None = None
     image_size: tuple[int, int] = (224, 224)
+    resize: Literal["squash", "shorter_side_then_centre_crop"] = "squash"
+    resize_size: int | None = Field(default=None, ge=8)
+    crop_size: tuple[int, int] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     class_names: list[str] | None = None
     subset: SubsetConfig = SubsetConfig()
 
-    @field_validator("image_size", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _crop_is_the_input_size(cls, data: Any) -> Any:
+        """Under the centre crop, ``crop_size`` defaults to ``image_size`` and ``image_size`` follows a given ``crop_size``."""
+        if not (isinstance(data, dict) and data.get("resize") == CENTRE_CROP):
+            return data
+        if data.get("crop_size") is None:
+            return {**data, "crop_size": data.get("image_size", cls.model_fields["image_size"].default)}
+        if data.get("image_size") is None:
+            return {**data, "image_size": data["crop_size"]}
+        return data
+
+    @field_validator("image_size", "crop_size", mode="before")
     @classmethod
     def _square(cls, value: Any) -> Any:
         return (value, value) if isinstance(value, int) else value
@@ -135,6 +167,23 @@ class DataConfig(_Strict):
     def _one_source(self) -> "DataConfig":
         if (self.root is None) == (self.manifest is None):
             raise ValueError("give exactly one of `root` (an ImageFolder tree) or `manifest` (a CSV file)")
+        return self
+
+    @model_validator(mode="after")
+    def _resize_sizes(self) -> "DataConfig":
+        if self.resize == "squash":
+            if self.resize_size is not None or self.crop_size is not None:
+                raise ValueError(f"resize_size and crop_size apply only to `resize: {CENTRE_CROP}`")
+            return self
+        if self.resize_size is None:
+            raise ValueError(f"`resize: {CENTRE_CROP}` needs resize_size (the shorter side's length)")
+        assert self.crop_size is not None  # defaulted by _crop_is_the_input_size
+        if self.crop_size != self.image_size:
+            raise ValueError(f"crop_size {list(self.crop_size)} is the model's input size: it must equal "
+                             f"image_size {list(self.image_size)} (give one of them)")
+        if max(self.crop_size) > self.resize_size:
+            raise ValueError(f"crop_size {list(self.crop_size)} does not fit in every image resized to a "
+                             f"shorter side of resize_size {self.resize_size}")
         return self
 
 
@@ -275,6 +324,14 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"metric(s) listed twice: {', '.join(repeated)}")
         return self
 
+    @model_validator(mode="after")
+    def _class_count(self) -> "ExperimentConfig":
+        names, outputs = self.data.class_names, self.model.num_classes
+        if names is not None and outputs is not None and len(names) != outputs:
+            raise ValueError(f"data.class_names has {len(names)} names but model.num_classes is {outputs}: "
+                             "give the model's full class list, in output order")
+        return self
+
     def method(self, label: str) -> MethodConfig:
         """The method entry whose label is ``label``."""
         for entry in self.methods:
@@ -383,11 +440,15 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 
 def config_dict(config: ExperimentConfig) -> dict[str, Any]:
-    """The config as plain JSON-compatible data (paths as strings); a default ``compute`` section and
-    an empty ``plugins`` list are left out, so configs written before they existed keep their hash."""
+    """The config as plain JSON-compatible data (paths as strings); a default ``compute`` section, the
+    ``data.resize`` keys of the default ``squash`` and an empty ``plugins`` list are left out, so configs
+    written before they existed keep their hash."""
     data = config.model_dump(mode="json")
     if config.compute == ComputeConfig():
         del data["compute"]
+    if config.data.resize == "squash":
+        for key in ("resize", "resize_size", "crop_size"):
+            del data["data"][key]
     if not config.plugins:
         del data["plugins"]
     return data

@@ -17,6 +17,12 @@ file, no file opened), or ``sha256:<hex>`` of its bytes with ``hash_inputs``;
 
 Images are scaled to [0, 1] by their bit depth: 8-bit modes by 255, 16-bit grayscale
 (``I;16``, and ``I`` as PNG reads it) by 65535, then replicated to three channels.
+They are resized as ``data.resize`` says: squashed to ``image_size``, or (``shorter_side_then_centre_crop``)
+torchvision's ``Resize(resize_size)`` then ``CenterCrop(crop_size)``, and their ground-truth maps likewise.
+
+An ImageFolder tree's classes are its sorted folder names, or ``data.class_names`` (the model's
+classes in output order), where each folder is labelled by its name's index. ``subset.first_n``
+keeps the first N images (in key order) of each class.
 """
 from __future__ import annotations
 
@@ -44,6 +50,10 @@ __all__ = [
     "file_stamp",
     "load_image",
     "load_gt",
+    "load_data_image",
+    "load_data_gt",
+    "shorter_side_size",
+    "centre_crop_offset",
     "load_batch",
     "load_images",
     "loader_workers",
@@ -143,19 +153,25 @@ def _index_gt(gt_dir: Path) -> tuple[dict[str, _Stamped], dict[str, _Stamped]]:
 _Item = tuple[str, Path, int, "str | None", "Path | None"]
 
 
-def _image_folder(root: Path) -> tuple[list[_Item], list[str]]:
-    """``(key, path, label, stamp, None)`` of every image of an ImageFolder tree, and the class names."""
+def _image_folder(root: Path, class_names: Sequence[str] | None) -> tuple[list[_Item], list[str]]:
+    """``(key, path, label, stamp, None)`` of every image of an ImageFolder tree, and the class names:
+    ``class_names`` (each folder's label is its name's index there) or the sorted folder names."""
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
-    if not classes:
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not folders:
         raise DataError(f"data.root: {root} has no class sub-folders (expected root/<class>/<image>)")
+    names = list(class_names) if class_names else folders
+    unknown = [folder for folder in folders if folder not in names]
+    if unknown:
+        raise DataError(f"data.class_names: the class folder(s) {', '.join(unknown)} of {root} are not among "
+                        f"the class names {', '.join(names)}")
     items = [
-        (f"{name}/{key}", Path(full), index, stamp, None)
-        for index, name in enumerate(classes)
-        for key, full, stamp in _walk(root / name, IMAGE_EXTENSIONS)
+        (f"{folder}/{key}", Path(full), names.index(folder), stamp, None)
+        for folder in folders
+        for key, full, stamp in _walk(root / folder, IMAGE_EXTENSIONS)
     ]
-    return items, classes
+    return items, names
 
 
 def _manifest(path: Path, class_names: Sequence[str] | None) -> tuple[list[tuple[Path, int, Path | None]], list[str]]:
@@ -201,7 +217,7 @@ def discover_images(config: DataConfig, *, hash_inputs: bool = False) -> ImageSe
     """
     if config.root is not None:
         base = config.root
-        items, names = _image_folder(base)
+        items, names = _image_folder(base, config.class_names)
     else:
         assert config.manifest is not None
         base = config.manifest.parent
@@ -210,10 +226,6 @@ def discover_images(config: DataConfig, *, hash_inputs: bool = False) -> ImageSe
             (_key(path, base) if path.is_relative_to(base) else path.with_suffix("").as_posix(), path, label, None, gt)
             for path, label, gt in listed
         ]
-    if config.class_names and config.root is not None:
-        if len(config.class_names) != len(names):
-            raise DataError(f"data.class_names has {len(config.class_names)} names but {base} has {len(names)} classes")
-        names = list(config.class_names)
     gt_by_key, gt_by_stem = _index_gt(config.gt_dir) if config.gt_dir else ({}, {})
     records = []
     for key, path, label, stamp, listed_gt in items:
@@ -235,11 +247,22 @@ def discover_images(config: DataConfig, *, hash_inputs: bool = False) -> ImageSe
         split = _read_split(subset.split_file)
         records = [r for r in records if r.key in split]
     if subset.first_n is not None:
-        records = records[: subset.first_n]
+        records = _first_per_class(records, subset.first_n)
     if not records:
         raise DataError(f"no images found for data at {base} (after the subset)")
     stamped = tuple(_stamped(r, hash_inputs) for r in records)
     return ImageSet(stamped, tuple(names), "sha256" if hash_inputs else "stat")
+
+
+def _first_per_class(records: Sequence[ImageRecord], count: int) -> list[ImageRecord]:
+    """The first ``count`` records of each label, in the order of ``records``."""
+    seen: Counter[int] = Counter()
+    kept = []
+    for record in records:
+        seen[record.label] += 1
+        if seen[record.label] <= count:
+            kept.append(record)
+    return kept
 
 
 def _stamped(record: ImageRecord, hash_inputs: bool) -> ImageRecord:
@@ -276,8 +299,39 @@ def _unit_gray(image: "PILImage", path: Path) -> "np.ndarray":
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """A normalized float tensor ``[3, H, W]``; raises :class:`DataError` naming the file."""
+def shorter_side_size(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """``(height, width)`` of an image of ``size`` whose shorter side is resized to ``shorter``, the aspect
+    ratio kept and the longer side rounded down (torchvision's ``Resize(shorter)``)."""
+    height, width = size
+    if height <= width:
+        return shorter, int(shorter * width / height)
+    return int(shorter * height / width), shorter
+
+
+def centre_crop_offset(size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+    """``(top, left)`` of the centre ``crop`` of an image of ``size`` (torchvision's ``CenterCrop``,
+    half-pixel offsets rounded half to even as Python's ``round``)."""
+    return int(round((size[0] - crop[0]) / 2.0)), int(round((size[1] - crop[1]) / 2.0))
+
+
+def _fit(image: "PILImage", size: tuple[int, int], resize_size: int | None) -> "PILImage":
+    """``image`` squashed to ``size`` (height, width) when ``resize_size`` is None, else resized to a shorter
+    side of ``resize_size`` and centre-cropped to ``size``; bilinear, as Pillow resizes (antialiased)."""
+    from PIL import Image
+
+    if resize_size is None:
+        return image.resize((size[1], size[0]), Image.BILINEAR)
+    height, width = shorter_side_size((image.height, image.width), resize_size)
+    top, left = centre_crop_offset((height, width), size)
+    return image.resize((width, height), Image.BILINEAR).crop((left, top, left + size[1], top + size[0]))
+
+
+def load_image(
+    path: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], *, resize_size: int | None = None
+) -> Tensor:
+    """A normalized float tensor ``[3, *size]``: the image squashed to ``size``, or with ``resize_size``
+    its shorter side resized to that and the centre cropped (``data.resize``); raises
+    :class:`DataError` naming the file."""
     import numpy as np
     import torch
     from PIL import Image
@@ -285,10 +339,10 @@ def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Se
     try:
         with Image.open(path) as image:
             if _sixteen_bit(image, path):
-                gray = Image.fromarray(_unit_gray(image, path), mode="F").resize((size[1], size[0]), Image.BILINEAR)
+                gray = _fit(Image.fromarray(_unit_gray(image, path), mode="F"), size, resize_size)
                 array = np.repeat(np.asarray(gray, dtype=np.float32)[..., None], 3, axis=2)
             else:
-                rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                rgb = _fit(image.convert("RGB"), size, resize_size)
                 array = np.asarray(rgb, dtype=np.float32) / 255.0
     except (OSError, ValueError) as error:
         raise DataError(f"cannot read image {path}: {error}") from None
@@ -296,9 +350,11 @@ def load_image(path: Path, size: tuple[int, int], mean: Sequence[float], std: Se
     return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def load_gt(path: Path, size: tuple[int, int]) -> Tensor:
-    """A ground-truth map ``[H, W]`` (float32) resized bilinearly to ``size``; raises :class:`DataError`
-    naming the file when it cannot be read, is not 2-D, has NaN or inf values or is constant."""
+def load_gt(path: Path, size: tuple[int, int], *, resize_size: int | None = None) -> Tensor:
+    """A ground-truth map ``[*size]`` (float32) resized bilinearly (not antialiased) as its image is:
+    squashed to ``size``, or with ``resize_size`` to that shorter side and centre-cropped to ``size``;
+    raises :class:`DataError` naming the file when it cannot be read, is not 2-D, has NaN or inf
+    values or is constant."""
     import numpy as np
     import torch
     from PIL import Image
@@ -319,7 +375,23 @@ def load_gt(path: Path, size: tuple[int, int]) -> Tensor:
     if array.min() == array.max():
         raise DataError(f"ground-truth map {path} is constant ({array.flat[0]:g} everywhere): it marks no region")
     tensor = torch.from_numpy(array)[None, None]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0]
+    if resize_size is None:
+        return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0]
+    resized = shorter_side_size((array.shape[0], array.shape[1]), resize_size)
+    if resized != array.shape:
+        tensor = F.interpolate(tensor, size=resized, mode="bilinear", align_corners=False)
+    top, left = centre_crop_offset(resized, size)
+    return tensor[0, 0, top : top + size[0], left : left + size[1]].contiguous()
+
+
+def load_data_image(path: Path, config: DataConfig) -> Tensor:
+    """:func:`load_image` with the size, resizing and normalization of ``config``."""
+    return load_image(path, config.image_size, config.mean, config.std, resize_size=config.resize_size)
+
+
+def load_data_gt(path: Path, config: DataConfig) -> Tensor:
+    """:func:`load_gt` with the size and resizing of ``config``."""
+    return load_gt(path, config.image_size, resize_size=config.resize_size)
 
 
 def load_batch(
@@ -331,7 +403,7 @@ def load_batch(
     loaded, tensors, failures = [], [], {}
     for record in records:
         try:
-            tensors.append(load_image(record.path, config.image_size, config.mean, config.std))
+            tensors.append(load_data_image(record.path, config))
             loaded.append(record)
         except DataError as error:
             failures[record.key] = str(error)
@@ -352,7 +424,7 @@ class _RecordImages:
     def __getitem__(self, index: int) -> tuple[int, "Tensor | None", str | None]:
         record = self.records[index]
         try:
-            return index, load_image(record.path, self.config.image_size, self.config.mean, self.config.std), None
+            return index, load_data_image(record.path, self.config), None
         except DataError as error:
             return index, None, str(error)
 

@@ -14,7 +14,8 @@ Two stages of shards, both planned up front:
 
 A shard's id is a digest of everything that determines its output: the method's
 resolved parameters, the image keys and their files' stamps (see :mod:`pipeline.data`),
-the sample range, the preprocessing, the target rule and the model's digest (for score
+the sample range, the preprocessing, the target rule (and the labels, under ``target: label``)
+and the model's digest (for score
 shards: the metric parameters and the ids it reads; for ground-truth metrics also the
 stamps of the chunk's ground-truth maps). Planning twice gives the same ids; any change
 gives new ones, and a method entry that did not change keeps its ids when another one
@@ -267,13 +268,18 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
     chunk_digests = {chunk: json_digest(keys[chunk[0] : chunk[1]]) for chunk in chunks}
     input_digests = {chunk: json_digest([r.stamp for r in records[chunk[0] : chunk[1]]]) for chunk in chunks}
     gt_digests = {chunk: json_digest([r.gt_stamp for r in records[chunk[0] : chunk[1]]]) for chunk in chunks}
-    common = {
+    # the explained classes under ``target: label`` (left out otherwise: the ids of runs planned before it stay)
+    labels = {chunk: {"labels": [r.label for r in records[chunk[0] : chunk[1]]]} if config.target == "label" else {}
+              for chunk in chunks}
+    common: dict[str, Any] = {
         "model": model_digest,
         "image_size": config.data.image_size,
         "mean": config.data.mean,
         "std": config.data.std,
         "target": config.target,
     }
+    if config.data.resize != "squash":  # left out by default: the ids of runs planned before it stay
+        common["resize"] = {"mode": config.data.resize, "resize_size": config.data.resize_size}
     metric_params = {m.name: m.params for m in config.metrics}
     groups = _metric_groups(config)
     shards: list[Shard] = []
@@ -287,7 +293,7 @@ def make_plan(config: ExperimentConfig, images: ImageSet, model_digest: str) -> 
             explain_ids = []
             for samples in ranges:
                 shard_id = json_digest({**common, "method": method, "keys": chunk_digests[chunk],
-                                        "inputs": input_digests[chunk], "samples": samples})
+                                        "inputs": input_digests[chunk], "samples": samples, **labels[chunk]})
                 explain_ids.append(shard_id)
                 shards.append(Shard(shard_id, "explain", entry.label, layers, chunk, samples))
             for layer in layers:

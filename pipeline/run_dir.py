@@ -10,6 +10,8 @@ Layout::
     RUN_DIR/shards/<ab>/<id>.error.json     why the shard's last attempt failed
     RUN_DIR/shards/corrupt/                 shard and checkpoint files found corrupt, kept for
                                             inspection beside a ``.reason.txt``, never read again
+    RUN_DIR/shards/dropped/                 shard and checkpoint files a re-plan (``--update``) no
+                                            longer plans, set aside by their names, never read again
     RUN_DIR/results.h5                      the merged results (see pipeline.stages.reduce)
     RUN_DIR/metrics.csv, metrics.parquet    one row per image x method x layer x metric
     RUN_DIR/summary.{csv,md,tex}            mean, variance, ... per method x layer
@@ -53,6 +55,7 @@ _COMMITTED = ".h5"
 _CHECKPOINT = ".partial.h5"
 _ERROR = ".error.json"
 _CORRUPT = "corrupt"
+_DROPPED = "dropped"
 _TEMPORARY = ".tmp-"
 
 
@@ -271,6 +274,22 @@ class RunDir:
         atomic_write(target.with_name(f"{target.name}.reason.txt"), f"{reason}\n")
         return target
 
+    @property
+    def dropped(self) -> Path:
+        """Where the files of shards a re-plan no longer plans are set aside (never read again)."""
+        return self.shards / _DROPPED
+
+    def drop(self, shard_id: str, *, delete: bool = False) -> None:
+        """Move shard ``shard_id``'s committed file and checkpoint into :attr:`dropped` (same names), or
+        ``delete`` them, and remove its error record: a re-plan no longer plans the shard."""
+        for path in (self.shard(shard_id), self.checkpoint(shard_id)):
+            if delete:
+                path.unlink(missing_ok=True)
+            elif path.is_file():
+                self.dropped.mkdir(parents=True, exist_ok=True)
+                os.replace(path, self.dropped / path.name)
+        self.clear_error(shard_id)
+
     def remove_stale_temporaries(self) -> list[Path]:
         """Remove the temporary files of interrupted writes in the run folder and its shard folders
         (those whose writer has ended: a dead process of this host, or older than
@@ -293,9 +312,10 @@ class RunDir:
         return removed
 
     def _prefix_folders(self) -> list[str]:
-        """The shard folders ``shards/<ab>`` (not :attr:`corrupt`)."""
+        """The shard folders ``shards/<ab>`` (not :attr:`corrupt` nor :attr:`dropped`)."""
         try:
-            return [entry.path for entry in os.scandir(self.shards) if entry.is_dir() and entry.name != _CORRUPT]
+            return [entry.path for entry in os.scandir(self.shards)
+                    if entry.is_dir() and entry.name not in (_CORRUPT, _DROPPED)]
         except FileNotFoundError:
             return []
 

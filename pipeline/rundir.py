@@ -2,11 +2,13 @@
 
 :func:`plan_run` writes ``config.yaml`` (the resolved config, default CAM layers filled in) and ``plan.json``.
 A folder that holds another config's run is refused (the message lists what
-changed) unless ``update`` is given, which keeps the shards the new plan still has,
-or ``overwrite``, which clears its shards and results. Planning the same config again
+changed) unless ``update`` is given, which keeps the shards the new plan still has and
+moves the files of those it no longer plans to ``shards/dropped/`` (or deletes them,
+``delete_dropped``), or ``overwrite``, which clears its shards and results.
+:func:`replan_changes` counts what a re-plan kept, added and dropped. Planning the same config again
 takes changed input files into account (new ids for the shards that read them, see
-:mod:`pipeline.planning`); the files of superseded shards are left in ``shards/``
-(unused, and used again if the inputs change back).
+:mod:`pipeline.planning`); without ``update`` the files of superseded shards are left in
+``shards/`` (unused, and used again if the inputs change back).
 :func:`preflight` checks on the submitting machine what would otherwise fail on
 every node: the model and checkpoint load, the layers exist and give grids, every
 method and metric entry accepts its parameter values (:func:`~pipeline.checks.check_entries`),
@@ -21,20 +23,31 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from .checks import check_entries, check_layers, with_default_layers
+from .checks import check_class_count, check_entries, check_layers, with_default_layers
 from .config import ExperimentConfig, config_dict, config_hash, load_config, save_config
 from .cost import Throughput, UnitCosts, estimate_cost, read_estimate, unit_costs
-from .data import DataError, ImageSet, discover_images, load_image
+from .data import DataError, ImageSet, discover_images, load_data_image
 from .errors import PipelineError
 from .models import build_model, model_digest
-from .planning import Plan, make_plan
+from .planning import Plan, Shard, make_plan
 from .run_dir import RunDir
 from .throughput import time_model
 
-__all__ = ["RunDirError", "PreflightError", "Preflight", "plan_run", "preflight", "config_changes", "load_run_plan"]
+__all__ = [
+    "RunDirError",
+    "PreflightError",
+    "Preflight",
+    "Replan",
+    "plan_run",
+    "preflight",
+    "config_changes",
+    "load_run_plan",
+    "replan_changes",
+]
 
 
 class RunDirError(PipelineError, RuntimeError):
@@ -78,7 +91,7 @@ def _one_image_reads(images: ImageSet, config: ExperimentConfig) -> None:
     errors = []
     for record in images.records[:PREFLIGHT_IMAGES]:
         try:
-            load_image(record.path, config.data.image_size, config.data.mean, config.data.std)
+            load_data_image(record.path, config.data)
             return
         except DataError as error:
             errors.append(str(error))
@@ -129,12 +142,13 @@ def _clear(folder: RunDir) -> None:
 
 
 def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, update: bool = False,
-             check: bool = True, hash_inputs: bool | None = None) -> Plan:
+             check: bool = True, hash_inputs: bool | None = None, delete_dropped: bool = False) -> Plan:
     """Plan ``config`` into ``run_dir`` (after the pre-flight checks unless ``check=False``).
 
     A folder holding another config's run is refused, unless ``update`` (the committed
     shards whose ids the new plan keeps are reused: a method entry that did not change
-    keeps its shards; the results and tables are removed) or ``overwrite`` (everything
+    keeps its shards; the files of shards no longer planned are moved to ``shards/dropped/``,
+    or deleted with ``delete_dropped``; the results and tables are removed) or ``overwrite`` (everything
     is deleted). ``hash_inputs`` fingerprints the inputs by their SHA-256 instead of size
     and time; ``None`` keeps the way of the folder's plan (size and time for a new one).
     """
@@ -158,11 +172,17 @@ def plan_run(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False
     if hash_inputs is None:
         hash_inputs = folder.plan.is_file() and Plan.read(folder.plan).fingerprint == "sha256"
     images = discover_images(config.data, hash_inputs=hash_inputs)
+    check_class_count(config, images)
     checked = preflight(config, folder.root, images) if check else None
     plan = make_plan(config, images, model_digest(config.model))
     folder.shards.mkdir(parents=True, exist_ok=True)
     save_config(config, folder.config)
     plan.write(folder.plan)
+    if update:
+        files = folder.scan()
+        planned = {s.id for s in plan.shards}
+        for shard_id in (files.committed | files.checkpoints | files.errors) - planned:
+            folder.drop(shard_id, delete=delete_dropped)
     _write_cost(folder, plan, checked)
     return plan
 
@@ -179,3 +199,42 @@ def _write_cost(folder: RunDir, plan: Plan, checked: Preflight | None) -> None:
             return
         units, throughput = previous.units, previous.throughput
     estimate_cost(plan, units, throughput, folder.committed()).write(folder.cost)
+
+
+def _group(shard: Shard) -> str:
+    return f"{shard.stage} {shard.method}" + (f": {', '.join(shard.metrics)}" if shard.metrics else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Replan:
+    """What planning into a folder did to its shards, counted per group (``explain METHOD`` or
+    ``score METHOD: metrics``): ``kept``: committed and still planned; ``added``: planned and not in
+    the previous plan; ``dropped``: committed and no longer planned (``earlier plans`` when the
+    previous plan did not have them either)."""
+
+    kept: Counter[str]
+    added: Counter[str]
+    dropped: Counter[str]
+
+    def describe(self) -> list[str]:
+        """A line of totals, then one line per group that changed or kept work."""
+        groups = sorted(set(self.kept) | set(self.added) | set(self.dropped))
+        totals = [f"{sum(counts.values())} {what}" for what, counts in
+                  (("kept", self.kept), ("added", self.added), ("dropped", self.dropped))]
+        return [f"shards: {', '.join(totals)}"] + [
+            f"  {group}: {self.kept[group]} kept, {self.added[group]} added, {self.dropped[group]} dropped"
+            for group in groups
+        ]
+
+
+def replan_changes(before: Plan | None, after: Plan, committed: Iterable[str]) -> Replan:
+    """The :class:`Replan` of planning ``after`` into a folder that held plan ``before`` (None: none)
+    and the ``committed`` shards (as they were before planning)."""
+    previous = {s.id: s for s in before.shards} if before else {}
+    planned = {s.id for s in after.shards}
+    committed = set(committed)
+    return Replan(
+        Counter(_group(s) for s in after.shards if s.id in committed),
+        Counter(_group(s) for s in after.shards if s.id not in previous),
+        Counter(_group(previous[i]) if i in previous else "earlier plans" for i in committed - planned),
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
@@ -219,8 +220,10 @@ def test_update_reuses_the_shards_a_changed_config_still_plans(
     out = capsys.readouterr().out
     assert f"({len(gradcam)} already committed)" in out
     rise = {s.id for s in before.shards if s.method != "gradcam"}
-    assert f"{len(gradcam)} unchanged, {len(rise)} committed shard(s) no longer planned" in out
     after = Plan.read(run_dir / "plan.json")
+    added = [s for s in after.shards if s.method != "gradcam"]
+    assert f"re-planned shards: {len(gradcam)} kept, {len(added)} added, {len(rise)} dropped" in out
+    assert sorted(p.name for p in RunDir(run_dir).dropped.iterdir()) == sorted(f"{i}.h5" for i in rise)
     assert {s.id for s in after.shards if s.method == "gradcam"} == set(gradcam)
     assert {i: RunDir(run_dir).shard(i).stat().st_mtime_ns for i in gradcam} == gradcam  # not computed again
     assert all(RunDir(run_dir).shard(s.id).is_file() for s in after.shards)
@@ -279,3 +282,23 @@ def test_layers_lists_candidate_layers_with_shapes_and_the_default(
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["layer3"][1:] == ["(default)", "Sequential", "16", "x", "4", "x", "4", "16", "x", "4", "x", "4"]
     assert "fc" not in rows and "layer2.0.conv1" in rows
+
+
+def test_plan_update_prints_what_it_kept_added_and_dropped(
+    run_copy: Path, write_yaml: YamlWriter, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = yaml.safe_load((run_copy / "config.yaml").read_text())
+    raw["metrics"] = [m for m in raw["metrics"] if m["name"] != "pcc"]
+    config = write_yaml(raw)
+    assert main(["plan", str(config), "--out", str(run_copy), "--delete-dropped"]) == 2
+    assert "--delete-dropped goes with --update" in capsys.readouterr().err
+    assert main(["plan", str(config), "--out", str(run_copy), "--update"]) == 0
+    out = capsys.readouterr().out
+    # three chunks of 13 images; Grad-CAM on two layers; RISE in two sample ranges per chunk:
+    # explain 3 + 6 and insertion/deletion 6 + 3 are kept, the 6 + 3 PCC shards dropped
+    assert "re-planned shards: 18 kept, 0 added, 9 dropped" in out
+    assert "  score gradcam: pcc: 0 kept, 0 added, 6 dropped" in out
+    assert "  score rise: pcc: 0 kept, 0 added, 3 dropped" in out
+    assert "  explain rise: 6 kept, 0 added, 0 dropped" in out
+    assert f"the files of the dropped shards: moved to {run_copy / 'shards' / 'dropped'}, never read again" in out
+    assert len(list((run_copy / "shards" / "dropped").iterdir())) == 9

@@ -10,6 +10,7 @@ import yaml
 from pipeline.config import (
     ConfigError,
     ExperimentConfig,
+    config_dict,
     config_hash,
     load_config,
     parse_config,
@@ -101,7 +102,7 @@ def test_home_relative_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.Mo
     [
         (None, "nmae", "nmae", "name, data, model, methods, metrics, target, sharding, results, device, compute, seed, plugins"),
         ("data", "imagesize", "data.imagesize",
-         "root, manifest, gt_dir, image_size, mean, std, class_names, subset"),
+         "root, manifest, gt_dir, image_size, resize, resize_size, crop_size, mean, std, class_names, subset"),
         ("model", "chekpoint", "model.chekpoint", "arch, factory, kwargs, num_classes, checkpoint, weights"),
         ("methods", "layer", "methods[0].layer", "name, id, layers, params"),
         ("metrics", "parms", "metrics[2].parms", "name, params"),
@@ -267,3 +268,53 @@ def test_save_and_load_round_trip(make_config: ConfigFactory, tmp_path: Path) ->
     assert config_hash(loaded) == config_hash(config)
     raw["seed"] = 6  # the hash sees every field
     assert config_hash(parse_config(raw)) != config_hash(config)
+
+
+def test_a_default_config_hashes_as_before_the_resize_keys_existed() -> None:
+    raw = {"data": {"root": "/data/images", "gt_dir": "/data/gt", "image_size": 64, "subset": {"first_n": 3}},
+           "model": {"arch": "resnet18", "num_classes": 3},
+           "methods": [{"name": "gradcam", "layers": ["layer4"]}, {"name": "rise", "params": {"n_masks": 64}}]}
+    config = parse_config(raw)
+    assert "resize" not in config_dict(config)["data"]
+    assert config_hash(config) == "92db8a9be552bf7f"  # the hash this config had before `data.resize`
+
+
+def test_the_centre_crop_takes_image_size_or_crop_size_as_the_input_size(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    raw = make_config()
+    raw["data"].update(resize="shorter_side_then_centre_crop", resize_size=40)
+    data = parse_config(raw).data
+    assert (data.resize_size, data.crop_size, data.image_size) == (40, (32, 32), (32, 32))
+    del raw["data"]["image_size"]
+    raw["data"]["crop_size"] = [24, 36]
+    config = parse_config(raw)
+    assert (config.data.crop_size, config.data.image_size) == ((24, 36), (24, 36))
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert config_hash(config) != config_hash(parse_config(make_config()))
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    ({"resize": "shorter_side_then_centre_crop"}, "needs resize_size"),
+    ({"resize_size": 40}, "resize_size and crop_size apply only to `resize: shorter_side_then_centre_crop`"),
+    ({"crop_size": 24}, "resize_size and crop_size apply only"),
+    ({"resize": "shorter_side_then_centre_crop", "resize_size": 40, "crop_size": 24},
+     r"crop_size \[24, 24\] is the model's input size: it must equal image_size \[32, 32\]"),
+    ({"resize": "shorter_side_then_centre_crop", "resize_size": 30},
+     r"crop_size \[32, 32\] does not fit in every image resized to a shorter side of resize_size 30"),
+])
+def test_resize_settings_that_cannot_work_are_refused(
+    make_config: ConfigFactory, data: dict[str, object], problem: str
+) -> None:
+    raw = make_config()
+    raw["data"].update(data)
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(raw)
+
+
+def test_class_names_must_list_every_output_of_the_model(make_config: ConfigFactory) -> None:
+    raw = make_config()
+    raw["data"]["class_names"] = ["alpha", "beta"]
+    with pytest.raises(ConfigError, match="data.class_names has 2 names but model.num_classes is 3"):
+        parse_config(raw)

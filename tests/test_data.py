@@ -9,7 +9,17 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig, SubsetConfig
-from pipeline.data import DataError, discover_images, load_batch, load_gt, load_image, load_images, loader_workers
+from pipeline.data import (
+    DataError,
+    discover_images,
+    load_batch,
+    load_data_gt,
+    load_data_image,
+    load_gt,
+    load_image,
+    load_images,
+    loader_workers,
+)
 from tests.tiny_experiment import CLASSES, IMAGE_SIZE, ImageTree, add_broken_image
 
 MEAN = (0.485, 0.456, 0.406)
@@ -64,12 +74,16 @@ def test_image_folder_lists_nested_images_and_skips_other_files(tmp_path: Path) 
     assert [(r.key, r.label) for r in images.records] == [("a/three", 0), ("b/deeper/two", 1), ("b/one", 1)]
 
 
-def test_class_names_rename_the_folders_and_must_match_in_number(image_tree: ImageTree) -> None:
-    names = ["first", "second", "third"]
+def test_class_names_label_each_folder_by_its_names_index(image_tree: ImageTree) -> None:
+    names = ["gamma", "zeta", "alpha", "beta"]  # the model's outputs: one class has no folder here
     images = discover_images(_data(root=image_tree.root, class_names=names))
     assert images.class_names == tuple(names)
-    with pytest.raises(DataError, match="data.class_names has 2 names but .* has 3 classes"):
-        discover_images(_data(root=image_tree.root, class_names=names[:2]))
+    assert [r.key for r in images.records] == sorted(image_tree.keys)
+    for record in images.records:
+        assert names[record.label] == record.key.split("/")[0]
+    with pytest.raises(DataError, match="data.class_names: the class folder.s. gamma of .*images are not among "
+                                        "the class names alpha, beta"):
+        discover_images(_data(root=image_tree.root, class_names=["alpha", "beta"]))
 
 
 def test_image_folder_errors_name_the_folder(tmp_path: Path) -> None:
@@ -205,8 +219,10 @@ def test_subset_classes_split_file_and_first_n(image_tree: ImageTree, tmp_path: 
     split = tmp_path / "val.txt"
     split.write_text("# validation images\ngamma/gamma_01.png\n\nalpha/alpha_03\nbeta/beta_00.jpg\nbeta/absent\n")
     assert subset(split_file=split) == ["alpha/alpha_03", "beta/beta_00", "gamma/gamma_01"]
-    assert subset(first_n=5) == keys[:5]
-    assert subset(split_file=split, classes=["beta", "gamma"], first_n=1) == ["beta/beta_00"]
+    for count in (1, 3):
+        first_of_each = [k for name in CLASSES for k in [k for k in keys if k.startswith(f"{name}/")][:count]]
+        assert subset(first_n=count) == sorted(first_of_each)
+    assert subset(split_file=split, classes=["beta", "gamma"], first_n=1) == ["beta/beta_00", "gamma/gamma_01"]
     assert subset(first_n=100) == keys
 
 
@@ -273,6 +289,43 @@ def test_load_gt_png_npy_and_resizing(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read ground-truth map .*bad.png"):
         load_gt(tmp_path / "bad.png", (3, 3))
+
+
+@pytest.mark.parametrize("shape", [(30, 47), (47, 30), (33, 33), (29, 40)])
+def test_the_centre_crop_equals_torchvisions_resize_then_center_crop(tmp_path: Path, shape: tuple[int, int]) -> None:
+    from torchvision import transforms
+
+    _rgb(tmp_path / "x.png", 11, size=shape)
+    reference = transforms.Compose([
+        transforms.Resize(28), transforms.CenterCrop((20, 25)), transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+    ])
+    with Image.open(tmp_path / "x.png") as image:
+        expected = reference(image.convert("RGB"))
+    # both resize with Pillow's bilinear filter and crop the same pixels: equal up to float32 rounding
+    torch.testing.assert_close(load_image(tmp_path / "x.png", (20, 25), MEAN, STD, resize_size=28), expected,
+                               rtol=0, atol=1e-6)
+    gt = np.random.default_rng(5).random(shape, dtype=np.float32)
+    np.save(tmp_path / "gt.npy", gt)
+    # the map is a tensor to torchvision: F.interpolate, bilinear without antialiasing, as load_gt resizes
+    expected_gt = transforms.CenterCrop((20, 25))(transforms.Resize(28, antialias=False)(torch.from_numpy(gt)[None]))
+    torch.testing.assert_close(load_gt(tmp_path / "gt.npy", (20, 25), resize_size=28), expected_gt[0],
+                               rtol=0, atol=1e-6)
+
+
+def test_the_configs_resize_mode_reaches_the_loaders(tmp_path: Path) -> None:
+    _rgb(tmp_path / "images" / "a" / "x.png", 12, size=(30, 47))
+    np.save(tmp_path / "x.npy", np.random.default_rng(6).random((30, 47), dtype=np.float32))
+    data = DataConfig(root=tmp_path / "images", resize="shorter_side_then_centre_crop", resize_size=28,
+                      crop_size=(20, 25))
+    records = discover_images(data).records
+    _, images, _ = load_batch(records, data)
+    torch.testing.assert_close(images[0], load_image(records[0].path, (20, 25), data.mean, data.std, resize_size=28),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(load_data_gt(tmp_path / "x.npy", data),
+                               load_gt(tmp_path / "x.npy", (20, 25), resize_size=28), rtol=0, atol=0)
+    squashed = DataConfig(root=tmp_path / "images", image_size=(20, 25))
+    torch.testing.assert_close(load_data_image(records[0].path, squashed),
+                               load_image(records[0].path, (20, 25), squashed.mean, squashed.std), rtol=0, atol=0)
 
 
 def test_load_batch_records_an_unreadable_image_and_loads_the_others(tree_copy: ImageTree) -> None:

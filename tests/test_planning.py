@@ -12,7 +12,7 @@ from pipeline.config import config_hash, parse_config
 from pipeline.data import discover_images
 from pipeline.models import model_digest
 from pipeline.planning import NO_LAYER, Plan, make_plan, sampled_method
-from tests.tiny_experiment import ConfigFactory, write_checkpoint
+from tests.tiny_experiment import ConfigFactory, ImageTree, write_checkpoint
 
 DIGEST = "model-digest-0"
 
@@ -136,10 +136,14 @@ def test_changing_a_rise_parameter_or_the_seed_changes_only_rise_shards(make_con
         assert not kept and len(renewed) == 12
 
 
-def test_changing_the_image_set_changes_only_the_affected_chunks(make_config: ConfigFactory) -> None:
+def test_changing_the_image_set_changes_only_the_affected_chunks(
+    make_config: ConfigFactory, image_tree: ImageTree, tmp_path: Path
+) -> None:
     before = _plan(make_config())
     raw = make_config()
-    raw["data"]["subset"] = {"first_n": 11}  # the last chunk loses an image
+    split = tmp_path / "split.txt"
+    split.write_text("\n".join(sorted(image_tree.keys)[:11]))  # the last chunk loses an image
+    raw["data"]["subset"] = {"split_file": str(split)}
     after = _plan(raw)
     old, new = _ids(before, "rise"), _ids(after, "rise")
     assert {k: v for k, v in old.items() if k[1] != (10, 12)} == {k: v for k, v in new.items() if k[1] != (10, 11)}
@@ -228,3 +232,22 @@ def test_shard_ids_follow_the_checkpoint_bytes_not_its_path(make_config: ConfigF
 
     assert ids(moved) == ids(first)
     assert not set(ids(retrained)) & set(ids(first))
+
+
+def test_the_centre_crop_and_the_labels_explained_under_target_label_change_every_id(
+    make_config: ConfigFactory,
+) -> None:
+    def ids(raw: dict[str, Any]) -> set[str]:
+        return {s.id for s in _plan(raw).shards}
+
+    squashed = ids(make_config())
+    raw = make_config()
+    raw["data"].update(resize="shorter_side_then_centre_crop", resize_size=40)
+    assert not ids(raw) & squashed
+    raw = make_config()
+    raw["target"] = "label"
+    labelled = ids(raw)
+    raw["data"]["class_names"] = ["gamma", "beta", "alpha"]  # alpha and gamma swap labels: every chunk has one
+    assert not ids(raw) & labelled
+    raw["target"] = "predicted"  # the labels are not explained: the ids stay
+    assert ids(raw) == squashed

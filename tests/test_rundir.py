@@ -1,21 +1,33 @@
 """pipeline.rundir: planning into a folder, guarding another config's run, pre-flight checks."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.config import load_config, parse_config
+from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.data import DataError
 from pipeline.demo_model import ShapesNet
 from pipeline.models import ModelError
 from pipeline.planning import Plan
 from pipeline.launching import run_local
-from pipeline.rundir import PREFLIGHT_IMAGES, RunDirError, config_changes, load_run_plan, plan_run
+from pipeline.rundir import (
+    PREFLIGHT_IMAGES,
+    RunDirError,
+    config_changes,
+    load_run_plan,
+    plan_run,
+    replan_changes,
+)
 from pipeline.stages import reduce_run
 from pipeline.run_dir import RunDir
-from tests.tiny_experiment import ConfigFactory, ImageTree, write_checkpoint
+from tests.tiny_experiment import ConfigFactory, ImageTree, one_thread, write_checkpoint
 
 MODULES = [name for name, _ in ShapesNet(num_classes=3, width=4).named_modules() if name]
 #: what a bad layer raises today (ValueError) or once the CLI reports it cleanly (RunDirError)
@@ -186,3 +198,116 @@ def test_omitted_cam_layers_are_planned_and_saved_as_the_default(make_config: Co
     assert {s.layers for s in plan.stage("score") if s.method == "gradcam"} == {("layer3",)}
     assert plan_run(parse_config(raw), run_dir) == plan  # the same config again: the same run
 
+
+
+def test_num_classes_other_than_the_class_folders_needs_the_models_class_names(
+    make_config: ConfigFactory, image_tree: ImageTree, tmp_path: Path
+) -> None:
+    raw = make_config(checkpoint_path=write_checkpoint(tmp_path / "four.pt", num_classes=4))
+    raw["model"]["num_classes"] = 4
+    raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]}]
+    raw["metrics"] = [{"name": "insertion", "params": {"step": 64}}]
+    raw["target"] = "label"
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"model.num_classes is 4 but data.root .*images has 3 class folder.s. "
+                                          r"\(alpha, beta, gamma\).*Give data.class_names"):
+        plan_run(parse_config(raw), run_dir)
+    _assert_nothing_written(run_dir)
+    names = ["delta", "gamma", "alpha", "beta"]  # the model's outputs in order; delta has no folder
+    raw["data"]["class_names"] = names
+    plan = plan_run(parse_config(raw), run_dir)
+    assert plan.class_names == tuple(names)
+    assert run_local(run_dir, progress=False) == {}
+    reduce_run(run_dir, progress=False)
+    table = pd.read_csv(RunDir(run_dir).metrics_csv)
+    folders = table["key"].str.split("/").str[0]
+    assert (table["class_name"] == folders).all()
+    assert (table["label"] == folders.map(names.index)).all() and (table["target"] == table["label"]).all()
+
+
+def _run_and_reduce(config: dict[str, Any], run_dir: Path, **planning: bool) -> Plan:
+    with one_thread():
+        plan = plan_run(parse_config(config), run_dir, **planning)
+        assert run_local(run_dir, progress=False) == {}
+        reduce_run(run_dir, progress=False)
+    return plan
+
+
+def _metrics(run_dir: Path) -> pd.DataFrame:
+    table = pd.read_csv(RunDir(run_dir).metrics_csv)
+    return table.sort_values(["key", "method", "layer", "metric"]).reset_index(drop=True)
+
+
+def test_an_update_keeps_exactly_the_unchanged_shards_and_ends_as_a_fresh_run(
+    make_config: ConfigFactory, tmp_path: Path
+) -> None:
+    raw = make_config()
+    run_dir = tmp_path / "run"
+    first = _run_and_reduce(raw, run_dir)
+    folder = RunDir(run_dir)
+    committed = folder.committed()
+    written = {i: folder.shard(i).stat().st_mtime_ns for i in committed}
+    raw["methods"][1]["params"]["n_masks"] = 32  # RISE changes: all its shards
+    raw["metrics"] = raw["metrics"][:2]  # PCC goes: the ground-truth score shards of Grad-CAM
+    with pytest.raises(RunDirError, match="--update"):
+        plan_run(parse_config(raw), run_dir)
+    second = plan_run(parse_config(raw), run_dir, update=True)
+    unchanged = {s.id for s in first.shards if s.method == "gradcam" and "pcc" not in s.metrics}
+    assert {s.id for s in second.shards} & {s.id for s in first.shards} == unchanged
+    assert folder.committed() == unchanged
+    assert sorted(p.name for p in folder.dropped.iterdir()) == sorted(f"{i}.h5" for i in committed - unchanged)
+    changes = replan_changes(first, second, committed)
+    chunks = 3  # 12 images, 5 per shard
+    assert changes.kept == Counter({"explain gradcam": chunks, "score gradcam: insertion, deletion": 2 * chunks})
+    assert set(changes.added) == {"explain rise", "score rise: insertion, deletion"}
+    assert sum(changes.added.values()) == sum(s.method == "rise" for s in second.shards)
+    assert changes.dropped == Counter({"explain rise": sum(s.stage == "explain" and s.method == "rise"
+                                                          for s in first.shards),
+                                       "score rise: insertion, deletion": chunks, "score rise: pcc": chunks,
+                                       "score gradcam: pcc": 2 * chunks})
+    with one_thread():
+        assert run_local(run_dir, progress=False) == {}
+        reduce_run(run_dir, progress=False)
+    assert all(folder.shard(i).stat().st_mtime_ns == written[i] for i in unchanged)  # kept, not computed again
+    _run_and_reduce(raw, tmp_path / "fresh")
+    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(tmp_path / "fresh"), check_exact=True)
+
+
+def test_an_update_may_delete_the_dropped_shards(make_config: ConfigFactory, tmp_path: Path) -> None:
+    raw = make_config()
+    raw["methods"] = raw["methods"][:1]
+    run_dir = tmp_path / "run"
+    _run_and_reduce(raw, run_dir)
+    raw["metrics"] = raw["metrics"][:2]
+    plan = plan_run(parse_config(raw), run_dir, update=True, delete_dropped=True)
+    folder = RunDir(run_dir)
+    assert folder.committed() == {s.id for s in plan.shards} and not folder.dropped.exists()
+
+
+def test_a_centre_cropped_run_scores_against_ground_truth_cropped_as_torchvision_does(
+    make_config: ConfigFactory, image_tree: ImageTree, tmp_path: Path
+) -> None:
+    from torchvision import transforms
+
+    from pipeline.analysis import load_run
+
+    raw = make_config()
+    raw["data"].update(resize="shorter_side_then_centre_crop", resize_size=44, crop_size=[28, 32])
+    del raw["data"]["image_size"]
+    raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]}]
+    raw["metrics"] = [{"name": "pcc"}]
+    _run_and_reduce(raw, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    table = _metrics(tmp_path / "run").set_index("key")
+    crop = transforms.Compose([transforms.Resize(44), transforms.CenterCrop((28, 32))])
+    for key, gt_path in image_tree.gt_files.items():
+        with Image.open(gt_path) as gt_image:
+            gt = torch.from_numpy(np.asarray(gt_image.convert("L"), dtype=np.float32) / 255)[None]
+        gt = transforms.CenterCrop((28, 32))(transforms.Resize(44, antialias=False)(gt))[0].numpy()
+        saliency = run.maps("gradcam", "layer3", keys=key)
+        assert saliency.shape == gt.shape == (28, 32)
+        expected = np.corrcoef(saliency.ravel().astype(np.float64), gt.ravel())[0, 1]
+        assert table.loc[key, "value"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        with Image.open(image_tree.root / f"{key}.png") as image:
+            pixels = np.asarray(crop(image.convert("RGB")), dtype=np.float32) / 255
+        np.testing.assert_allclose(run.image(key), pixels, atol=1e-5)

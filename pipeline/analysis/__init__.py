@@ -1,9 +1,10 @@
 """Offline analysis of a finished run: loading, figures and the report.
 
 :func:`load_run` opens a reduced run folder; the plot helpers draw its maps, curves
-and metric tables as matplotlib figures; :func:`write_report` assembles everything
+and metric tables as matplotlib figures; :func:`overlay` blends any map over any image; :func:`write_report` assembles everything
 into ``RUN_DIR/report/index.html`` and ``report.md`` (``xai-pipeline report``).
 """
+from .overlay import as_rgb, overlay
 from .plots import (
     DPI,
     MAX_BANDS,
@@ -26,6 +27,8 @@ __all__ = [
     "View",
     "load_run",
     "view_label",
+    "overlay",
+    "as_rgb",
     "overlay_grid",
     "curve_plot",
     "palette",

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import ExperimentConfig, load_config
-from ..data import ImageRecord, load_gt, load_image
+from ..data import ImageRecord, load_data_gt, load_data_image
 from ..planning import NO_LAYER, Plan
 from ..run_dir import RunDir
 from ..tables import summarize
@@ -271,20 +271,20 @@ class Run:
         return self._records[key]
 
     def image(self, key: str) -> np.ndarray:
-        """The image ``key`` as the model saw it (resized), RGB ``[H, W, 3]`` in [0, 1], for plotting."""
+        """The image ``key`` as the model saw it (resized and cropped), RGB ``[H, W, 3]`` in [0, 1], for plotting."""
         data = self.config.data
-        tensor = load_image(self._record(key).path, self.image_size, data.mean, data.std)
+        tensor = load_data_image(self._record(key).path, data)
         mean = np.asarray(data.mean, dtype=np.float32)
         std = np.asarray(data.std, dtype=np.float32)
         rgb = tensor.permute(1, 2, 0).numpy() * std + mean
         return np.clip(rgb, 0.0, 1.0)
 
     def ground_truth(self, key: str) -> np.ndarray:
-        """The ground-truth map of ``key`` ``[H, W]``, resized to the image size."""
+        """The ground-truth map of ``key`` ``[H, W]``, resized (and cropped) as the image."""
         record = self._record(key)
         if record.gt_path is None:
             raise ValueError(f"image {key!r} has no ground-truth map")
-        return load_gt(record.gt_path, self.image_size).numpy()
+        return load_data_gt(record.gt_path, self.config.data).numpy()
 
 
 def load_run(run_dir: str | Path) -> Run:

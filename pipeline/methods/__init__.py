@@ -107,8 +107,13 @@ def method_parameters(name: str) -> dict[str, inspect.Parameter]:
 
 def build_method(name: str, model: nn.Module | None, **params: Any) -> Explainer:
     """An explainer for ``model`` (``None``: a sampled method that only merges and finalizes);
-    an unknown parameter lists the method's valid parameters."""
+    an unknown parameter lists the method's valid parameters. A CAM method's layers may be given
+    as ``layers`` (the config's key) or ``layer``: dotted names or the modules themselves."""
     valid = method_parameters(name)
+    if "layers" in params and "layers" not in valid and "layer" in valid:
+        if "layer" in params:
+            raise TypeError(f"method {name!r}: give its layers once, as `layers` or as `layer`")
+        params["layer"] = params.pop("layers")
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise TypeError(

@@ -3,7 +3,8 @@
 Every method maps normalized images ``[B, 3, H, W]`` and target classes ``[B]`` to
 float32 saliency maps ``[B, H, W]`` on the images' device. Three small bases cover them:
 
-- :class:`Explainer`: the interface (``explain``).
+- :class:`Explainer`: the interface (``explain``); ``explain(images)`` or ``explain(images, None)``
+  explains each image's predicted class (the model's arg-max), in every subclass.
 - :class:`CamExplainer`: a template method for class-activation maps. It hooks the
   requested layers, runs one forward (and one backward when the method needs
   gradients) for all of them, turns each output into a ``[B, C, h, w]`` grid
@@ -28,16 +29,17 @@ import abc
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 from numbers import Integral, Real
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cost import Work
-from .layers import Reshape, check_reshape, resolve_module, to_grid
+from .layers import Reshape, check_reshape, layer_name, resolve_module, to_grid
 
 __all__ = [
     "Explainer",
@@ -118,17 +120,45 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
     return scaled.view_as(maps)
 
 
+def _predicted_by_default(explain: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``explain(images, targets)`` that takes the predicted classes when ``targets`` is omitted or None."""
+
+    @functools.wraps(explain)
+    def explain_targets(self: "Explainer", images: Tensor, targets: Tensor | None = None, *args: Any,
+                        **kwargs: Any) -> Tensor:
+        return explain(self, images, self.resolve_targets(images, targets), *args, **kwargs)
+
+    return explain_targets
+
+
 class Explainer(abc.ABC):
-    """An explanation method bound to a model."""
+    """An explanation method bound to a model.
+
+    Every subclass's ``explain`` takes ``targets=None`` (or none) as the predicted classes: it is
+    wrapped when the subclass is defined, so a method implements it for given targets only.
+    """
 
     name: ClassVar[str]
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "explain" in cls.__dict__:
+            setattr(cls, "explain", _predicted_by_default(cls.__dict__["explain"]))
+
     @abc.abstractmethod
-    def explain(self, images: Tensor, targets: Tensor) -> Tensor:
-        """Saliency maps ``[B, H, W]`` (float32) for ``images`` ``[B, 3, H, W]`` and ``targets`` ``[B]``."""
+    def explain(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Saliency maps ``[B, H, W]`` (float32) for ``images`` ``[B, 3, H, W]`` and ``targets`` ``[B]``
+        (None: each image's predicted class)."""
+
+    def resolve_targets(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        """``targets``, or when None the model's predicted class of each image (one forward, no gradients)."""
+        if targets is not None:
+            return targets
+        with torch.no_grad():
+            return self.model(images).argmax(dim=1)
 
     @classmethod
     def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work | None:
@@ -142,20 +172,22 @@ class CamExplainer(Explainer):
     """Template for class-activation-map methods on one or several layers.
 
     Subclasses set :attr:`needs_gradients` and implement :meth:`layer_map`.
-    ``layer`` is a module's dotted name (``"layer4"``) or a list of them: all are fed
-    by the same forward/backward pass in :meth:`explain_layers`. ``reshape`` is how
+    ``layer`` is a module's dotted name (``"layer4"``) or the module itself (``model.layer4``),
+    or a list of them: all are fed by the same forward/backward pass in :meth:`explain_layers`
+    and named by their dotted names (:attr:`layers`). ``reshape`` is how
     their outputs become grids (:mod:`pipeline.methods.layers`; ``auto`` by default).
     """
 
     needs_gradients: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, layer: str | Sequence[str], reshape: Reshape = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module], reshape: Reshape = "auto"
+    ) -> None:
         super().__init__(model)
-        self.layers: list[str] = [layer] if isinstance(layer, str) else list(layer)
-        if not self.layers:
+        given = [layer] if isinstance(layer, (str, nn.Module)) else list(layer)
+        if not given:
             raise ValueError(f"{self.name}: at least one layer is needed")
-        for name in self.layers:
-            resolve_module(model, name)
+        self.layers: list[str] = [layer_name(model, item) for item in given]
         self.reshape = check_reshape(self.name, reshape)
 
     @classmethod
@@ -163,13 +195,15 @@ class CamExplainer(Explainer):
         """One forward for all layers, and one backward when the method needs gradients."""
         return Work(1, int(cls.needs_gradients))
 
-    def explain(self, images: Tensor, targets: Tensor) -> Tensor:
+    def explain(self, images: Tensor, targets: Tensor | None = None) -> Tensor:
         if len(self.layers) != 1:
             raise ValueError(f"{self.name}: explain() needs one layer, got {self.layers}; use explain_layers()")
         return self.explain_layers(images, targets)[self.layers[0]]
 
-    def explain_layers(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """Maps ``[B, H, W]`` for every layer, from one forward (and backward) pass."""
+    def explain_layers(self, images: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
+        """Maps ``[B, H, W]`` for every layer, from one forward (and backward) pass (``targets``
+        None: the predicted classes)."""
+        targets = self.resolve_targets(images, targets)
         size = (images.shape[-2], images.shape[-1])
         with capture_outputs(self.model, self.layers) as captured, torch.enable_grad() if self.needs_gradients else torch.no_grad():
             inputs = images.detach().requires_grad_(self.needs_gradients)

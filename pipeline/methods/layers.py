@@ -2,7 +2,8 @@
 and turned into ``[B, C, h, w]`` grids.
 
 A layer is any module named by its dotted path in ``model.named_modules()``
-(``layer4``, ``features.7``, ``encoder.layers.encoder_layer_11.ln_1``). An unknown
+(``layer4``, ``features.7``, ``encoder.layers.encoder_layer_11.ln_1``), or in the Python API
+the module object itself, resolved to that name (:func:`layer_name`). An unknown
 name names its closest matches (:mod:`difflib`) and points to ``xai-pipeline layers``.
 
 How an output becomes a grid (the ``reshape`` parameter of every CAM method):
@@ -40,6 +41,7 @@ __all__ = [
     "LAYERS_HINT",
     "LayerInfo",
     "resolve_module",
+    "layer_name",
     "check_reshape",
     "to_grid",
     "probe_layers",
@@ -67,6 +69,22 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     if len(names) <= 40:
         message += f"; the model's modules are: {', '.join(names)}"
     raise ValueError(message)
+
+
+def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
+    """The dotted name of ``layer`` in ``model``: a name is checked as :func:`resolve_module` does, a
+    module is found by identity among the model's submodules; one that is not inside it is an error."""
+    if isinstance(layer, str):
+        resolve_module(model, layer)
+        return layer
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"a layer is a module of the model or its dotted name, got {type(layer).__name__}")
+    for name, module in model.named_modules():
+        if module is layer and name:
+            return name
+    what = "the model itself" if layer is model else f"this {type(layer).__name__} module"
+    raise ValueError(f"{what} is not a layer inside the model (a module of another model, or a copy?): give one "
+                     f"of its submodules, such as model.layer4, or a dotted name ({LAYERS_HINT})")
 
 
 def check_reshape(owner: str, reshape: object) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..batch_size import MAX_AUTO_BATCH, is_auto, with_batch_size
 from ..config import MetricConfig
-from ..data import DataError, load_gt
+from ..data import DataError, load_data_gt
 from ..metrics import METRICS, metric_spec
 from ..planning import Shard
 from ..store import ShardOutput
@@ -60,12 +60,11 @@ class ScoreStage:
             metrics = [m.model_copy(update={"params": with_batch_size(m.params, chosen)}) for m in metrics]
             output.attrs.update(batch_size=chosen, batch_size_auto=how)
         needs_gt = any(METRICS[m.name].needs_ground_truth for m in metrics)
-        size = context.config.data.image_size
         gt: list[Tensor | None] = []
         gt_reasons: list[str] = []
         for record in loaded:
             try:
-                gt.append(load_gt(record.gt_path, size) if needs_gt and record.gt_path else None)
+                gt.append(load_data_gt(record.gt_path, context.config.data) if needs_gt and record.gt_path else None)
                 gt_reasons.append("")
             except DataError as error:  # that image's ground-truth metrics are NaN; the others go on
                 gt.append(None)

@@ -88,14 +88,15 @@ def launch_config(root: Path, checkpoint: Path, *, rise_masks: int = 32, rise_ba
                   samples_per_shard: int = 16, images_per_shard: int = 6, gradcam: bool = True,
                   layer: str = "layer3", first_n: int | None = None) -> dict[str, Any]:
     """Grad-CAM (one layer) and RISE scored with insertion and deletion, on the tiny model
-    (on the first ``first_n`` images only, when given)."""
+    (on the first ``first_n`` images only, when given: those of the first class, in key order)."""
     methods: list[dict[str, Any]] = []
     if gradcam:
         methods.append({"name": "gradcam", "layers": [layer]})
     methods.append({"name": "rise", "params": {"n_masks": rise_masks, "grid_size": 4, "batch_size": rise_batch}})
+    subset = {"subset": {"classes": [CLASSES[0]], "first_n": first_n}} if first_n else {}
     return {
         "name": "launch-tiny",
-        "data": {"root": str(root), "image_size": IMAGE_SIZE, **({"subset": {"first_n": first_n}} if first_n else {})},
+        "data": {"root": str(root), "image_size": IMAGE_SIZE, **subset},
         "model": {
             "factory": "tests.launching.tiny:SlowShapesNet",
             "kwargs": {"width": 4},

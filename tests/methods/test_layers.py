@@ -127,3 +127,29 @@ def test_reshape_none_refuses_tokens_and_an_unknown_rule_is_named() -> None:
         method.explain(images, targets)
     with pytest.raises(ValueError, match="reshape must be one of auto, tokens, channels_last, none, got 'grid'"):
         build_method("fem", tiny_vit(), layer="conv_proj", reshape="grid")
+
+
+def test_layers_given_as_modules_are_named_by_their_dotted_names() -> None:
+    model = make_tiny_cam_net()
+    images, targets = seeded_batch(4, [1, 2])
+    by_module = build_method("gradcam", model, layers=[model.features[3], model.mid])
+    by_name = build_method("gradcam", model, layer=["features.3", "mid"])
+    assert by_module.layers == ["features.3", "mid"]  # type: ignore[attr-defined]
+    expected = by_name.explain_layers(images, targets)  # type: ignore[attr-defined]
+    for layer, maps in by_module.explain_layers(images, targets).items():  # type: ignore[attr-defined]
+        assert torch.equal(maps, expected[layer])
+    single = build_method("fem", model, layer=model.features)  # a Sequential is one layer, not a list of them
+    assert single.layers == ["features"]  # type: ignore[attr-defined]
+
+
+def test_a_module_outside_the_model_is_refused() -> None:
+    model = make_tiny_cam_net()
+    with pytest.raises(ValueError, match=r"this Sequential module is not a layer inside the model .*"
+                                         r"a module of another model, or a copy"):
+        build_method("gradcam", model, layers=[make_tiny_cam_net().mid])
+    with pytest.raises(ValueError, match="the model itself is not a layer inside the model"):
+        build_method("gradcam", model, layers=[model])
+    with pytest.raises(TypeError, match="give its layers once, as `layers` or as `layer`"):
+        build_method("gradcam", model, layers=["mid"], layer=["mid"])
+    with pytest.raises(TypeError, match="a layer is a module of the model or its dotted name, got int"):
+        build_method("gradcam", model, layers=[3])
