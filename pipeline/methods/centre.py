@@ -7,10 +7,13 @@ score every model against a map that ignores the image and only favours its cent
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor, nn
 
-from .base import Explainer, check_real, check_targets
+from ..parameters import Param, validated
+from .base import Explainer, check_targets
 
 __all__ = ["CentreBias", "DEFAULT_CENTRE_SIGMA"]
 
@@ -35,11 +38,15 @@ class CentreBias(Explainer):
 
     name = "centre"
 
-    def __init__(self, model: nn.Module, sigma: float = DEFAULT_CENTRE_SIGMA) -> None:
+    @validated
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma: Annotated[float, Param("standard deviation of the blob", unit="fraction of each side",
+                                      gt=0)] = DEFAULT_CENTRE_SIGMA,
+    ) -> None:
         super().__init__(model)
-        self.sigma = check_real(self.name, "sigma", sigma)
-        if self.sigma <= 0:
-            raise ValueError(f"{self.name}: sigma must be > 0, got {sigma!r}")
+        self.sigma = sigma
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         check_targets(images, targets)

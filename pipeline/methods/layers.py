@@ -40,7 +40,6 @@ __all__ = [
     "LAYERS_HINT",
     "LayerInfo",
     "resolve_module",
-    "check_reshape",
     "to_grid",
     "probe_layers",
     "candidate_layers",
@@ -67,13 +66,6 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     if len(names) <= 40:
         message += f"; the model's modules are: {', '.join(names)}"
     raise ValueError(message)
-
-
-def check_reshape(owner: str, reshape: object) -> str:
-    """``reshape`` when it is one of :data:`RESHAPES`; else ``ValueError`` naming ``owner``."""
-    if reshape not in RESHAPES:
-        raise ValueError(f"{owner}: reshape must be one of {', '.join(RESHAPES)}, got {reshape!r}")
-    return str(reshape)
 
 
 def _is_swin(model: nn.Module) -> bool:

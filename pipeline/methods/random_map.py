@@ -6,7 +6,8 @@ import hashlib
 import torch
 from torch import Tensor, nn
 
-from .base import Explainer, check_integer, check_targets
+from ..parameters import validated
+from .base import Explainer, Seed, check_targets
 
 __all__ = ["RandomMap", "image_seed"]
 
@@ -33,9 +34,10 @@ class RandomMap(Explainer):
 
     name = "random"
 
-    def __init__(self, model: nn.Module, seed: int = 0) -> None:
+    @validated
+    def __init__(self, model: nn.Module, seed: Seed = 0) -> None:
         super().__init__(model)
-        self.seed = check_integer(self.name, "seed", seed, 0)
+        self.seed = seed
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         check_targets(images, targets)

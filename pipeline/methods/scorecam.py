@@ -6,13 +6,13 @@ Abs-CAM's second phase (:mod:`pipeline.methods.abscam_final`).
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Iterator, Sequence
+from typing import Annotated, Callable, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .base import CamExplainer, batched, minmax_normalize, upsample
-from .layers import Reshape
+from ..parameters import Param, validated
+from .base import BatchSize, CamExplainer, Layers, ReshapeRule, batched, minmax_normalize, upsample
 
 __all__ = [
     "ScoreCam",
@@ -110,21 +110,18 @@ class ScoreCam(CamExplainer):
 
     name = "scorecam"
     needs_gradients = False
-    WEIGHTS: ClassVar[tuple[str, ...]] = ("probability", "cic-softmax")
 
+    @validated
     def __init__(
         self,
         model: nn.Module,
-        layer: str | Sequence[str],
-        weights: str = "probability",
-        batch_size: int = 64,
-        reshape: Reshape = "auto",
+        layer: Layers,
+        weights: Annotated[Literal["probability", "cic-softmax"], Param("channel weights from the masked images' "
+                                                                        "scores")] = "probability",
+        batch_size: BatchSize = 64,
+        reshape: ReshapeRule = "auto",
     ) -> None:
         super().__init__(model, layer, reshape)
-        if weights not in self.WEIGHTS:
-            raise ValueError(f"{self.name}: unknown weights {weights!r}; valid: {', '.join(self.WEIGHTS)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be an int >= 1, got {batch_size!r}")
         self.weights = weights
         self.batch_size = batch_size
 

@@ -10,6 +10,11 @@ A metric is found by its registered name (the built-ins, and functions decorated
 decorator, or a :class:`MetricSpec`) or by an entry point of group ``xai_pipeline.metrics``
 (:mod:`pipeline.plugins`). Scoring calls every metric, built-in or not, through its
 :class:`MetricSpec` (:meth:`MetricSpec.call`), which says what it needs.
+
+A metric's parameters are its function's keyword-only arguments, declared there once
+(:mod:`pipeline.parameters`: a type, or ``Annotated[type, Param(meaning, unit, range)]``)
+and validated from that declaration (:meth:`MetricSpec.check_values`);
+:func:`metric_info` documents them (``xai-pipeline metrics``).
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from torch import Tensor, nn
 
+from ..parameters import ParameterInfo, describe, validate
 from ..plugins import METRIC_GROUP, PluginError, entry_point_names, load_plugin
-from .average_drop import average_drop_increase, check_drop_parameters, explanation_masks, summarize_drop_increase
+from .average_drop import average_drop_increase, explanation_masks, summarize_drop_increase
 from .insertion_deletion import (
     blur_substrate,
     check_curve_parameters,
@@ -38,6 +44,7 @@ __all__ = [
     "MetricSpec",
     "metric_spec",
     "metric_names",
+    "metric_info",
     "register_metric",
     "check_metric_parameters",
     "insertion",
@@ -54,7 +61,6 @@ __all__ = [
     "pointing_game",
     "pointing_game_accuracy",
     "check_curve_parameters",
-    "check_drop_parameters",
     "check_pointing_parameters",
     "ssim_window",
 ]
@@ -72,7 +78,8 @@ class MetricSpec:
     ``function(maps[, gt], **params)`` without; a metric that needs ground truth gets
     only the images that have one (NaN for the others). ``parameters`` are the keyword
     parameters a config may set. ``check(size, **params)`` (``None``: nothing to check)
-    is the rule the function applies to its parameter values first, on maps of ``size``.
+    is the rule relating parameter values to each other and to maps of ``size`` that the
+    function applies first (it gets the parameters it names); their declarations hold the rest.
     ``group`` gathers metrics into one score shard (by default ``perturbation`` with the
     model, ``groundtruth`` without).
     """
@@ -102,7 +109,8 @@ class MetricSpec:
 
     def check_values(self, params: Mapping[str, Any], size: tuple[int, int]) -> None:
         """Raise ``ValueError`` naming the parameter when ``params`` (defaults for the others)
-        would make the metric fail on maps of ``size``; nothing runs on data."""
+        break their declarations or would make the metric fail on maps of ``size``; nothing runs on data."""
+        values = validate(self.name, self.function, params)
         if self.check is None:
             return
         defaults = {
@@ -110,7 +118,8 @@ class MetricSpec:
             for name, p in inspect.signature(self.function).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        self.check(size, **{**defaults, **params})
+        accepted = inspect.signature(self.check).parameters
+        self.check(size, **{k: v for k, v in {**defaults, **values}.items() if k in accepted})
 
     def call(
         self, model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, gt: Tensor | None,
@@ -136,8 +145,8 @@ def _keyword_parameters(function: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def _perturbation(
-    name: str, title: str, function: Callable[..., Any], higher: bool, output: int, check: Callable[..., object],
-    curve: int | None = None, scale: float = 1.0,
+    name: str, title: str, function: Callable[..., Any], higher: bool, output: int,
+    check: Callable[..., object] | None = None, curve: int | None = None, scale: float = 1.0,
 ) -> MetricSpec:
     parameters = _keyword_parameters(function)
     return MetricSpec(name, title, function, "perturbation", True, False, higher, parameters, output, check, curve,
@@ -159,9 +168,8 @@ METRICS: dict[str, MetricSpec] = {
         _perturbation("deletion", "Deletion", deletion, False, 0, check_curve_parameters, curve=1),
         _groundtruth("pcc", "PCC", pcc),
         _groundtruth("ssim", "SSIM", ssim, ssim_window),
-        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0, check_drop_parameters),
-        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, check_drop_parameters,
-                      scale=100.0),
+        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0),
+        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, scale=100.0),
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
     )
 }
@@ -221,6 +229,11 @@ def metric_spec(name: str) -> MetricSpec:
                               "decorated with register_metric")
         METRICS[name] = dataclasses.replace(spec, name=name)
     return METRICS[name]
+
+
+def metric_info(name: str) -> list[ParameterInfo]:
+    """The documented parameters of metric ``name`` (meaning, unit, default, range), from their declarations."""
+    return describe(metric_spec(name).function, keyword_only=True)
 
 
 def check_metric_parameters(name: str, params: Iterable[str]) -> None:
