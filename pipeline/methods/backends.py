@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..plugins import PluginError
-from .base import CamExplainer, Explainer, upsample
+from .base import CamExplainer, Explainer, Layers, ReshapeRule, upsample
 from .layers import Reshape, resolve_module, to_grid
 
 __all__ = [
@@ -212,8 +212,10 @@ def backend_class(name: str) -> type[Explainer] | None:
     else:
         layered = not issubclass(wrapped, module.FullGrad)
         base, call = (GradCamLibrary if layered else GradCamWholeModel), wrapped.__call__
-    cls: type[Explainer] = type(attribute, (base,), {"name": name, "library_class": wrapped})
-    extra = [inspect.Parameter("layer", inspect.Parameter.KEYWORD_ONLY),
-             inspect.Parameter("reshape", inspect.Parameter.KEYWORD_ONLY, default="auto")] if layered else []
+    documented = {"__doc__": wrapped.__doc__ or base.__doc__}
+    cls: type[Explainer] = type(attribute, (base,), {"name": name, "library_class": wrapped, **documented})
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    extra = [inspect.Parameter("layer", keyword, annotation=Layers),
+             inspect.Parameter("reshape", keyword, default="auto", annotation=ReshapeRule)] if layered else []
     _with_signature(cls, [*extra, *_keywords(wrapped.__init__), *_keywords(call)])
     return cls
