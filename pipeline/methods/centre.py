@@ -29,11 +29,7 @@ class CentreBias(Explainer):
     ``(cy, cx) = ((H - 1) / 2, (W - 1) / 2)`` is the image centre in pixel indices, so the
     blob is stretched to the image's aspect ratio as the MIT300 centre baseline is; its
     peak is 1. The same map for every image: model, images' content and targets are
-    ignored.
-
-    Parameters:
-        sigma: the standard deviation as a fraction of each side (> 0; default
-            :data:`DEFAULT_CENTRE_SIGMA`).
+    ignored. ``sigma`` is a fraction of each side (default :data:`DEFAULT_CENTRE_SIGMA`).
     """
 
     name = "centre"

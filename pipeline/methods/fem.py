@@ -23,11 +23,7 @@ class Fem(CamExplainer):
     possible with negative activations) is left unscaled, so a zero map stays zero.
 
     FEM is class-agnostic: ``targets`` are ignored and every class gets the same map.
-
-    Parameters:
-        layer: a module name or a list of them.
-        k: the threshold in standard deviations above the mean (2 in the paper).
-        reshape: how the layers' outputs become grids (:mod:`pipeline.methods.layers`).
+    The paper's ``k`` is 2.
     """
 
     name = "fem"

@@ -26,10 +26,7 @@ class RandomMap(Explainer):
     :class:`torch.Generator` seeded with :func:`image_seed` draws ``torch.rand(H, W)``.
     So it is the same whichever shard, batch or position the image is in (the explain
     stage passes no image identity); identical images get identical maps. Model and
-    targets are ignored.
-
-    Parameters:
-        seed: mixed into every image's generator seed (the experiment's seed by default).
+    targets are ignored. ``seed`` (the experiment's by default) is mixed into every image's generator seed.
     """
 
     name = "random"
