@@ -56,8 +56,11 @@ class Param(annotated_types.GroupedMetadata):
     @property
     def interval(self) -> str:
         """The bounds as ``[1, 10)``, ``>= 1``, ``< 1``, or ``""`` when there are none."""
-        low = f"[{_number(self.ge)}" if self.ge is not None else f"({_number(self.gt)}" if self.gt is not None else None
-        high = f"{_number(self.le)}]" if self.le is not None else f"{_number(self.lt)})" if self.lt is not None else None
+        low = high = None
+        if self.ge is not None or self.gt is not None:
+            low = f"[{_number(self.ge)}" if self.ge is not None else f"({_number(self.gt)}"
+        if self.le is not None or self.lt is not None:
+            high = f"{_number(self.le)}]" if self.le is not None else f"{_number(self.lt)})"
         if low and high:
             return f"{low}, {high}"
         if low:

@@ -139,8 +139,9 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
 
 
 def _grad_cam_maps(
-    model: nn.Module, cam_class: type, target_layers: list[nn.Module], reshape_transform: Callable[[Tensor], Tensor] | None,
-    images: Tensor, targets: Tensor, constructor: dict[str, Any], call: dict[str, Any],
+    model: nn.Module, cam_class: type, target_layers: list[nn.Module],
+    reshape_transform: Callable[[Tensor], Tensor] | None, images: Tensor, targets: Tensor,
+    constructor: dict[str, Any], call: dict[str, Any],
 ) -> Tensor:
     """The maps ``[B, H, W]`` of a direct call of pytorch-grad-cam's ``cam_class`` with the model's state kept."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

@@ -248,8 +248,8 @@ class ExtremalPerturbation(Explainer):
     def __init__(
         self,
         model: nn.Module,
-        areas: Annotated[Fraction | Annotated[Sequence[Fraction], Param("", min_length=1)], Param("target area of each mask",
-                                                              unit="fraction of the image")] = (0.05, 0.1, 0.2),
+        areas: Annotated[Fraction | Annotated[Sequence[Fraction], Param("", min_length=1)],
+                         Param("target area of each mask", unit="fraction of the image")] = (0.05, 0.1, 0.2),
         iterations: Annotated[int, Param("optimisation steps per mask (cost: one forward and backward each)",
                                          unit="steps", ge=1)] = 800,
         step: Annotated[int, Param("spacing of the mask's grid points", unit="pixels", ge=1)] = 7,

@@ -65,7 +65,7 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 Step = Annotated[int, Param("pixels changed per step of the curve", unit="pixels", ge=1)]
-SubstrateParam = Annotated[Substrate, Param("the image without its pixels: blurred, zeros, per-channel mean, or a tensor")]
+SubstrateParam = Annotated[Substrate, Param("the image without its pixels: blurred, zeros, channel mean or a tensor")]
 BlurParam = Annotated[Blur, Param("blur kernel of substrate blur: the RISE code's or a Gaussian")]
 CurveBatch = Annotated[int, Param("step images per model forward", unit="images", ge=1)]
 
