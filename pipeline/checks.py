@@ -10,8 +10,9 @@ and checks each metric entry's values with the rule the metric applies first
 (:meth:`~pipeline.metrics.MetricSpec.check_values`) at the config's image size, without
 running the model or the metric on data (``batch_size: auto`` is checked as a batch of
 one). It lists every problem, one per entry, with its field path
-(``methods[0].params.p1: p1 must be in (0, 1], got 1.5``), so a value that would fail
-every shard on a node fails at plan time instead.
+(``methods[0].params.p1: p1 should be less than or equal to 1, got 1.5``; a value that
+breaks its declaration in :mod:`pipeline.parameters` gets one line per parameter), so a
+value that would fail every shard on a node fails at plan time instead.
 
 :func:`check_class_count` refuses an ImageFolder tree whose number of class folders is not the
 model's ``num_classes`` unless ``data.class_names`` lists the model's classes: the labels would shift.
@@ -36,6 +37,7 @@ from .methods.base import capture_outputs
 from .methods.layers import RESHAPES, default_layer, to_grid
 from .metrics import metric_spec
 from .models import build_model
+from .parameters import ParameterError
 from .planning import method_params
 
 __all__ = ["check_entries", "check_layers", "check_class_count", "with_default_layers"]
@@ -76,11 +78,11 @@ def _method_problems(config: ExperimentConfig, model: nn.Module) -> Iterator[str
         try:
             build_method(entry.name, model, **params)
         except (TypeError, ValueError) as error:
-            message = str(error).removeprefix(f"{method_class(entry.name).name}: ")
             prefix = f"methods[{index}]"
             paths = {name: f"{prefix}.params.{name}" for name in method_parameters(entry.name)}
             paths["layer"] = f"{prefix}.layers"
-            yield _problem(message, paths, f"{prefix}.params")
+            for message in _messages(error, method_class(entry.name).name):
+                yield _problem(message, paths, f"{prefix}.params")
 
 
 def check_layers(config: ExperimentConfig, model: nn.Module) -> dict[str, dict[str, int]]:
@@ -128,7 +130,15 @@ def _metric_problems(config: ExperimentConfig) -> Iterator[str]:
         except (TypeError, ValueError) as error:
             prefix = f"metrics[{index}]"
             paths = {name: f"{prefix}.params.{name}" for name in spec.parameters}
-            yield _problem(str(error), paths, f"{prefix}.params")
+            for message in _messages(error, spec.name):
+                yield _problem(message, paths, f"{prefix}.params")
+
+
+def _messages(error: Exception, owner: str) -> list[str]:
+    """The problems an error reports, without the ``owner: `` prefix: one per bad value of a :class:`ParameterError`."""
+    if isinstance(error, ParameterError):
+        return error.problems
+    return [str(error).removeprefix(f"{owner}: ")]
 
 
 def _problem(message: str, paths: Mapping[str, str], fallback: str) -> str:

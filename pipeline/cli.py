@@ -1,6 +1,8 @@
 """The ``xai-pipeline`` command.
 
     xai-pipeline layers CONFIG                  the model's CAM layers with their output shapes
+    xai-pipeline methods [NAME ...]             every method with its parameters' meaning, unit, default, range
+    xai-pipeline metrics [NAME ...]             every metric with its parameters' meaning, unit, default, range
     xai-pipeline plan CONFIG --out RUN_DIR      plan shards into a run folder; print what they cost
     xai-pipeline run CONFIG --out RUN_DIR       plan, run pending shards locally, reduce
                  [--profile jobs/clusters/NAME.yaml] [--executor slurm]   ... or submit them to SLURM
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
+    from .parameters import ParameterInfo
     from .stages.reduce import ReduceResult
 
 __all__ = ["main", "build_parser"]
@@ -74,10 +77,63 @@ def _cmd_layers(args: argparse.Namespace) -> int:
          " x ".join(map(str, info.shape)), " x ".join(map(str, info.grid or ())))
         for info in layers
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print(f"{len(layers)} layers of the model for {size[0]}x{size[1]} images (shapes per image):")
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: Sequence[Sequence[str]], indent: str = "") -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _print_parameters(heading: str, parameters: "list[ParameterInfo]") -> None:
+    print(f"\n{heading}")
+    if not parameters:
+        print("  (no parameters)")
+        return
+    _print_table([("parameter", "type", "default", "range", "unit", "meaning")] + [
+        (p.name, p.type, "(required)" if p.default is None else p.default, p.range, p.unit, p.meaning)
+        for p in parameters
+    ], indent="  ")
+
+
+def _summary(documented: object) -> str:
+    """The first paragraph of a docstring, on one line."""
+    return " ".join((getattr(documented, "__doc__", None) or "").strip().split("\n\n")[0].split())
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import CamExplainer, method_class, method_info, method_names
+
+    try:
+        for name in args.names or method_names():
+            cls = method_class(name)
+            cam = " (CAM: `layer` is the entry's `layers`)" if issubclass(cls, CamExplainer) else ""
+            _print_parameters(f"{name}{cam}: {_summary(cls)}", method_info(name))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.names:
+        print("\ncaptum:NAME and grad-cam:NAME (pip install 'xai-pipeline[backends]'): the library's classes, "
+              "e.g. `xai-pipeline methods captum:IntegratedGradients grad-cam:ScoreCAM`")
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from .metrics import metric_info, metric_names, metric_spec
+
+    try:
+        for name in args.names or metric_names():
+            spec = metric_spec(name)
+            needs = ", ".join(n for n, needed in (("the model", spec.needs_model),
+                                                  ("ground truth", spec.needs_ground_truth)) if needed)
+            _print_parameters(f"{name} ({spec.label}{'; needs ' + needs if needs else ''}): "
+                              f"{_summary(spec.function)}", metric_info(name))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -246,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("layers", _cmd_layers, "list the model's candidate CAM layers with their output shapes, "
                 "marking the default")
     p.add_argument("config", type=Path, help="experiment YAML")
+    for name, handler, text in (
+        ("methods", _cmd_methods, "list the explanation methods with each parameter's meaning, unit, default "
+                                  "and range"),
+        ("metrics", _cmd_metrics, "list the metrics with each parameter's meaning, unit, default and range"),
+    ):
+        p = command(name, handler, text)
+        p.add_argument("names", nargs="*", metavar="NAME", help="only these (any name a config accepts)")
     for name, handler, text in (
         ("plan", _cmd_plan, "plan the shards of CONFIG into a run folder"),
         ("run", _cmd_run, "plan, run pending shards locally (or submit them with a slurm profile), and reduce"),

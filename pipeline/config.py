@@ -36,7 +36,7 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
         id: gradcam                  # its label in tables (default: the name; unique)
         layers: [layer3, layer4]     # CAM methods only: dotted module names (`xai-pipeline layers
                                      # CONFIG` lists them); default: the family's last spatial block
-        params: {}                   # the method's parameters (CAM: reshape: auto|tokens|channels_last|none;
+        params: {}                   # the method's parameters (`xai-pipeline methods`; CAM: reshape;
                                      # batch_size: auto chooses it on the device, see pipeline/batch_size.py)
     metrics:                         # default: insertion and deletion
       - name: insertion              # a registered metric, `package.module:function` or an entry point

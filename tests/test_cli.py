@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
+from pipeline.methods import METHODS
+from pipeline.methods.base import MAX_SAMPLES
+from pipeline.metrics import BUILTIN_METRICS
 from pipeline.planning import Plan
 from pipeline.run_dir import RunDir
 from pipeline.stages import run_shards
@@ -83,8 +87,8 @@ def test_a_bad_parameter_value_fails_the_plan_with_2_naming_its_field(
     assert captured.out == ""
     assert captured.err.splitlines() == [
         "error: 2 bad parameter values:",
-        "  methods[1].params.p1: p1 must be in (0, 1], got 1.5",
-        "  metrics[0].params.step: step must be a positive integer, got 0",
+        "  methods[1].params.p1: p1 should be less than or equal to 1, got 1.5",
+        "  metrics[0].params.step: step should be greater than or equal to 1, got 0",
     ]
     assert not run_dir.exists()
 
@@ -302,3 +306,49 @@ def test_plan_update_prints_what_it_kept_added_and_dropped(
     assert "  explain rise: 6 kept, 0 added, 0 dropped" in out
     assert f"the files of the dropped shards: moved to {run_copy / 'shards' / 'dropped'}, never read again" in out
     assert len(list((run_copy / "shards" / "dropped").iterdir())) == 9
+
+
+def _rows(out: str, heading: str) -> dict[str, list[str]]:
+    """The parameter rows printed under the line starting with ``heading``: name -> cells."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading)) + 2  # past the column titles
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("  ") or line.strip() == "(no parameters)":
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_methods_lists_every_method_with_its_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert re.search(rf"^{re.escape(name)}[ :(]", out, re.MULTILINE), name
+    rise = _rows(out, "rise:")
+    assert rise["n_masks"] == ["n_masks", "int", "4000", f"[1, {MAX_SAMPLES}]", "masks", "masks drawn per image"]
+    assert rise["p1"] == ["p1", "float", "0.5", "(0, 1]", "probability that a grid cell is kept"]
+    assert list(_rows(out, "gradcam (CAM")) == ["layer", "reshape"]
+    assert _rows(out, "gradcam (CAM")["layer"][2] == "(required)"
+    extremal = _rows(out, "extremal:")
+    assert extremal["sigma"][1:5] == ["float", "21", "> 0", "pixels"] and "224 px" in extremal["sigma"][5]
+    assert extremal["area_mode"][3] == "one of torchray, margin, image"
+    assert "captum:NAME and grad-cam:NAME" in out
+
+
+def test_metrics_lists_every_metric_and_named_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["metrics"]) == 0
+    out = capsys.readouterr().out
+    for name in BUILTIN_METRICS:
+        assert re.search(rf"^{name} \(", out, re.MULTILINE), name
+    assert _rows(out, "insertion (Insertion ↑; needs the model)")["step"] == [
+        "step", "int", "224", ">= 1", "pixels", "pixels changed per step of the curve"]
+    assert _rows(out, "average_drop (")["top_percent"][1:5] == ["float | None", "None", "(0, 100]", "%"]
+    assert "pcc (PCC ↑; needs ground truth)" in out and "(no parameters)" in out
+    assert main(["metrics", "tests.plugin_example:sparsity"]) == 0
+    assert _rows(capsys.readouterr().out, "tests.plugin_example:sparsity")["quantile"] == ["quantile", "float", "0.9"]
+    assert main(["methods", "tests.plugin_example:Occlusion"]) == 0
+    assert list(_rows(capsys.readouterr().out, "tests.plugin_example:Occlusion")) == ["n_samples", "seed", "batch_size"]
+    assert main(["methods", "rsie"]) == 2
+    assert "unknown method 'rsie'; known methods: rise" in capsys.readouterr().err

@@ -9,7 +9,9 @@ decorated with :func:`register_method`), as ``captum:NAME`` or ``grad-cam:NAME``
 (:mod:`pipeline.methods.backends`), by ``package.module:Class``, or by an entry point
 of group ``xai_pipeline.methods`` (:mod:`pipeline.plugins`). A plug-in is an
 :class:`Explainer` subclass with a ``name``; its ``__init__(model, **params)`` keywords are
-its parameters, validated at plan time like the built-ins'. Subclassing
+its parameters, validated at plan time like the built-ins' from their declarations
+(:mod:`pipeline.parameters`: a type, or ``Annotated[type, Param(meaning, unit, range)]``);
+:func:`method_info` documents them (``xai-pipeline methods``). Subclassing
 :class:`CamExplainer` makes it take ``layers``; subclassing :class:`SampledExplainer`
 (its partial form) makes it sharded by sample range.
 """
@@ -21,6 +23,7 @@ from typing import Any, Callable, TypeVar
 
 from torch import nn
 
+from ..parameters import ParameterInfo, describe, validate
 from ..plugins import METHOD_GROUP, PluginError, entry_point_names, load_plugin
 from .backends import backend_class
 from .base import CamExplainer, Explainer, Partial, SampledExplainer
@@ -32,6 +35,7 @@ __all__ = [
     "build_method",
     "method_class",
     "method_parameters",
+    "method_info",
     "Explainer",
     "CamExplainer",
     "SampledExplainer",
@@ -105,6 +109,11 @@ def method_parameters(name: str) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in signature.parameters.items() if k not in ("self", "model")}
 
 
+def method_info(name: str) -> list[ParameterInfo]:
+    """The documented parameters of method ``name`` (meaning, unit, default, range), from their declarations."""
+    return describe(method_class(name).__init__)
+
+
 def build_method(name: str, model: nn.Module | None, **params: Any) -> Explainer:
     """An explainer for ``model`` (``None``: a sampled method that only merges and finalizes);
     an unknown parameter lists the method's valid parameters. A CAM method's layers may be given
@@ -123,4 +132,5 @@ def build_method(name: str, model: nn.Module | None, **params: Any) -> Explainer
     missing = [k for k, p in valid.items() if p.default is inspect.Parameter.empty and k not in params]
     if missing:
         raise TypeError(f"method {name!r} needs parameter(s): {', '.join(missing)}")
-    return method_class(name)(model, **params)
+    cls = method_class(name)
+    return cls(model, **validate(cls.name, cls.__init__, params))

@@ -2,15 +2,15 @@
 scores of the inputs they mask (Zeng et al., 2022)."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .abscam_init import abs_gradient_weights
 from ..cost import Work
-from .base import CamExplainer
-from .layers import Reshape
+from .base import BatchSize, CamExplainer, Layers, ReshapeRule
+from ..parameters import Param, validated
 from .scorecam import ScoreFunction, channel_mask_scores, target_logit, target_probability, varying_channels
 
 __all__ = ["AbsCamFinal"]
@@ -45,19 +45,16 @@ class AbsCamFinal(CamExplainer):
     needs_gradients = True
     SCORES: ClassVar[dict[str, ScoreFunction]] = {"probability": target_probability, "abs_logit": _abs_target_logit}
 
+    @validated
     def __init__(
         self,
         model: nn.Module,
-        layer: str | Sequence[str],
-        score: str = "probability",
-        batch_size: int = 64,
-        reshape: Reshape = "auto",
+        layer: Layers,
+        score: Annotated[Literal["probability", "abs_logit"], Param("score of each masked image")] = "probability",
+        batch_size: BatchSize = 64,
+        reshape: ReshapeRule = "auto",
     ) -> None:
         super().__init__(model, layer, reshape)
-        if score not in self.SCORES:
-            raise ValueError(f"{self.name}: unknown score {score!r}; valid: {', '.join(self.SCORES)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be an int >= 1, got {batch_size!r}")
         self.score = score
         self.batch_size = batch_size
 

@@ -1,12 +1,12 @@
 """Abs-CAM, first phase ("Init"): CAM weighted by absolute gradients (Zeng et al., 2022)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated
 
 from torch import Tensor, nn
 
-from .base import CamExplainer, minmax_normalize, upsample
-from .layers import Reshape
+from ..parameters import Param, validated
+from .base import CamExplainer, Layers, ReshapeRule, minmax_normalize, upsample
 
 __all__ = ["AbsCamInit", "abs_gradient_weights"]
 
@@ -34,12 +34,15 @@ class AbsCamInit(CamExplainer):
     name = "abscam-init"
     needs_gradients = True
 
+    @validated
     def __init__(
-        self, model: nn.Module, layer: str | Sequence[str], relu: bool = False, reshape: Reshape = "auto"
+        self,
+        model: nn.Module,
+        layer: Layers,
+        relu: Annotated[bool, Param("clamp the map at zero before min-max normalizing")] = False,
+        reshape: ReshapeRule = "auto",
     ) -> None:
         super().__init__(model, layer, reshape)
-        if not isinstance(relu, bool):
-            raise TypeError(f"{self.name}: relu must be a bool, got {relu!r}")
         self.relu = relu
 
     def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:

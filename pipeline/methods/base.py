@@ -22,6 +22,11 @@ float32 saliency maps ``[B, H, W]`` on the images' device. Three small bases cov
 
 Methods never change the model's mode, always remove their hooks, and take
 gradients with :func:`torch.autograd.grad`, so no ``.grad`` is left on parameters.
+
+Parameters are declared once, in the ``__init__`` signatures, with their meaning, unit
+and range (:class:`~pipeline.parameters.Param`; the shared ones are the aliases
+:data:`Layers`, :data:`ReshapeRule`, :data:`Seed`, :data:`BatchSize`,
+:data:`SampleCount`), and checked from there (:func:`~pipeline.parameters.validated`).
 """
 from __future__ import annotations
 
@@ -30,16 +35,15 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import math
-from numbers import Integral, Real
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cost import Work
-from .layers import Reshape, check_reshape, layer_name, resolve_module, to_grid
+from ..parameters import Param, validated
+from .layers import Reshape, layer_name, resolve_module, to_grid
 
 __all__ = [
     "Explainer",
@@ -55,8 +59,11 @@ __all__ = [
     "upsample",
     "minmax_normalize",
     "check_targets",
-    "check_integer",
-    "check_real",
+    "Layers",
+    "ReshapeRule",
+    "Seed",
+    "BatchSize",
+    "SampleCount",
     "batched",
     "aligned_batches",
 ]
@@ -68,6 +75,15 @@ batch's float64 contribution is rounded to that grid once, far below float32 map
 MAX_SAMPLES = 2 ** (63 - FIXED_POINT_BITS) - 1
 """The most samples a :class:`SampledExplainer` takes: every term of its sums lies in [0, 1]
 per sample, so a total stays below ``MAX_SAMPLES * 2**FIXED_POINT_BITS < 2**63``."""
+
+
+Layers = Annotated[str | nn.Module | Sequence[str | nn.Module],
+                   Param("the layers: dotted module names (the entry's `layers`) or the modules themselves")]
+ReshapeRule = Annotated[Reshape, Param("how a layer's output becomes a [B, C, h, w] grid (auto: by model family)")]
+Seed = Annotated[int, Param("seed of the random draws", ge=0, lt=2**64)]
+BatchSize = Annotated[int, Param("inputs per model forward (`auto` in a config: chosen on the device, "
+                                 "see pipeline/batch_size.py)", unit="images", ge=1)]
+SampleCount = Annotated[int, Param("random samples per image", unit="samples", ge=1, le=MAX_SAMPLES)]
 
 
 def to_fixed(values: Tensor) -> Tensor:
@@ -180,15 +196,14 @@ class CamExplainer(Explainer):
 
     needs_gradients: ClassVar[bool] = True
 
-    def __init__(
-        self, model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module], reshape: Reshape = "auto"
-    ) -> None:
+    @validated
+    def __init__(self, model: nn.Module, layer: Layers, reshape: ReshapeRule = "auto") -> None:
         super().__init__(model)
         given = [layer] if isinstance(layer, (str, nn.Module)) else list(layer)
         if not given:
             raise ValueError(f"{self.name}: at least one layer is needed")
         self.layers: list[str] = [layer_name(model, item) for item in given]
-        self.reshape = check_reshape(self.name, reshape)
+        self.reshape = reshape
 
     @classmethod
     def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work | None:
@@ -288,18 +303,14 @@ class SampledExplainer(Explainer):
     #: names of the :meth:`prepare` constants kept in every :class:`Partial`
     partial_constants: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: nn.Module | None, n_samples: int, seed: int = 0, batch_size: int = 64) -> None:
+    @validated
+    def __init__(
+        self, model: nn.Module | None, n_samples: SampleCount, seed: Seed = 0, batch_size: BatchSize = 64
+    ) -> None:
         super().__init__(_NoModel() if model is None else model)
-        self.n_samples = check_integer(self.name, "n_samples", n_samples, 1)
-        if n_samples > MAX_SAMPLES:
-            raise ValueError(
-                f"{self.name}: n_samples must be in 1 .. {MAX_SAMPLES} (int64 sums in units of "
-                f"2**-{FIXED_POINT_BITS}), got {n_samples}"
-            )
-        self.seed = check_integer(self.name, "seed", seed, 0)
-        if self.seed >= 2**64:
-            raise ValueError(f"{self.name}: seed must be below 2**64 (the key of the counter-based draws), got {seed}")
-        self.batch_size = check_integer(self.name, "batch_size", batch_size, 1)
+        self.n_samples = n_samples
+        self.seed = seed
+        self.batch_size = batch_size
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         return self.finalize(self.accumulate(images, targets, 0, self.n_samples))
@@ -479,22 +490,6 @@ def check_targets(images: Tensor, targets: Tensor) -> None:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if targets.shape != (images.shape[0],):
         raise ValueError(f"targets must be [B]={images.shape[0]}, got shape {tuple(targets.shape)}")
-
-
-def check_integer(owner: str, name: str, value: object, minimum: int) -> int:
-    """``value`` as an int; ``ValueError`` naming ``owner`` and ``name`` unless it is an integer >= ``minimum``
-    (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_real(owner: str, name: str, value: object) -> float:
-    """``value`` as a float; ``ValueError`` naming ``owner`` and ``name`` unless it is a finite real number
-    (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def batched(total: int, size: int) -> Iterator[tuple[int, int]]:

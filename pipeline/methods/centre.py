@@ -7,13 +7,14 @@ score every model against a map that ignores the image and only favours its cent
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..cost import Work
-from .base import Explainer, check_real, check_targets
+from .base import Explainer, check_targets
+from ..parameters import Param, validated
 
 __all__ = ["CentreBias", "DEFAULT_CENTRE_SIGMA"]
 
@@ -29,20 +30,20 @@ class CentreBias(Explainer):
     ``(cy, cx) = ((H - 1) / 2, (W - 1) / 2)`` is the image centre in pixel indices, so the
     blob is stretched to the image's aspect ratio as the MIT300 centre baseline is; its
     peak is 1. The same map for every image: model, images' content and targets are
-    ignored.
-
-    Parameters:
-        sigma: the standard deviation as a fraction of each side (> 0; default
-            :data:`DEFAULT_CENTRE_SIGMA`).
+    ignored. ``sigma`` is a fraction of each side (default :data:`DEFAULT_CENTRE_SIGMA`).
     """
 
     name = "centre"
 
-    def __init__(self, model: nn.Module, sigma: float = DEFAULT_CENTRE_SIGMA) -> None:
+    @validated
+    def __init__(
+        self,
+        model: nn.Module,
+        sigma: Annotated[float, Param("standard deviation of the blob", unit="fraction of each side",
+                                      gt=0)] = DEFAULT_CENTRE_SIGMA,
+    ) -> None:
         super().__init__(model)
-        self.sigma = check_real(self.name, "sigma", sigma)
-        if self.sigma <= 0:
-            raise ValueError(f"{self.name}: sigma must be > 0, got {sigma!r}")
+        self.sigma = sigma
 
     @classmethod
     def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:

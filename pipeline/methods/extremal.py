@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cost import Work
-from .base import Explainer, check_integer, check_targets
+from .base import Explainer, check_targets
+from ..parameters import Param, validated
 
 __all__ = [
     "ExtremalPerturbation",
@@ -35,7 +37,10 @@ __all__ = [
 SMOOTH_MAX_COLDNESS = 20.0
 
 #: what the area constraint ranks (see :class:`ExtremalPerturbation`); the first is the default
-AREA_MODES = ("torchray", "margin", "image")
+AreaMode = Literal["torchray", "margin", "image"]
+AREA_MODES: tuple[str, ...] = typing.get_args(AreaMode)
+
+Fraction = Annotated[float, Param("", gt=0, lt=1)]
 
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
@@ -243,41 +248,42 @@ class ExtremalPerturbation(Explainer):
 
     name = "extremal"
 
+    @validated
     def __init__(
         self,
         model: nn.Module,
-        areas: Sequence[float] = (0.05, 0.1, 0.2),
-        iterations: int = 800,
-        step: int = 7,
-        sigma: float = 21.0,
-        num_levels: int = 8,
-        max_blur: float = 20.0,
-        area_weight: float = 300.0,
-        area_growth: float = 1.0035,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        dampening: float = 0.9,
-        jitter: bool = True,
-        area_mode: str = "torchray",
-        smooth: float = 0.09,
+        areas: Annotated[Fraction | Annotated[Sequence[Fraction], Param("", min_length=1)],
+                         Param("target area of each mask", unit="fraction of the image")] = (0.05, 0.1, 0.2),
+        iterations: Annotated[int, Param("optimisation steps per mask (cost: one forward and backward each)",
+                                         unit="steps", ge=1)] = 800,
+        step: Annotated[int, Param("spacing of the mask's grid points", unit="pixels", ge=1)] = 7,
+        sigma: Annotated[float, Param("scale of the mask's smoothing kernel (tuned for 224 px)", unit="pixels",
+                                      gt=0)] = 21.0,
+        num_levels: Annotated[int, Param("levels of the blur pyramid", ge=2)] = 8,
+        max_blur: Annotated[float, Param("blur of the last pyramid level", unit="pixels", gt=0)] = 20.0,
+        area_weight: Annotated[float, Param("initial weight of the area loss", gt=0)] = 300.0,
+        area_growth: Annotated[float, Param("growth of the area weight per step", gt=0)] = 1.0035,
+        lr: Annotated[float, Param("learning rate of SGD", gt=0)] = 0.01,
+        momentum: Annotated[float, Param("momentum of SGD", ge=0, lt=1)] = 0.9,
+        dampening: Annotated[float, Param("dampening of the momentum buffer", ge=0, le=1)] = 0.9,
+        jitter: Annotated[bool, Param("flip the perturbed images on even steps (TorchRay)")] = True,
+        area_mode: Annotated[AreaMode, Param("what the area constraint ranks")] = "torchray",
+        smooth: Annotated[float, Param("blur of the summed masks", unit="fraction of the shorter side",
+                                       ge=0)] = 0.09,
     ) -> None:
         super().__init__(model)
-        self.areas = self._check_areas(areas)
-        self.iterations = check_integer(self.name, "iterations", iterations, 1)
-        self.step = check_integer(self.name, "step", step, 1)
-        self.num_levels = check_integer(self.name, "num_levels", num_levels, 2)
-        self.sigma = self._check_real("sigma", sigma, positive=True)
-        self.max_blur = self._check_real("max_blur", max_blur, positive=True)
-        self.area_weight = self._check_real("area_weight", area_weight, positive=True)
-        self.area_growth = self._check_real("area_growth", area_growth, positive=True)
-        self.lr = self._check_real("lr", lr, positive=True)
-        self.momentum = self._check_real("momentum", momentum, upper=1.0)
-        self.dampening = self._check_real("dampening", dampening, upper=1.0, upper_inclusive=True)
-        self.smooth = self._check_real("smooth", smooth)
-        if not isinstance(jitter, bool):
-            raise TypeError(f"{self.name}: jitter must be a bool, got {jitter!r}")
-        if area_mode not in AREA_MODES:
-            raise ValueError(f"{self.name}: area_mode must be one of {', '.join(AREA_MODES)}; got {area_mode!r}")
+        self.areas = (areas,) if isinstance(areas, float) else tuple(areas)
+        self.iterations = iterations
+        self.step = step
+        self.num_levels = num_levels
+        self.sigma = sigma
+        self.max_blur = max_blur
+        self.area_weight = area_weight
+        self.area_growth = area_growth
+        self.lr = lr
+        self.momentum = momentum
+        self.dampening = dampening
+        self.smooth = smooth
         self.jitter = jitter
         self.area_mode = area_mode
 
@@ -287,28 +293,6 @@ class ExtremalPerturbation(Explainer):
         areas = params["areas"]
         rows = params["iterations"] * (1 if isinstance(areas, Real) else len(areas))
         return Work(rows, rows)
-
-    def _check_areas(self, areas: Sequence[float] | float) -> tuple[float, ...]:
-        values = (areas,) if isinstance(areas, Real) else areas
-        if isinstance(values, str) or not isinstance(values, Sequence) or len(values) == 0:
-            raise ValueError(f"{self.name}: areas must be a non-empty sequence of numbers in (0, 1), got {areas!r}")
-        for area in values:
-            if isinstance(area, bool) or not isinstance(area, Real) or not 0 < area < 1:
-                raise ValueError(f"{self.name}: every area must be a number in (0, 1), got {area!r} in areas={areas!r}")
-        return tuple(float(a) for a in values)
-
-    def _check_real(
-        self, name: str, value: float, positive: bool = False, upper: float | None = None, upper_inclusive: bool = False
-    ) -> float:
-        valid = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
-        valid = valid and (value > 0 if positive else value >= 0)
-        if valid and upper is not None:
-            valid = value <= upper if upper_inclusive else value < upper
-        if not valid:
-            low = "> 0" if positive else ">= 0"
-            high = "" if upper is None else f" and {'<=' if upper_inclusive else '<'} {upper}"
-            raise ValueError(f"{self.name}: {name} must be a finite number {low}{high}, got {value!r}")
-        return float(value)
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         masks = self.explain_masks(images, targets)

@@ -1,13 +1,13 @@
 """FEM, the Feature Explanation Method (Ayyar, Benois-Pineau, Zemmari; after Fuad et al., IPTA 2020)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
-from .base import CamExplainer
-from .layers import Reshape
+from ..parameters import Param, validated
+from .base import CamExplainer, Layers, ReshapeRule
 
 __all__ = ["Fem"]
 
@@ -23,21 +23,23 @@ class Fem(CamExplainer):
     possible with negative activations) is left unscaled, so a zero map stays zero.
 
     FEM is class-agnostic: ``targets`` are ignored and every class gets the same map.
-
-    Parameters:
-        layer: a module name or a list of them.
-        k: the threshold in standard deviations above the mean (2 in the paper).
-        reshape: how the layers' outputs become grids (:mod:`pipeline.methods.layers`).
+    The paper's ``k`` is 2.
     """
 
     name = "fem"
     needs_gradients = False
 
-    def __init__(self, model: nn.Module, layer: str | Sequence[str], k: float = 2.0, reshape: Reshape = "auto") -> None:
+    @validated
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Layers,
+        k: Annotated[float, Param("activations kept above the channel mean plus k standard deviations",
+                                  unit="standard deviations")] = 2.0,
+        reshape: ReshapeRule = "auto",
+    ) -> None:
         super().__init__(model, layer, reshape)
-        if isinstance(k, bool) or not isinstance(k, (int, float)):
-            raise TypeError(f"{self.name}: k must be a number, got {k!r}")
-        self.k = float(k)
+        self.k = k
 
     def layer_map(self, activations: Tensor, gradients: Tensor | None, images: Tensor, targets: Tensor) -> Tensor:
         acts = activations.float()

@@ -16,9 +16,6 @@ class GradCam(CamExplainer):
     logit ``y_c`` with respect to the activation map ``A_k``:
     ``map = ReLU(sum_k mean(dy_c/dA_k) * A_k)``, upsampled bilinearly to the input
     size. The map is not normalized.
-
-    Parameters: ``layer``, a module name or a list of them; ``reshape``, how their outputs
-    become grids (:mod:`pipeline.methods.layers`).
     """
 
     name = "gradcam"

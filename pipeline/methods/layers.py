@@ -42,7 +42,6 @@ __all__ = [
     "LayerInfo",
     "resolve_module",
     "layer_name",
-    "check_reshape",
     "to_grid",
     "probe_layers",
     "candidate_layers",
@@ -85,13 +84,6 @@ def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
     what = "the model itself" if layer is model else f"this {type(layer).__name__} module"
     raise ValueError(f"{what} is not a layer inside the model (a module of another model, or a copy?): give one "
                      f"of its submodules, such as model.layer4, or a dotted name ({LAYERS_HINT})")
-
-
-def check_reshape(owner: str, reshape: object) -> str:
-    """``reshape`` when it is one of :data:`RESHAPES`; else ``ValueError`` naming ``owner``."""
-    if reshape not in RESHAPES:
-        raise ValueError(f"{owner}: reshape must be one of {', '.join(RESHAPES)}, got {reshape!r}")
-    return str(reshape)
 
 
 def _is_swin(model: nn.Module) -> bool:

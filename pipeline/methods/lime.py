@@ -21,7 +21,7 @@ segmentation is the constant ``segments`` (int64 ``[B, H, W]``, labels ``0 .. K_
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
 from ..cost import Work
-from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
+from .base import BatchSize, Partial, SampleCount, SampledExplainer, Seed, batched, from_fixed, to_fixed
+from ..parameters import Param, validated
 from .draws import to_device, uniforms
 
 __all__ = ["Lime", "lime_samples", "Segmenter", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -39,9 +40,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: maps a de-normalized RGB image ``[H, W, 3]`` (float64 in [0, 1]) to integer labels ``[H, W]``
 Segmenter = Callable[[np.ndarray], np.ndarray]
-
-_SEGMENTATIONS = ("quickshift", "slic")
-_HIDE_COLORS = ("mean", "segment_mean")
 
 
 def lime_samples(seed: int, start: int, stop: int, n_features: int) -> np.ndarray:
@@ -86,59 +84,39 @@ class Lime(SampledExplainer):
     name = "lime"
     partial_constants = ("segments",)
 
+    @validated
     def __init__(
         self,
         model: nn.Module | None,
-        n_samples: int = 1000,
-        segmentation: str | Segmenter = "quickshift",
-        n_segments: int = 50,
-        hide_color: str | Sequence[float] = "mean",
-        kernel_width: float = 0.25,
-        alpha: float = 1.0,
-        num_features: int | None = None,
-        selection_alpha: float = 0.01,
-        positive_only: bool = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        seed: int = 0,
-        batch_size: int = 64,
+        n_samples: SampleCount = 1000,
+        segmentation: Annotated[Literal["quickshift", "slic"] | Segmenter,
+                                Param("superpixel algorithm, or a callable")] = "quickshift",
+        n_segments: Annotated[int, Param("superpixels SLIC aims for", unit="superpixels", ge=1)] = 50,
+        hide_color: Annotated[Literal["mean", "segment_mean"] | Sequence[float],
+                              Param("fill of hidden superpixels (normalized space), or a color per channel")] = "mean",
+        kernel_width: Annotated[float, Param("width of the cosine-distance kernel of the sample weights", gt=0)] = 0.25,
+        alpha: Annotated[float, Param("ridge penalty", ge=0)] = 1.0,
+        num_features: Annotated[int | None, Param("superpixels kept (None: all)", unit="superpixels", ge=1)] = None,
+        selection_alpha: Annotated[float, Param("ridge penalty of the fit that selects num_features", ge=0)] = 0.01,
+        positive_only: Annotated[bool, Param("paint negative coefficients as 0")] = False,
+        mean: Annotated[Sequence[float], Param("per-channel mean the images were normalized with")] = IMAGENET_MEAN,
+        std: Annotated[Sequence[Annotated[float, Param("", gt=0)]],
+                       Param("per-channel standard deviation the images were normalized with")] = IMAGENET_STD,
+        seed: Seed = 0,
+        batch_size: BatchSize = 64,
     ) -> None:
         super().__init__(model, n_samples, seed, batch_size)
-        if not callable(segmentation) and segmentation not in _SEGMENTATIONS:
-            raise ValueError(
-                f"{self.name}: segmentation must be one of {', '.join(_SEGMENTATIONS)} or a callable, "
-                f"got {segmentation!r}"
-            )
-        self.n_segments = check_integer(self.name, "n_segments", n_segments, 1)
-        self.mean = tuple(check_real(self.name, "mean", value) for value in mean)
-        self.std = tuple(check_real(self.name, "std", value) for value in std)
-        if len(self.mean) != len(self.std) or any(value <= 0 for value in self.std):
-            raise ValueError(f"{self.name}: mean and std need one value per channel and std > 0, got {mean}, {std}")
-        if isinstance(hide_color, str):
-            if hide_color not in _HIDE_COLORS:
-                raise ValueError(
-                    f"{self.name}: hide_color must be one of {', '.join(_HIDE_COLORS)} or a color per channel, "
-                    f"got {hide_color!r}"
-                )
-            self.hide_color: str | tuple[float, ...] = hide_color
-        else:
-            self.hide_color = tuple(check_real(self.name, "hide_color", value) for value in hide_color)
-            if len(self.hide_color) != len(self.mean):
-                raise ValueError(
-                    f"{self.name}: hide_color has {len(self.hide_color)} values but mean/std have {len(self.mean)}"
-                )
-        self.kernel_width = check_real(self.name, "kernel_width", kernel_width)
-        if self.kernel_width <= 0:
-            raise ValueError(f"{self.name}: kernel_width must be > 0, got {kernel_width}")
-        self.alpha = check_real(self.name, "alpha", alpha)
-        if self.alpha < 0:
-            raise ValueError(f"{self.name}: alpha must be >= 0, got {alpha}")
-        self.selection_alpha = check_real(self.name, "selection_alpha", selection_alpha)
-        if self.selection_alpha < 0:
-            raise ValueError(f"{self.name}: selection_alpha must be >= 0, got {selection_alpha}")
-        self.num_features = None if num_features is None else check_integer(self.name, "num_features", num_features, 1)
-        if not isinstance(positive_only, bool):
-            raise ValueError(f"{self.name}: positive_only must be true or false, got {positive_only!r}")
+        self.n_segments = n_segments
+        self.mean, self.std = tuple(mean), tuple(std)
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"{self.name}: mean and std need one value per channel, got {mean}, {std}")
+        if not isinstance(hide_color, str) and len(hide_color) != len(self.mean):
+            raise ValueError(f"{self.name}: hide_color has {len(hide_color)} values but mean/std have {len(self.mean)}")
+        self.hide_color: str | tuple[float, ...] = hide_color if isinstance(hide_color, str) else tuple(hide_color)
+        self.kernel_width = kernel_width
+        self.alpha = alpha
+        self.selection_alpha = selection_alpha
+        self.num_features = num_features
         self.segmentation = segmentation
         self.positive_only = positive_only
 

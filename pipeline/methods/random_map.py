@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import Work
-from .base import Explainer, check_integer, check_targets
+from .base import Explainer, Seed, check_targets
+from ..parameters import validated
 
 __all__ = ["RandomMap", "image_seed"]
 
@@ -27,17 +28,15 @@ class RandomMap(Explainer):
     :class:`torch.Generator` seeded with :func:`image_seed` draws ``torch.rand(H, W)``.
     So it is the same whichever shard, batch or position the image is in (the explain
     stage passes no image identity); identical images get identical maps. Model and
-    targets are ignored.
-
-    Parameters:
-        seed: mixed into every image's generator seed (the experiment's seed by default).
+    targets are ignored. ``seed`` (the experiment's by default) is mixed into every image's generator seed.
     """
 
     name = "random"
 
-    def __init__(self, model: nn.Module, seed: int = 0) -> None:
+    @validated
+    def __init__(self, model: nn.Module, seed: Seed = 0) -> None:
         super().__init__(model)
-        self.seed = check_integer(self.name, "seed", seed, 0)
+        self.seed = seed
 
     @classmethod
     def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:

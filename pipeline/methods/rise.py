@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Annotated, Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cost import Work
-from .base import Partial, SampledExplainer, batched, check_integer, check_real, from_fixed, to_fixed
+from .base import BatchSize, MAX_SAMPLES, Partial, SampledExplainer, Seed, batched, from_fixed, to_fixed
+from ..parameters import Param, validated
 from .draws import to_device, uniforms
 
 __all__ = ["Rise", "GaussianRise", "rise_masks", "gaussian_rise_masks", "mask_draws", "smooth_masks"]
@@ -139,6 +140,10 @@ def gaussian_rise_masks(
     return smooth_masks(to_device(grids, device), to_device(shifts, device), size)
 
 
+MaskCount = Annotated[int, Param("masks drawn per image", unit="masks", ge=1, le=MAX_SAMPLES)]
+GridSize = Annotated[int, Param("cells per side of the mask grid before upsampling", unit="cells", ge=1)]
+
+
 class _MaskedSampling(SampledExplainer):
     """Accumulation shared by the RISE variants: probability-weighted sums of masks.
 
@@ -152,8 +157,8 @@ class _MaskedSampling(SampledExplainer):
     tracks_mask_sum: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module | None, n_masks: int, grid_size: int, seed: int, batch_size: int) -> None:
-        super().__init__(model, check_integer(self.name, "n_masks", n_masks, 1), seed, batch_size)
-        self.grid_size = check_integer(self.name, "grid_size", grid_size, 1)
+        super().__init__(model, n_masks, seed, batch_size)
+        self.grid_size = grid_size
 
     @classmethod
     def cost(cls, params: Mapping[str, Any], size: tuple[int, int], channels: Mapping[str, int]) -> Work:
@@ -214,19 +219,18 @@ class Rise(_MaskedSampling):
 
     name = "rise"
 
+    @validated
     def __init__(
         self,
         model: nn.Module | None,
-        n_masks: int = 4000,
-        grid_size: int = 8,
-        p1: float = 0.5,
-        seed: int = 0,
-        batch_size: int = 100,
+        n_masks: MaskCount = 4000,
+        grid_size: GridSize = 8,
+        p1: Annotated[float, Param("probability that a grid cell is kept", gt=0, le=1)] = 0.5,
+        seed: Seed = 0,
+        batch_size: BatchSize = 100,
     ) -> None:
         super().__init__(model, n_masks, grid_size, seed, batch_size)
-        self.p1 = check_real(self.name, "p1", p1)
-        if not 0.0 < self.p1 <= 1.0:
-            raise ValueError(f"{self.name}: p1 must be in (0, 1], got {p1}")
+        self.p1 = p1
 
     def cell_values(self) -> _CellValues:
         return binary_cells(self.p1)
@@ -245,23 +249,20 @@ class GaussianRise(_MaskedSampling):
     name = "rise-gaussian"
     tracks_mask_sum = True
 
+    @validated
     def __init__(
         self,
         model: nn.Module | None,
-        n_masks: int = 4000,
-        grid_size: int = 8,
-        mean: float = 0.5,
-        std: float = 0.25,
-        seed: int = 0,
-        batch_size: int = 100,
+        n_masks: MaskCount = 4000,
+        grid_size: GridSize = 8,
+        mean: Annotated[float, Param("mean of a grid cell's normal draw", gt=0, le=1)] = 0.5,
+        std: Annotated[float, Param("standard deviation of a grid cell's normal draw", ge=0)] = 0.25,
+        seed: Seed = 0,
+        batch_size: BatchSize = 100,
     ) -> None:
         super().__init__(model, n_masks, grid_size, seed, batch_size)
-        self.mean = check_real(self.name, "mean", mean)
-        self.std = check_real(self.name, "std", std)
-        if not 0.0 < self.mean <= 1.0:
-            raise ValueError(f"{self.name}: mean must be in (0, 1], got {mean}")
-        if self.std < 0.0:
-            raise ValueError(f"{self.name}: std must be >= 0, got {std}")
+        self.mean = mean
+        self.std = std
 
     def cell_values(self) -> _CellValues:
         return gaussian_cells(self.mean, self.std)

@@ -6,14 +6,14 @@ Abs-CAM's second phase (:mod:`pipeline.methods.abscam_final`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..cost import Work
-from .base import CamExplainer, batched, minmax_normalize, upsample
-from .layers import Reshape
+from .base import BatchSize, CamExplainer, Layers, ReshapeRule, batched, minmax_normalize, upsample
+from ..parameters import Param, validated
 
 __all__ = [
     "ScoreCam",
@@ -111,21 +111,18 @@ class ScoreCam(CamExplainer):
 
     name = "scorecam"
     needs_gradients = False
-    WEIGHTS: ClassVar[tuple[str, ...]] = ("probability", "cic-softmax")
 
+    @validated
     def __init__(
         self,
         model: nn.Module,
-        layer: str | Sequence[str],
-        weights: str = "probability",
-        batch_size: int = 64,
-        reshape: Reshape = "auto",
+        layer: Layers,
+        weights: Annotated[Literal["probability", "cic-softmax"], Param("channel weights from the masked images' "
+                                                                        "scores")] = "probability",
+        batch_size: BatchSize = 64,
+        reshape: ReshapeRule = "auto",
     ) -> None:
         super().__init__(model, layer, reshape)
-        if weights not in self.WEIGHTS:
-            raise ValueError(f"{self.name}: unknown weights {weights!r}; valid: {', '.join(self.WEIGHTS)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be an int >= 1, got {batch_size!r}")
         self.weights = weights
         self.batch_size = batch_size
 

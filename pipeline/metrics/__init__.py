@@ -10,6 +10,11 @@ A metric is found by its registered name (the built-ins, and functions decorated
 decorator, or a :class:`MetricSpec`) or by an entry point of group ``xai_pipeline.metrics``
 (:mod:`pipeline.plugins`). Scoring calls every metric, built-in or not, through its
 :class:`MetricSpec` (:meth:`MetricSpec.call`), which says what it needs.
+
+A metric's parameters are its function's keyword-only arguments, declared there once
+(:mod:`pipeline.parameters`: a type, or ``Annotated[type, Param(meaning, unit, range)]``)
+and validated from that declaration (:meth:`MetricSpec.check_values`);
+:func:`metric_info` documents them (``xai-pipeline metrics``).
 """
 from __future__ import annotations
 
@@ -20,14 +25,9 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 from torch import Tensor, nn
 
 from ..cost import Work
+from ..parameters import ParameterInfo, describe, validate
 from ..plugins import METRIC_GROUP, PluginError, entry_point_names, load_plugin
-from .average_drop import (
-    average_drop_increase,
-    check_drop_parameters,
-    drop_cost,
-    explanation_masks,
-    summarize_drop_increase,
-)
+from .average_drop import average_drop_increase, drop_cost, explanation_masks, summarize_drop_increase
 from .insertion_deletion import (
     blur_substrate,
     check_curve_parameters,
@@ -46,6 +46,7 @@ __all__ = [
     "MetricSpec",
     "metric_spec",
     "metric_names",
+    "metric_info",
     "register_metric",
     "check_metric_parameters",
     "insertion",
@@ -62,7 +63,6 @@ __all__ = [
     "pointing_game",
     "pointing_game_accuracy",
     "check_curve_parameters",
-    "check_drop_parameters",
     "check_pointing_parameters",
     "ssim_window",
 ]
@@ -80,7 +80,8 @@ class MetricSpec:
     ``function(maps[, gt], **params)`` without; a metric that needs ground truth gets
     only the images that have one (NaN for the others). ``parameters`` are the keyword
     parameters a config may set. ``check(size, **params)`` (``None``: nothing to check)
-    is the rule the function applies to its parameter values first, on maps of ``size``.
+    is the rule relating parameter values to each other and to maps of ``size`` that the
+    function applies first (it gets the parameters it names); their declarations hold the rest.
     ``group`` gathers metrics into one score shard (by default ``perturbation`` with the
     model, ``groundtruth`` without). ``cost(size, **params)`` (``None``: not declared) is the
     model forwards (and backwards) per image and map, as :class:`~pipeline.cost.Work`.
@@ -112,10 +113,12 @@ class MetricSpec:
 
     def check_values(self, params: Mapping[str, Any], size: tuple[int, int]) -> None:
         """Raise ``ValueError`` naming the parameter when ``params`` (defaults for the others)
-        would make the metric fail on maps of ``size``; nothing runs on data."""
+        break their declarations or would make the metric fail on maps of ``size``; nothing runs on data."""
+        values = validate(self.name, self.function, params)
         if self.check is None:
             return
-        self.check(size, **self._with_defaults(params))
+        accepted = inspect.signature(self.check).parameters
+        self.check(size, **{k: v for k, v in self._with_defaults(values).items() if k in accepted})
 
     def work(self, params: Mapping[str, Any], size: tuple[int, int]) -> Work | None:
         """The model forwards and backwards per image and map with ``params`` on maps of ``size``
@@ -156,8 +159,8 @@ def _keyword_parameters(function: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def _perturbation(
-    name: str, title: str, function: Callable[..., Any], higher: bool, output: int, check: Callable[..., object],
-    cost: Callable[..., Work], curve: int | None = None, scale: float = 1.0,
+    name: str, title: str, function: Callable[..., Any], higher: bool, output: int,
+    check: Callable[..., object] | None, cost: Callable[..., Work], curve: int | None = None, scale: float = 1.0,
 ) -> MetricSpec:
     parameters = _keyword_parameters(function)
     return MetricSpec(name, title, function, "perturbation", True, False, higher, parameters, output, check, curve,
@@ -179,10 +182,9 @@ METRICS: dict[str, MetricSpec] = {
         _perturbation("deletion", "Deletion", deletion, False, 0, check_curve_parameters, curve_cost, curve=1),
         _groundtruth("pcc", "PCC", pcc),
         _groundtruth("ssim", "SSIM", ssim, ssim_window),
-        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0, check_drop_parameters,
-                      drop_cost),
-        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, check_drop_parameters,
-                      drop_cost, scale=100.0),
+        _perturbation("average_drop", "Average Drop", average_drop_increase, False, 0, None, drop_cost),
+        _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, None, drop_cost,
+                      scale=100.0),
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
     )
 }
@@ -243,6 +245,11 @@ def metric_spec(name: str) -> MetricSpec:
                               "decorated with register_metric")
         METRICS[name] = dataclasses.replace(spec, name=name)
     return METRICS[name]
+
+
+def metric_info(name: str) -> list[ParameterInfo]:
+    """The documented parameters of metric ``name`` (meaning, unit, default, range), from their declarations."""
+    return describe(metric_spec(name).function, keyword_only=True)
 
 
 def check_metric_parameters(name: str, params: Iterable[str]) -> None:

@@ -11,32 +11,20 @@ space), broadcast over channels.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from ..cost import Work
 from ..methods.base import batched, check_targets, minmax_normalize
-from ._checks import number_in, positive_integer
+from ..parameters import Param, validated
 from .insertion_deletion import model_device, pixel_rank
 
-__all__ = [
-    "average_drop_increase",
-    "check_drop_parameters",
-    "drop_cost",
-    "explanation_masks",
-    "summarize_drop_increase",
-]
+__all__ = ["average_drop_increase", "drop_cost", "explanation_masks", "summarize_drop_increase"]
 
-
-def check_drop_parameters(size: tuple[int, int], *, top_percent: float | None, batch_size: int) -> None:
-    """Raise ``ValueError`` naming the parameter unless Average Drop / Increase can use these values.
-
-    ``top_percent`` is ``None`` or in (0, 100] (any such value keeps at least one pixel,
-    whatever ``size``); ``batch_size`` is a positive integer.
-    """
-    _check_top_percent(top_percent)
-    positive_integer("batch_size", batch_size)
+TopPercent = Annotated[float | None, Param("share of the most salient pixels kept in the mask (None: the whole map)",
+                                           unit="%", gt=0, le=100)]
 
 
 def drop_cost(size: tuple[int, int], *, top_percent: float | None, batch_size: int) -> Work:
@@ -44,19 +32,14 @@ def drop_cost(size: tuple[int, int], *, top_percent: float | None, batch_size: i
     return Work(2)
 
 
-def _check_top_percent(top_percent: float | None) -> None:
-    if top_percent is not None:
-        number_in("top_percent", top_percent, 0, 100, low_closed=False, high_closed=True)
-
-
-def explanation_masks(maps: Tensor, top_percent: float | None = None) -> Tensor:
+@validated
+def explanation_masks(maps: Tensor, top_percent: TopPercent = None) -> Tensor:
     """Maps ``[B, H, W]`` min-max scaled to [0, 1] (a constant map becomes zeros).
 
     With ``top_percent``, only the ``k = ceil(top_percent / 100 * H * W)`` most salient
     pixels keep their scaled value and all others are set to 0; ties are broken as in
     :func:`~pipeline.metrics.insertion_deletion.pixel_rank` (lower row-major index first).
     """
-    _check_top_percent(top_percent)
     masks = minmax_normalize(maps.float())
     if top_percent is None:
         return masks
@@ -66,14 +49,15 @@ def explanation_masks(maps: Tensor, top_percent: float | None = None) -> Tensor:
     return torch.where(inside, masks, torch.zeros_like(masks))
 
 
+@validated
 def average_drop_increase(
     model: nn.Module,
     images: Tensor,
     maps: Tensor,
     targets: Tensor,
     *,
-    top_percent: float | None = None,
-    batch_size: int = 256,
+    top_percent: TopPercent = None,
+    batch_size: Annotated[int, Param("images per model forward", unit="images", ge=1)] = 256,
 ) -> tuple[Tensor, Tensor]:
     """Per-image drop ``[B]`` (float32, percent) and increase ``[B]`` (bool), on the model's device.
 
@@ -87,7 +71,6 @@ def average_drop_increase(
     n_images, _, height, width = images.shape
     if maps.shape != (n_images, height, width):
         raise ValueError(f"maps must be [B, H, W]={[n_images, height, width]}, got shape {tuple(maps.shape)}")
-    check_drop_parameters((height, width), top_percent=top_percent, batch_size=batch_size)
     device = model_device(model, images.device)
     images, maps, targets = images.to(device), maps.to(device), targets.to(device)
     masks = explanation_masks(maps, top_percent).to(images.dtype).unsqueeze(1)

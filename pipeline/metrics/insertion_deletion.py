@@ -21,14 +21,14 @@ batch of step images.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..cost import Work
 from ..methods.base import batched, check_targets
-from ._checks import positive_integer
+from ..parameters import Param, validated
 from ._filters import filter_2d, filter_matrix, gaussian_taps
 
 __all__ = [
@@ -66,22 +66,15 @@ def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
-def check_curve_parameters(
-    size: tuple[int, int], *, step: int, substrate: Substrate, blur: Blur, batch_size: int
-) -> None:
-    """Raise ``ValueError`` naming the parameter unless insertion and deletion can score ``size`` maps so.
+Step = Annotated[int, Param("pixels changed per step of the curve", unit="pixels", ge=1)]
+SubstrateParam = Annotated[Substrate, Param("the image without its pixels: blurred, zeros, channel mean or a tensor")]
+BlurParam = Annotated[Blur, Param("blur kernel of substrate blur: the RISE code's or a Gaussian")]
+CurveBatch = Annotated[int, Param("step images per model forward", unit="images", ge=1)]
 
-    ``step`` and ``batch_size`` are positive integers, ``substrate`` is one of
-    :data:`SUBSTRATES` or a tensor, ``blur`` one of :data:`BLURS` (checked whatever the
-    substrate), and ``step`` is at most the number of pixels (a larger step gives the
-    same one-step curve from the start image to the end image).
-    """
-    positive_integer("step", step)
-    positive_integer("batch_size", batch_size)
-    if not isinstance(substrate, Tensor) and substrate not in SUBSTRATES:
-        raise ValueError(f"substrate must be 'blur', 'zeros', 'mean' or a tensor, got {substrate!r}")
-    if blur not in BLURS:
-        raise ValueError(f"blur must be 'rise' or 'gaussian', got {blur!r}")
+
+def check_curve_parameters(size: tuple[int, int], *, step: int) -> None:
+    """Raise ``ValueError`` naming ``step`` unless it is at most the number of pixels of ``size``
+    maps (a larger step gives the same one-step curve from the start image to the end image)."""
     pixels = size[0] * size[1]
     if step > pixels:
         raise ValueError(f"step {step} exceeds the {pixels} pixels of a {size[0]}x{size[1]} map")
@@ -160,16 +153,17 @@ def make_substrate(images: Tensor, substrate: Substrate, blur: Blur = "rise") ->
     raise ValueError(f"substrate must be 'blur', 'zeros', 'mean' or a tensor, got {substrate!r}")
 
 
+@validated
 def insertion(
     model: nn.Module,
     images: Tensor,
     maps: Tensor,
     targets: Tensor,
     *,
-    step: int = 224,
-    substrate: Substrate = "blur",
-    blur: Blur = "rise",
-    batch_size: int = 256,
+    step: Step = 224,
+    substrate: SubstrateParam = "blur",
+    blur: BlurParam = "rise",
+    batch_size: CurveBatch = 256,
 ) -> tuple[Tensor, Tensor]:
     """Insertion AUC ``[B]`` and curves ``[B, n_steps + 1]`` (float32, on the model's device).
 
@@ -184,16 +178,17 @@ def insertion(
     return _perturbation_curves(model, images, maps, targets, step, substrate, blur, batch_size, inserting=True)
 
 
+@validated
 def deletion(
     model: nn.Module,
     images: Tensor,
     maps: Tensor,
     targets: Tensor,
     *,
-    step: int = 224,
-    substrate: Substrate = "zeros",
-    blur: Blur = "rise",
-    batch_size: int = 256,
+    step: Step = 224,
+    substrate: SubstrateParam = "zeros",
+    blur: BlurParam = "rise",
+    batch_size: CurveBatch = 256,
 ) -> tuple[Tensor, Tensor]:
     """Deletion AUC ``[B]`` and curves ``[B, n_steps + 1]`` (float32, on the model's device).
 
@@ -220,7 +215,7 @@ def _perturbation_curves(
     n_images, _, height, width = images.shape
     if maps.shape != (n_images, height, width):
         raise ValueError(f"maps must be [B, H, W]={[n_images, height, width]}, got shape {tuple(maps.shape)}")
-    check_curve_parameters((height, width), step=step, substrate=substrate, blur=blur, batch_size=batch_size)
+    check_curve_parameters((height, width), step=step)
     device = model_device(model, images.device)
     images, maps, targets = images.to(device), maps.to(device), targets.to(device)
     if torch.isnan(maps).any():

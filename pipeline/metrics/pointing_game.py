@@ -10,11 +10,13 @@ truth with NaN or inf values, or one value everywhere, scores NaN.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from ._checks import boolean, number_in
+from ..parameters import Param, validated
+from ._checks import number_in
 from .similarity import degenerate
 
 __all__ = ["pointing_game", "check_pointing_parameters", "pointing_game_accuracy"]
@@ -23,22 +25,24 @@ __all__ = ["pointing_game", "check_pointing_parameters", "pointing_game_accuracy
 def check_pointing_parameters(size: tuple[int, int], *, tolerance: float, threshold: float, relative: bool) -> None:
     """Raise ``ValueError`` naming the parameter unless the pointing game can score ``size`` maps so.
 
-    ``tolerance`` is a number >= 0 shorter than the maps' diagonal (from there on every
-    point is a hit), ``relative`` a boolean, and ``threshold`` a number in [0, 1) when
-    relative (1 or more leaves every region empty, a negative one takes every pixel),
-    any finite number when absolute.
+    ``tolerance`` is shorter than the maps' diagonal (from there on every point is a hit),
+    and ``threshold`` is in [0, 1) when relative (1 or more leaves every region empty, a
+    negative one takes every pixel).
     """
     diagonal = math.hypot(size[0] - 1, size[1] - 1)
     number_in("tolerance", tolerance, 0, diagonal, low_closed=True, high_closed=False)
-    boolean("relative", relative)
     if relative:
         number_in("threshold", threshold, 0, 1, low_closed=True, high_closed=False)
-    else:
-        number_in("threshold", threshold, -math.inf, math.inf, low_closed=False, high_closed=False)
 
 
+@validated
 def pointing_game(
-    maps: Tensor, gt: Tensor, *, tolerance: float = 15.0, threshold: float = 0.5, relative: bool = True
+    maps: Tensor,
+    gt: Tensor,
+    *,
+    tolerance: Annotated[float, Param("distance from the region still counted as a hit", unit="pixels", ge=0)] = 15.0,
+    threshold: Annotated[float, Param("the region is gt > threshold (times max(gt) when relative)")] = 0.5,
+    relative: Annotated[bool, Param("threshold relative to each ground truth's maximum")] = True,
 ) -> Tensor:
     """Hits ``[B]`` (float32 on the maps' device): 1.0 hit, 0.0 miss, NaN when the gt region is empty
     or a map or ground truth is unusable (NaN, inf or constant).

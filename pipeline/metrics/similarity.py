@@ -9,13 +9,13 @@ everywhere, gives NaN.
 """
 from __future__ import annotations
 
-import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
 from ..methods.base import minmax_normalize, upsample
-from ._checks import boolean, number_in
+from ..parameters import Param, validated
 from ._filters import filter_2d, gaussian_taps, uniform_taps
 
 __all__ = ["pcc", "ssim", "ssim_window", "prepare_pair", "degenerate"]
@@ -65,18 +65,14 @@ def ssim_window(
 ) -> tuple[int, int]:
     """The Gaussian window's radius and ``win_size`` of :func:`ssim` on maps of ``size``.
 
-    Raises ``ValueError`` naming the parameter unless both flags are booleans, ``sigma``
-    is a finite number > 0, ``win_size`` (given or derived) is a positive odd integer no
-    larger than the maps, and it is > 1 with ``use_sample_covariance``.
+    Raises ``ValueError`` naming ``win_size`` unless it (given or derived) is odd, no larger
+    than the maps, and > 1 with ``use_sample_covariance``.
     """
-    boolean("gaussian_weights", gaussian_weights)
-    boolean("use_sample_covariance", use_sample_covariance)
-    number_in("sigma", sigma, 0, math.inf, low_closed=False, high_closed=False)
     radius = int(_GAUSSIAN_TRUNCATE * sigma + 0.5)
     if win_size is None:
         win_size = 2 * radius + 1 if gaussian_weights else 7
-    if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
-        raise ValueError(f"win_size must be a positive odd integer, got {win_size!r}")
+    if win_size % 2 == 0:
+        raise ValueError(f"win_size must be odd, got {win_size!r}")
     if win_size > min(size):
         raise ValueError(f"win_size {win_size} exceeds the map size {tuple(size)}")
     if use_sample_covariance and win_size == 1:
@@ -84,14 +80,16 @@ def ssim_window(
     return radius, win_size
 
 
+@validated
 def ssim(
     maps: Tensor,
     gt: Tensor,
     *,
-    gaussian_weights: bool = False,
-    sigma: float = 1.5,
-    win_size: int | None = None,
-    use_sample_covariance: bool = True,
+    gaussian_weights: Annotated[bool, Param("Gaussian window (Wang et al.) instead of a uniform one")] = False,
+    sigma: Annotated[float, Param("standard deviation of the Gaussian window", unit="pixels", gt=0)] = 1.5,
+    win_size: Annotated[int | None, Param("window side, odd (None: 7 uniform, 2 int(3.5 sigma + 0.5) + 1 "
+                                          "Gaussian)", unit="pixels", ge=1)] = None,
+    use_sample_covariance: Annotated[bool, Param("sample (n - 1) instead of population covariances")] = True,
 ) -> Tensor:
     """Mean structural similarity ``[B]`` between each map and its ground truth.
 

@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from pipeline.analysis import ReportError, load_run, select_images, write_report
 from pipeline.cli import main
+from tests.tiny_experiment import ConfigFactory, YamlWriter
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -204,3 +206,25 @@ def test_report_says_which_differences_are_significant(report: Path) -> None:
     assert "Which differences are significant" in markdown and "★" in markdown
     assert "Insertion ↑ (layer2)" in markdown
     assert (report / "figures" / "critical_difference_deletion.png").is_file()  # the report's --metric
+
+
+def test_a_report_in_a_fresh_process_shows_a_plugin_method_and_a_plugin_metric(
+    make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path
+) -> None:
+    raw = make_config()
+    raw["plugins"] = ["tests.plugin_example"]
+    raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]},
+                      {"name": "tests.plugin_example:AbsGradCam", "id": "abs-plugin", "layers": ["layer3"]}]
+    raw["metrics"] = [{"name": "deletion", "params": {"step": 256}}, {"name": "sparsity", "params": {"quantile": 0.5}}]
+    run_dir = tmp_path / "run"
+    assert main(["run", str(write_yaml(raw)), "--out", str(run_dir), "--no-progress"]) == 0
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pipeline", "report", str(run_dir), "--images", "1", "--metric", "sparsity"],
+                   cwd=repo, check=True, capture_output=True)
+    page = _page(run_dir / "report")
+    cells = [text.strip() for text in page.text]
+    assert "abs-plugin" in cells and "gradcam" in cells
+    assert "Sparsity ↑" in cells and "Deletion ↓" in cells
+    assert "figures/heatmap_sparsity.png" in page.images
+    selection = (run_dir / "report" / "selection.html").read_text(encoding="utf-8")
+    assert "abs-plugin" in selection and "Sparsity" in selection

@@ -84,7 +84,7 @@ def test_batch_size_does_not_change_the_result() -> None:
 
 
 def test_unknown_score_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match="probability, abs_logit"):
+    with pytest.raises(ValueError,  match="score should be 'probability' or 'abs_logit', got 'logit'"):
         build_method("abscam-final", make_tiny_cam_net(), layer="features.3", score="logit")
 
 

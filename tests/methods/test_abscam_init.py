@@ -70,5 +70,5 @@ def test_relu_option_changes_signed_maps() -> None:
 
 
 def test_relu_must_be_bool() -> None:
-    with pytest.raises(TypeError, match="relu"):
+    with pytest.raises(ValueError, match="abscam-init: relu should be a valid boolean"):
         build_method("abscam-init", make_tiny_cam_net(mid=False), layer="features.3", relu="yes")

@@ -363,7 +363,7 @@ def test_bad_parameters_are_rejected(params: dict, name: str) -> None:
 def test_bad_inputs_are_rejected() -> None:
     images, targets = small_batch()
     explainer = ExtremalPerturbation(tiny_net(), **FAST)
-    with pytest.raises(TypeError, match="jitter"):
+    with pytest.raises(ValueError, match="jitter should be a valid boolean"):
         ExtremalPerturbation(tiny_net(), jitter="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="images"):
         explainer.explain(images[0], targets)

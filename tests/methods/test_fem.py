@@ -73,5 +73,5 @@ def test_maximum_is_one_and_zero_map_stays_zero() -> None:
 
 
 def test_k_must_be_a_number() -> None:
-    with pytest.raises(TypeError, match="k must be a number"):
+    with pytest.raises(ValueError, match="fem: k should be a valid number"):
         build_method("fem", make_tiny_cam_net(), layer="features.3", k="2")

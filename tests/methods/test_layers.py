@@ -125,7 +125,7 @@ def test_reshape_none_refuses_tokens_and_an_unknown_rule_is_named() -> None:
     method = build_method("gradcam", tiny_vit(), layer="encoder.layers.encoder_layer_1.ln_1", reshape="none")
     with pytest.raises(ValueError, match=r"gradcam: layer .* has output shape \(2, 17, 8\); CAM methods need"):
         method.explain(images, targets)
-    with pytest.raises(ValueError, match="reshape must be one of auto, tokens, channels_last, none, got 'grid'"):
+    with pytest.raises(ValueError, match="fem: reshape should be 'auto', 'tokens', 'channels_last' or 'none', got 'gr"):
         build_method("fem", tiny_vit(), layer="conv_proj", reshape="grid")
 
 

@@ -227,12 +227,12 @@ def test_unknown_parameter_lists_valid_ones(name: str) -> None:
         ("rise-gaussian", {"std": -0.1}, "std"),
         ("rise-gaussian", {"mean": 0.0}, "mean"),
         ("rise-gaussian", {"seed": -1}, "seed"),
-        ("rise", {"p1": "half"}, "p1 must be a finite number"),
-        ("rise", {"n_masks": 64.0}, "n_masks must be an integer >= 1"),
-        ("rise", {"grid_size": 2.5}, "grid_size must be an integer >= 1"),
-        ("rise", {"batch_size": 0}, "batch_size must be an integer >= 1"),
-        ("rise-gaussian", {"std": float("nan")}, "std must be a finite number"),
-        ("rise-gaussian", {"mean": "x"}, "mean must be a finite number"),
+        ("rise", {"p1": "half"}, "p1 should be a valid number, got 'half'"),
+        ("rise", {"n_masks": 64.0}, "n_masks should be a valid integer, got 64.0"),
+        ("rise", {"grid_size": 2.5}, "grid_size should be a valid integer, got 2.5"),
+        ("rise", {"batch_size": 0}, "batch_size should be greater than or equal to 1, got 0"),
+        ("rise-gaussian", {"std": float("nan")}, "std should be a finite number, got nan"),
+        ("rise-gaussian", {"mean": "x"}, "mean should be a valid number, got 'x'"),
     ],
 )
 def test_bad_parameters(name: str, params: dict[str, object], match: str) -> None:

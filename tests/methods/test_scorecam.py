@@ -102,7 +102,7 @@ def test_all_constant_channels_give_zero_maps() -> None:
 
 
 def test_unknown_weights_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match="probability, cic-softmax"):
+    with pytest.raises(ValueError,  match="weights should be 'probability' or 'cic-softmax', got 'softmax'"):
         build_method("scorecam", make_tiny_cam_net(), layer="features.3", weights="softmax")
 
 

@@ -269,7 +269,7 @@ def test_bad_input_is_rejected() -> None:
         insertion(model, images, maps, targets, batch_size=0)
     with pytest.raises(ValueError, match="substrate"):
         deletion(model, images, maps, targets, substrate="noise")
-    with pytest.raises(ValueError, match="blur must be 'rise' or 'gaussian'"):
+    with pytest.raises(ValueError, match="insertion: blur should be 'rise' or 'gaussian', got 'box'"):
         insertion(model, images, maps, targets, blur="box")
     with pytest.raises(ValueError, match="substrate"):
         deletion(model, images, maps, targets, substrate=torch.zeros(2, 1, 1))
