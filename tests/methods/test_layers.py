@@ -151,5 +151,5 @@ def test_a_module_outside_the_model_is_refused() -> None:
         build_method("gradcam", model, layers=[model])
     with pytest.raises(TypeError, match="give its layers once, as `layers` or as `layer`"):
         build_method("gradcam", model, layers=["mid"], layer=["mid"])
-    with pytest.raises(TypeError, match="a layer is a module of the model or its dotted name, got int"):
+    with pytest.raises(ValueError, match=r"layer\[0\] should be a valid string or should be an instance of Module, got 3"):
         build_method("gradcam", model, layers=[3])
