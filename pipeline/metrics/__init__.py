@@ -2,7 +2,8 @@
 
 Perturbation metrics run the model on changed images (insertion, deletion, Average
 Drop / Increase); ground-truth metrics compare maps with reference maps (PCC, SSIM,
-pointing game). Every function takes batches and returns per-image values on the
+pointing game); the randomization test explains the images again with the scored method on
+copies of the model whose top blocks are re-initialized. Every function takes batches and returns per-image values on the
 model's or the maps' device.
 
 A metric is found by its registered name (the built-ins, and functions decorated with
@@ -30,6 +31,7 @@ from .insertion_deletion import (
     pixel_rank,
 )
 from .pointing_game import check_pointing_parameters, pointing_game, pointing_game_accuracy
+from .randomization import MethodMaps, check_randomization_parameters, randomization, spearman
 from .similarity import pcc, prepare_pair, ssim, ssim_window
 
 __all__ = [
@@ -57,6 +59,10 @@ __all__ = [
     "check_drop_parameters",
     "check_pointing_parameters",
     "ssim_window",
+    "randomization",
+    "spearman",
+    "check_randomization_parameters",
+    "MethodMaps",
 ]
 
 
@@ -74,7 +80,9 @@ class MetricSpec:
     parameters a config may set. ``check(size, **params)`` (``None``: nothing to check)
     is the rule the function applies to its parameter values first, on maps of ``size``.
     ``group`` gathers metrics into one score shard (by default ``perturbation`` with the
-    model, ``groundtruth`` without).
+    model, ``groundtruth`` without). A metric that ``needs_method`` (it needs the model too) runs
+    the scored method again: ``function(model, images, maps, targets, method, **params)``, where
+    ``method(model, images, targets)`` gives that method's maps on any model.
     """
 
     name: str
@@ -89,6 +97,7 @@ class MetricSpec:
     check: Callable[..., object] | None = None
     curve: int | None = None
     scale: float = 1.0
+    needs_method: bool = False
 
     @property
     def arrow(self) -> str:
@@ -114,10 +123,15 @@ class MetricSpec:
 
     def call(
         self, model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, gt: Tensor | None,
-        params: Mapping[str, Any],
+        params: Mapping[str, Any], method: MethodMaps | None = None,
     ) -> Any:
-        """The function's result on a batch, given what the metric needs (``gt``: ``[n, H, W]`` or ``None``)."""
+        """The function's result on a batch, given what the metric needs (``gt``: ``[n, H, W]`` or ``None``;
+        ``method``: the scored method, for a metric that needs it)."""
         inputs = (model, images, maps, targets) if self.needs_model else (maps,)
+        if self.needs_method:
+            if method is None:
+                raise ValueError(f"metric {self.name!r} runs the scored method again, and none was given")
+            inputs = (*inputs, method)
         return self.function(*inputs, *((gt,) if self.needs_ground_truth else ()), **params)
 
     def values(self, result: Any) -> Tensor:
@@ -163,6 +177,9 @@ METRICS: dict[str, MetricSpec] = {
         _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, check_drop_parameters,
                       scale=100.0),
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
+        MetricSpec("randomization", "Randomization", randomization, "randomization", True, False, False,
+                   _keyword_parameters(randomization), 0, check_randomization_parameters, curve=1,
+                   needs_method=True),
     )
 }
 
@@ -185,6 +202,7 @@ def register_metric(
     scale: float = 1.0,
     check: Callable[..., object] | None = None,
     group: str | None = None,
+    needs_method: bool = False,
 ) -> Callable[[F], F]:
     """Function decorator: make the function metric ``name`` (see :class:`MetricSpec`; its
     keyword-only arguments are its parameters)."""
@@ -192,10 +210,10 @@ def register_metric(
     def register(function: F) -> F:
         if name in METRICS and METRICS[name].function is not function:
             raise ValueError(f"metric {name!r} is already registered")
-        default_group = "perturbation" if needs_model else "groundtruth"
+        default_group = "perturbation" if needs_model or needs_method else "groundtruth"
         METRICS[name] = MetricSpec(
-            name, title or name, function, group or default_group, needs_model, needs_ground_truth,
-            higher_is_better, _keyword_parameters(function), output, check, curve, scale,
+            name, title or name, function, group or default_group, needs_model or needs_method, needs_ground_truth,
+            higher_is_better, _keyword_parameters(function), output, check, curve, scale, needs_method,
         )
         return function
 

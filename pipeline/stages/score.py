@@ -9,6 +9,9 @@ unusable ground-truth map (unreadable, NaN or constant) is named in the shard's
 A saliency map with NaN or inf values, or one value everywhere, is not scored: every
 metric of that image is NaN (its curves too) with the reason in ``reasons``, and the
 other images of the chunk are scored as usual.
+
+A metric that runs the scored method again (the randomization test) gets it built as the
+explain stage builds it: the entry's parameters and seed, and the shard's layer.
 """
 from __future__ import annotations
 
@@ -18,15 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import MetricConfig
+from ..config import ExperimentConfig, MetricConfig
 from ..data import DataError, load_gt
-from ..metrics import METRICS, metric_spec
-from ..planning import Shard
+from ..methods import build_method
+from ..metrics import METRICS, MethodMaps, metric_spec
+from ..planning import NO_LAYER, Shard, method_params
 from ..store import ShardOutput
 from .context import RunContext
 from .merge import merge_chunk
 
-__all__ = ["ScoreStage", "score_maps", "unusable_maps"]
+__all__ = ["ScoreStage", "score_maps", "unusable_maps", "entry_method"]
 
 
 class ScoreStage:
@@ -79,10 +83,25 @@ class ScoreStage:
             torch.from_numpy(output.targets[scored]).to(context.device),
             [gt[i] for i in scored],
             metrics,
+            entry_method(context.config, shard.method, layer),
         )
         output.values = {name: _spread(array, scored, len(loaded)) for name, array in values.items()}
         output.curves = {name: _spread(array, scored, len(loaded)) for name, array in curves.items()}
         return output
+
+
+def entry_method(config: ExperimentConfig, label: str, layer: str) -> MethodMaps:
+    """``method(model, images, targets)``: the maps of method entry ``label`` (its parameters, the
+    experiment's seed) on ``layer`` (:data:`~pipeline.planning.NO_LAYER` for a method without layers)."""
+    entry = config.method(label)
+    params = method_params(config, entry)
+    if layer != NO_LAYER:
+        params["layer"] = [layer]
+
+    def method(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        return build_method(entry.name, model, **params).explain(images, targets)
+
+    return method
 
 
 def unusable_maps(maps: np.ndarray) -> list[str]:
@@ -115,10 +134,12 @@ def score_maps(
     targets: Tensor,
     gt: Sequence[Tensor | None],
     metrics: Sequence[MetricConfig],
+    method: MethodMaps | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-image values ``{metric: [n]}`` and curves ``{metric: [n, T]}`` for ``maps`` ``[n, H, W]``.
 
-    Every metric is called as its specification says (:meth:`~pipeline.metrics.MetricSpec.call`);
+    Every metric is called as its specification says (:meth:`~pipeline.metrics.MetricSpec.call`;
+    ``method`` made the maps, for a metric that runs it again);
     one that needs ground truth sees the images that have one, the others get NaN. Metrics of the
     same function and parameters (Average Drop and Increase) share one call.
     """
@@ -137,7 +158,7 @@ def score_maps(
         rows: slice | list[int] = with_gt if spec.needs_ground_truth else slice(None)
         key = (spec.function, repr(sorted(metric.params.items())))
         if key not in results:
-            results[key] = spec.call(model, images[rows], maps[rows], targets[rows], gt_stack, metric.params)
+            results[key] = spec.call(model, images[rows], maps[rows], targets[rows], gt_stack, metric.params, method)
         column[rows] = spec.values(results[key]).double().cpu().numpy()
         curve = spec.curves(results[key])
         if curve is not None:
