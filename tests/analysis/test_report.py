@@ -204,3 +204,11 @@ def test_report_says_which_differences_are_significant(report: Path) -> None:
     assert "Which differences are significant" in markdown and "★" in markdown
     assert "Insertion ↑ (layer2)" in markdown
     assert (report / "figures" / "critical_difference_deletion.png").is_file()  # the report's --metric
+
+
+def test_report_draws_the_randomization_cascade(randomization_run: Path) -> None:
+    index = write_report(randomization_run, images=2)
+    page = _page(index.parent)
+    assert "figures/randomization.png" in page.images
+    assert "Randomization ↓" in " ".join(page.text)
+    assert (index.parent / "figures" / "randomization.png").is_file()
