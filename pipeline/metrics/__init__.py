@@ -31,7 +31,13 @@ from .insertion_deletion import (
     pixel_rank,
 )
 from .pointing_game import check_pointing_parameters, pointing_game, pointing_game_accuracy
-from .randomization import MethodMaps, check_randomization_parameters, randomization, spearman
+from .randomization import (
+    MethodMaps,
+    check_randomization_blocks,
+    check_randomization_parameters,
+    randomization,
+    spearman,
+)
 from .similarity import pcc, prepare_pair, ssim, ssim_window
 
 __all__ = [
@@ -78,7 +84,8 @@ class MetricSpec:
     ``function(maps[, gt], **params)`` without; a metric that needs ground truth gets
     only the images that have one (NaN for the others). ``parameters`` are the keyword
     parameters a config may set. ``check(size, **params)`` (``None``: nothing to check)
-    is the rule the function applies to its parameter values first, on maps of ``size``.
+    is the rule the function applies to its parameter values first, on maps of ``size``;
+    ``check_model(model, **params)`` (``None``: nothing) the rule it applies to them on the model.
     ``group`` gathers metrics into one score shard (by default ``perturbation`` with the
     model, ``groundtruth`` without). A metric that ``needs_method`` (it needs the model too) runs
     the scored method again: ``function(model, images, maps, targets, method, **params)``, where
@@ -98,6 +105,7 @@ class MetricSpec:
     curve: int | None = None
     scale: float = 1.0
     needs_method: bool = False
+    check_model: Callable[..., object] | None = None
 
     @property
     def arrow(self) -> str:
@@ -112,14 +120,21 @@ class MetricSpec:
     def check_values(self, params: Mapping[str, Any], size: tuple[int, int]) -> None:
         """Raise ``ValueError`` naming the parameter when ``params`` (defaults for the others)
         would make the metric fail on maps of ``size``; nothing runs on data."""
-        if self.check is None:
-            return
-        defaults = {
+        if self.check is not None:
+            self.check(size, **{**self._defaults(), **params})
+
+    def _defaults(self) -> dict[str, Any]:
+        return {
             name: p.default
             for name, p in inspect.signature(self.function).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        self.check(size, **{**defaults, **params})
+
+    def check_on_model(self, params: Mapping[str, Any], model: nn.Module) -> None:
+        """Raise ``ValueError`` naming the parameter when ``params`` (defaults for the others) would
+        make the metric fail on ``model``; nothing runs on data."""
+        if self.check_model is not None:
+            self.check_model(model, **{**self._defaults(), **params})
 
     def call(
         self, model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, gt: Tensor | None,
@@ -179,7 +194,7 @@ METRICS: dict[str, MetricSpec] = {
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
         MetricSpec("randomization", "Randomization", randomization, "randomization", True, False, False,
                    _keyword_parameters(randomization), 0, check_randomization_parameters, curve=1,
-                   needs_method=True),
+                   needs_method=True, check_model=check_randomization_blocks),
     )
 }
 

@@ -32,6 +32,7 @@ __all__ = [
     "average_ranks",
     "spearman",
     "check_randomization_parameters",
+    "check_randomization_blocks",
     "MethodMaps",
 ]
 
@@ -119,6 +120,15 @@ def check_randomization_parameters(size: tuple[int, int], *, blocks: Sequence[st
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
 
 
+def check_randomization_blocks(model: nn.Module, *, blocks: Sequence[str] | None, steps: int | None,
+                               seed: int) -> None:
+    """Raise ``ValueError`` when ``blocks`` names no module of ``model`` or ``steps`` exceeds its blocks."""
+    count = len(model_blocks(model, blocks))
+    if steps is not None and steps > count:
+        raise ValueError(f"steps ({steps}) exceeds the model's {count} blocks "
+                         f"({', '.join(name for name, _ in model_blocks(model, blocks))})")
+
+
 def randomization(
     model: nn.Module,
     images: Tensor,
@@ -138,11 +148,9 @@ def randomization(
     the Spearman correlation after the last step (the top ``steps`` blocks randomized), and the
     per-image correlations of every step ``[n, steps]``. The model itself is not changed.
     """
+    check_randomization_blocks(model, blocks=blocks, steps=steps, seed=seed)
     randomized = copy.deepcopy(model)
     cascade = model_blocks(randomized, blocks)[::-1]
-    if steps is not None and steps > len(cascade):
-        raise ValueError(f"randomization: steps ({steps}) exceeds the model's {len(cascade)} blocks "
-                         f"({', '.join(name for name, _ in cascade[::-1])})")
     correlations = []
     for step, (_, block) in enumerate(cascade[: steps or len(cascade)]):
         reinitialize(block, seed + step)
