@@ -5,7 +5,8 @@ The model's blocks are re-initialized from the top, one more per step and cumula
 deep copy of the model; after each step the method explains the same images and targets again
 and the step's value is the Spearman rank correlation between the original map and the
 randomized one. A method whose maps stay the same when the model's weights are destroyed
-(correlation near 1) does not explain the model.
+(correlation near 1) does not explain the model. The metric's value is the correlation after
+the last step (the top ``steps`` blocks randomized); every step's correlation is kept as a curve.
 
 Blocks are the model's top-level children that hold parameters, in the order the model
 registers them (a ResNet: ``conv1, bn1, layer1, ..., layer4, fc``), or the module names given
@@ -123,10 +124,9 @@ def check_randomization_parameters(size: tuple[int, int], *, blocks: Sequence[st
 def check_randomization_blocks(model: nn.Module, *, blocks: Sequence[str] | None, steps: int | None,
                                seed: int) -> None:
     """Raise ``ValueError`` when ``blocks`` names no module of ``model`` or ``steps`` exceeds its blocks."""
-    count = len(model_blocks(model, blocks))
-    if steps is not None and steps > count:
-        raise ValueError(f"steps ({steps}) exceeds the model's {count} blocks "
-                         f"({', '.join(name for name, _ in model_blocks(model, blocks))})")
+    names = [name for name, _ in model_blocks(model, blocks)]
+    if steps is not None and steps > len(names):
+        raise ValueError(f"steps ({steps}) exceeds the model's {len(names)} blocks ({', '.join(names)})")
 
 
 def randomization(
