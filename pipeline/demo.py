@@ -40,7 +40,8 @@ def demo_checkpoint() -> Path:
 
 
 def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
-    """The demo experiment: every method (small LIME and Extremal settings) on ``layer3``, every metric."""
+    """The demo experiment: every method (small LIME and Extremal settings) on ``layer3``, every metric
+    (the randomization test in two steps: the head and ``layer3`` re-initialized)."""
     step = IMAGE_SIZE * IMAGE_SIZE // 32
     layers = ["layer3"]
     return {
