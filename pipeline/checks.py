@@ -7,7 +7,8 @@ plan and every worker name it explicitly.
 :func:`check_entries` builds each method entry with its resolved parameters, as a
 worker would, on the model it is given (the pre-flight passes the real model on CPU),
 and checks each metric entry's values with the rule the metric applies first
-(:meth:`~pipeline.metrics.MetricSpec.check_values`) at the config's image size, without
+(:meth:`~pipeline.metrics.MetricSpec.check_values`) at the config's image size, and on the
+model (:meth:`~pipeline.metrics.MetricSpec.check_on_model`: the randomization test's blocks), without
 running the model or the metric on data (``batch_size: auto`` is checked as a batch of
 one). It lists every problem, one per entry, with its field path
 (``methods[0].params.p1: p1 should be less than or equal to 1, got 1.5``; a value that
@@ -64,7 +65,7 @@ def with_default_layers(config: ExperimentConfig, model: nn.Module | None = None
 
 def check_entries(config: ExperimentConfig, model: nn.Module) -> None:
     """Raise :class:`~pipeline.config.ConfigError` listing every method or metric entry whose values cannot work."""
-    problems = [*_method_problems(config, model), *_metric_problems(config)]
+    problems = [*_method_problems(config, model), *_metric_problems(config, model)]
     if problems:
         count = len(problems)
         raise ConfigError(f"{count} bad parameter value{'s' if count > 1 else ''}:\n  " + "\n  ".join(problems))
@@ -122,11 +123,12 @@ def _layer_problems(config: ExperimentConfig, model: nn.Module, channels: dict[s
             channels.setdefault(entry.label, {})[layer] = int(grid.shape[1])
 
 
-def _metric_problems(config: ExperimentConfig) -> Iterator[str]:
+def _metric_problems(config: ExperimentConfig, model: nn.Module) -> Iterator[str]:
     for index, entry in enumerate(config.metrics):
         spec = metric_spec(entry.name)
         try:
             spec.check_values(with_batch_size(entry.params, 1), config.data.image_size)
+            spec.check_on_model(with_batch_size(entry.params, 1), model)
         except (TypeError, ValueError) as error:
             prefix = f"metrics[{index}]"
             paths = {name: f"{prefix}.params.{name}" for name in spec.parameters}

@@ -41,6 +41,8 @@ Schema (every key optional unless marked *; relative paths are relative to the Y
     metrics:                         # default: insertion and deletion
       - name: insertion              # a registered metric, `package.module:function` or an entry point
         params: {step: 224}          # (batch_size: auto, as for methods)
+      - name: randomization          # re-explains with the top `steps` blocks re-initialized (default:
+        params: {steps: 2, seed: 0}  # all; blocks: [module names] instead of the top-level children)
     target: predicted                # or `label`: the class that is explained and scored
     sharding: {images_per_shard: 16, samples_per_shard: 1000}
     results: {maps: all}             # maps kept in results.h5: all, none (metrics only) or

@@ -1,9 +1,13 @@
 """The embedded demo: self-made data and model, no downloads.
 
-:func:`prepare_demo` trains (once, cached) a small CNN to tell generated shapes apart
-by their outline on textured clutter, generates a separate set of shapes images
-with their ground-truth maps (the blurred object masks), and writes an experiment
-config that explains them with every method and scores them with every metric.
+:func:`prepare_demo` trains (once, cached) a small CNN to name the shape drawn most often
+among several on textured clutter (the ``majority`` scene of
+:func:`~pipeline.demo_data.make_shapes_dataset`: shapes told apart by their outline, the
+shapes of other classes evidence against the class), generates a separate set of such
+images with their ground-truth maps (the blurred masks of the class's shapes), and writes
+an experiment config that explains them with every method and scores them with every
+metric. Class-specific methods then find the class's shapes and leave the others out,
+class-agnostic ones (FEM) highlight every shape, and Insertion tells them apart.
 """
 from __future__ import annotations
 
@@ -12,12 +16,16 @@ from pathlib import Path
 
 import yaml
 
-from .demo_data import make_shapes_dataset
+from .demo_data import Scene, make_shapes_dataset
 from .demo_model import ensure_shapes_checkpoint
 
-__all__ = ["prepare_demo", "demo_config", "cache_dir"]
+__all__ = ["prepare_demo", "demo_config", "demo_checkpoint", "cache_dir", "IMAGE_SIZE", "SCENE"]
 
 IMAGE_SIZE = 64
+SCENE: Scene = "majority"
+#: the demo model is trained with up to a quarter of the pixels of an image missing, so that a random
+#: Deletion order does not keep or raise its belief (scattered grey pixels are no class's evidence)
+PIXEL_DROPOUT = 0.25
 
 
 def cache_dir() -> Path:
@@ -26,8 +34,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XAI_PIPELINE_CACHE", default))
 
 
+def demo_checkpoint() -> Path:
+    """The demo model's checkpoint in :func:`cache_dir` (trained on first use)."""
+    return ensure_shapes_checkpoint(cache_dir(), image_size=IMAGE_SIZE, scene=SCENE, pixel_dropout=PIXEL_DROPOUT)
+
+
 def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
-    """The demo experiment: every method (small LIME and Extremal settings) on ``layer3``, every metric."""
+    """The demo experiment: every method (small LIME and Extremal settings) on ``layer3``, every metric
+    (the randomization test in two steps: the head and ``layer3`` re-initialized)."""
     step = IMAGE_SIZE * IMAGE_SIZE // 32
     layers = ["layer3"]
     return {
@@ -56,6 +70,7 @@ def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
             {"name": "pointing_game", "params": {"tolerance": 4}},
             {"name": "average_drop"},
             {"name": "average_increase"},
+            {"name": "randomization", "params": {"steps": 2}},
         ],
         "sharding": {"images_per_shard": 16, "samples_per_shard": 250},
     }
@@ -64,10 +79,11 @@ def demo_config(data_root: Path, checkpoint: Path) -> dict[str, object]:
 def prepare_demo(out: Path, *, images_per_class: int = 8) -> Path:
     """Make the demo's data, model and config under ``out``; returns the config's path."""
     out = Path(out)
-    checkpoint = ensure_shapes_checkpoint(cache_dir(), image_size=IMAGE_SIZE)
+    checkpoint = demo_checkpoint()
     data_root = out / "data"
     if not (data_root / "manifest.csv").is_file():
-        make_shapes_dataset(data_root, n_per_class=images_per_class, image_size=IMAGE_SIZE, seed=2024, split=False)
+        make_shapes_dataset(data_root, n_per_class=images_per_class, image_size=IMAGE_SIZE, seed=2024, split=False,
+                            scene=SCENE)
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(data_root.resolve(), checkpoint), sort_keys=False))
     return config_path

@@ -2,15 +2,19 @@
 
 :func:`make_shapes_dataset` writes, deterministically for a seed,
 
-- ``root/images/<class>/<class>_<idx:04d>.png``: RGB images in ImageFolder layout, each
-  holding one shape of its class (circle, square, triangle or cross) in a random
-  saturated colour on a muted smooth-noise background with a few muted distractor
-  lines and elongated blobs. Only the outline tells the class (the colour is drawn
-  alike for every class), so the evidence is the object's edges and corners, which a
-  blur destroys: Insertion and Deletion then tell good saliency maps from bad ones;
+- ``root/images/<class>/<class>_<idx:04d>.png``: RGB images in ImageFolder layout on a
+  muted smooth-noise background with a few muted distractor lines and elongated blobs.
+  In the ``single`` scene each holds one shape of its class (circle, square, triangle
+  or cross) in a random saturated colour; in the ``majority`` scene it holds three or
+  four smaller shapes of its class and up to three of other classes, each class at
+  least two shapes behind (the class is the shape drawn most often), so the shapes of
+  other classes are evidence against it.
+  Only the outline tells a shape (colours are drawn alike for every class), so the
+  evidence is the objects' edges and corners, which a blur destroys: Insertion and
+  Deletion then tell good saliency maps from bad ones;
 - ``root/gt/<class>/<class>_<idx:04d>.png``: 8-bit grayscale ground-truth maps, the
-  shape's binary mask blurred with a Gaussian and scaled to a maximum of 255, standing
-  in for a gaze-fixation density map;
+  mask of the shapes of the image's class blurred with a Gaussian and scaled to a
+  maximum of 255, standing in for a gaze-fixation density map;
 - ``root/manifest.csv``: one row per image with ``path``, ``label`` and ``gt`` (paths
   relative to ``root``), plus ``split`` (``train``/``val``) when asked for.
 
@@ -24,7 +28,7 @@ import csv
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,6 +37,8 @@ from skimage.filters import gaussian
 
 __all__ = [
     "SHAPE_CLASSES",
+    "SCENES",
+    "Scene",
     "VALIDATION_EVERY",
     "ShapeRecord",
     "ShapesDatasetInfo",
@@ -46,8 +52,14 @@ SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 #: every ``VALIDATION_EVERY``-th image of each class (positions 4, 9, 14, ...) is held out
 VALIDATION_EVERY = 5
 
+#: ``single``: one shape of the class; ``majority``: several shapes, most of them of the class
+Scene = Literal["single", "majority"]
+SCENES: tuple[str, ...] = ("single", "majority")
+
 _MIN_IMAGE_SIZE = 16
 _SHAPE_EXTENT = (0.20, 0.35)  # shape extent as a fraction of the image side
+_MAJORITY_EXTENT = (0.16, 0.24)  # the same, for the shapes of a majority scene
+_PLACEMENT_TRIES = 60  # draws of a majority scene's shape before it is left out for lack of room
 _SATURATION = 0.3  # how much colour the background and distractors keep (0: grey)
 
 
@@ -60,7 +72,7 @@ class ShapeRecord:
     label: int
     class_name: str
     index: int
-    colour: tuple[int, int, int]
+    colour: tuple[int, int, int]  # of the (first) shape of its class
     split: str
 
 
@@ -155,9 +167,10 @@ def _draw_distractors(image: np.ndarray, clutter: float, rng: np.random.Generato
         image[rows, cols] = colour
 
 
-def _shape_mask(class_name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def _shape_mask(class_name: str, size: int, rng: np.random.Generator,
+                extent_range: tuple[float, float] = _SHAPE_EXTENT) -> np.ndarray:
     """Boolean mask of one randomly sized, placed and turned shape, fully inside the image."""
-    extent = rng.uniform(*_SHAPE_EXTENT) * size
+    extent = rng.uniform(*extent_range) * size
     outline = _OUTLINES[class_name](extent, rng)
     low = -outline.min(axis=0) + 1
     high = size - 2 - outline.max(axis=0)
@@ -183,22 +196,58 @@ def _shape_colour(rng: np.random.Generator) -> np.ndarray:
     return 0.55 + 0.4 * np.cos(hue + np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3]))
 
 
-def _render(class_name: str, size: int, clutter: float, gt_sigma: float,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
-    """One ``uint8`` RGB image, its ``uint8`` ground-truth map and the shape's colour."""
+def _majority_shapes(class_name: str, classes: Sequence[str], size: int,
+                     rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+    """Three or four shapes of ``class_name`` and one fewer of other classes (each drawn among
+    ``classes``), apart from each other; a shape that finds no room is left out, and so is a
+    shape of another class when its class would otherwise no longer trail by two."""
+    count = int(rng.integers(3, 5))
+    others = [c for c in classes if c != class_name]
+    names = [class_name] * count + [others[int(rng.integers(len(others)))] for _ in range(count - 1)]
+    taken = np.zeros((size, size), dtype=bool)
+    placed: list[tuple[str, np.ndarray]] = []
+    for name in names:
+        for _ in range(_PLACEMENT_TRIES):
+            mask = _shape_mask(name, size, rng, _MAJORITY_EXTENT)
+            if not (mask & taken).any():
+                break
+        else:
+            continue
+        own = sum(n == class_name for n, _ in placed)
+        if name != class_name and sum(n == name for n, _ in placed) + 1 > own - 2:
+            continue
+        taken |= gaussian(mask.astype(np.float64), sigma=1.5) > 0.01  # a margin of about 3 pixels
+        placed.append((name, mask))
+    return placed
+
+
+def _render(class_name: str, size: int, clutter: float, gt_sigma: float, rng: np.random.Generator,
+            scene: Scene = "single", classes: Sequence[str] = SHAPE_CLASSES,
+            ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """One ``uint8`` RGB image, its ``uint8`` ground-truth map and the colour of its class's shape."""
     image = _muted(_background(size, clutter, rng))
     _draw_distractors(image, clutter, rng)
     image = _muted(image)
-    mask = _shape_mask(class_name, size, rng)
-    colour = np.round(_shape_colour(rng) * 255).astype(np.uint8)
+    if scene == "single":
+        shapes = [(class_name, _shape_mask(class_name, size, rng))]
+    else:
+        shapes = _majority_shapes(class_name, classes, size, rng)
     rgb = np.round(image * 255).astype(np.uint8)
-    rgb[mask] = colour
-    density = gaussian(mask.astype(np.float64), sigma=gt_sigma * size)
+    evidence = np.zeros((size, size), dtype=bool)
+    colours = []
+    for name, mask in shapes:
+        colour = np.round(_shape_colour(rng) * 255).astype(np.uint8)
+        rgb[mask] = colour
+        if name == class_name:
+            evidence |= mask
+            colours.append(colour)
+    density = gaussian(evidence.astype(np.float64), sigma=gt_sigma * size)
     gt = np.round(density / density.max() * 255).astype(np.uint8)
-    return rgb, gt, (int(colour[0]), int(colour[1]), int(colour[2]))
+    return rgb, gt, (int(colours[0][0]), int(colours[0][1]), int(colours[0][2]))
 
 
-def _check_arguments(n_per_class: int, image_size: int, classes: Sequence[str], gt_sigma: float) -> None:
+def _check_arguments(n_per_class: int, image_size: int, classes: Sequence[str], gt_sigma: float,
+                     scene: str) -> None:
     if not isinstance(n_per_class, int) or n_per_class < 1:
         raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
     if not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE:
@@ -212,6 +261,10 @@ def _check_arguments(n_per_class: int, image_size: int, classes: Sequence[str], 
         raise ValueError(f"classes has duplicates: {list(classes)}")
     if not gt_sigma > 0:
         raise ValueError(f"gt_sigma must be > 0, got {gt_sigma!r}")
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {', '.join(SCENES)}, got {scene!r}")
+    if scene == "majority" and len(classes) < 2:
+        raise ValueError(f"the majority scene needs at least 2 classes, got {list(classes)}")
 
 
 def make_shapes_dataset(
@@ -224,15 +277,17 @@ def make_shapes_dataset(
     split: bool = True,
     clutter: float = 1.0,
     gt_sigma: float = 0.08,
+    scene: Scene = "single",
 ) -> ShapesDatasetInfo:
     """Write the shapes dataset under ``root`` and return what was written.
 
-    ``gt_sigma`` is the ground-truth blur as a fraction of ``image_size``. With
+    ``gt_sigma`` is the ground-truth blur as a fraction of ``image_size``; ``scene`` is
+    ``single`` (one shape per image) or ``majority`` (the class is the shape drawn most often). With
     ``split`` the manifest gets a ``split`` column marking the held-out images
     (:func:`is_validation_index`); records carry the same split either way.
     Identical arguments give byte-identical files.
     """
-    _check_arguments(n_per_class, image_size, classes, gt_sigma)
+    _check_arguments(n_per_class, image_size, classes, gt_sigma, scene)
     root = Path(root)
     rng = np.random.default_rng(seed)
     label_of = {name: label for label, name in enumerate(sorted(classes))}
@@ -241,7 +296,7 @@ def make_shapes_dataset(
         (root / "images" / class_name).mkdir(parents=True, exist_ok=True)
         (root / "gt" / class_name).mkdir(parents=True, exist_ok=True)
         for index in range(n_per_class):
-            rgb, gt, colour = _render(class_name, image_size, clutter, gt_sigma, rng)
+            rgb, gt, colour = _render(class_name, image_size, clutter, gt_sigma, rng, scene, classes)
             name = f"{class_name}/{class_name}_{index:04d}.png"
             Image.fromarray(rgb).save(root / "images" / name)
             Image.fromarray(gt).save(root / "gt" / name)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .demo_data import SHAPE_CLASSES, is_validation_index, make_shapes_dataset
+from .demo_data import SHAPE_CLASSES, Scene, is_validation_index, make_shapes_dataset
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -122,12 +122,19 @@ def _load_split(data_root: Path, image_size: int, mean: Sequence[float],
     return inputs[~val], targets[~val], inputs[val], targets[val], len(folder.classes)
 
 
-def _augment(batch: Tensor, generator: torch.Generator) -> Tensor:
-    """Random element of the square's symmetry group per image (flips and transposes)."""
+def _augment(batch: Tensor, generator: torch.Generator, pixel_dropout: float = 0.0) -> Tensor:
+    """Random element of the square's symmetry group per image (flips and transposes); with
+    ``pixel_dropout``, a fraction drawn uniformly from [0, ``pixel_dropout``) of each image's
+    pixels set to 0 (the mean colour once normalized)."""
     flips = torch.rand(3, batch.shape[0], 1, 1, 1, generator=generator) < 0.5
     batch = torch.where(flips[0], batch.flip(-1), batch)
     batch = torch.where(flips[1], batch.flip(-2), batch)
-    return torch.where(flips[2], batch.transpose(-1, -2), batch)
+    batch = torch.where(flips[2], batch.transpose(-1, -2), batch)
+    if pixel_dropout > 0:
+        fraction = torch.rand(batch.shape[0], 1, 1, 1, generator=generator) * pixel_dropout
+        dropped = torch.rand(batch.shape[0], 1, *batch.shape[-2:], generator=generator) < fraction
+        batch = batch.masked_fill(dropped, 0.0)
+    return batch
 
 
 def _accuracy(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 256) -> float:
@@ -180,11 +187,15 @@ def train_shapes_net(
     width: int = 8,
     lr: float = 0.01,
     batch_size: int = 64,
+    pixel_dropout: float = 0.0,
 ) -> dict[str, float]:
     """Train :class:`ShapesNet` on CPU on ``data_root/images`` and save its ``state_dict``.
 
     Images are resized to ``image_size`` and normalized with ``mean``/``std``; the
-    training batches get random flips and transposes. Every fifth image of each class
+    training batches get random flips and transposes, and with ``pixel_dropout`` (in
+    [0, 1)) up to that fraction of their pixels set to the mean colour, so that scattered
+    missing pixels (as a Deletion curve with a random order makes them) are not taken for
+    evidence of a class. Every fifth image of each class
     (:func:`pipeline.demo_data.is_validation_index`) is held out for validation.
     AdamW with a one-cycle learning-rate schedule peaking at ``lr``, on one torch
     thread. The global torch RNG and thread count are left as they were. Returns
@@ -195,6 +206,8 @@ def train_shapes_net(
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
+    if not 0 <= pixel_dropout < 1:
+        raise ValueError(f"pixel_dropout must be in [0, 1), got {pixel_dropout!r}")
     started = time.perf_counter()
     train_x, train_y, val_x, val_y, num_classes = _load_split(Path(data_root), image_size, mean, std)
     generator = torch.Generator().manual_seed(seed)
@@ -211,7 +224,7 @@ def train_shapes_net(
             order = torch.randperm(len(train_x), generator=generator)
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                loss = F.cross_entropy(model(_augment(train_x[batch], generator)), train_y[batch])
+                loss = F.cross_entropy(model(_augment(train_x[batch], generator, pixel_dropout)), train_y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -251,8 +264,12 @@ def ensure_shapes_checkpoint(
     width: int = 8,
     lr: float = 0.01,
     batch_size: int = 64,
+    scene: Scene = "single",
+    pixel_dropout: float = 0.0,
 ) -> Path:
-    """The checkpoint of a :class:`ShapesNet` trained with these parameters, made when missing.
+    """The checkpoint of a :class:`ShapesNet` trained with these parameters (``scene``: see
+    :func:`~pipeline.demo_data.make_shapes_dataset`; ``pixel_dropout``: see
+    :func:`train_shapes_net`), made when missing.
 
     The dataset goes to ``cache_dir/shapes-data-<hash>`` and the weights to
     ``cache_dir/shapes-net-<hash>.pt``, each hash a short digest of the parameters it
@@ -264,10 +281,14 @@ def ensure_shapes_checkpoint(
         "version": _CACHE_VERSION, "n_per_class": n_per_class, "image_size": image_size,
         "classes": list(classes), "seed": data_seed,
     }
+    if scene != "single":  # left out when default, so checkpoints made before scenes keep their hash
+        data_parameters["scene"] = scene
     train_parameters = {
         "data": data_parameters, "epochs": epochs, "seed": train_seed, "width": width,
         "lr": lr, "batch_size": batch_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
     }
+    if pixel_dropout:  # left out when 0, so checkpoints made before it keep their hash
+        train_parameters["pixel_dropout"] = pixel_dropout
     checkpoint = cache_dir / f"shapes-net-{_short_hash(train_parameters)}.pt"
     if checkpoint.is_file():
         return checkpoint
@@ -276,7 +297,7 @@ def ensure_shapes_checkpoint(
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f"{data_root.name}.tmp"))
         make_shapes_dataset(staging, n_per_class=n_per_class, image_size=image_size,
-                            classes=classes, seed=data_seed)
+                            classes=classes, seed=data_seed, scene=scene)
         try:
             staging.rename(data_root)
         except OSError:
@@ -284,5 +305,5 @@ def ensure_shapes_checkpoint(
             if not (data_root / "manifest.csv").is_file():
                 raise
     train_shapes_net(data_root, checkpoint, epochs=epochs, seed=train_seed, image_size=image_size,
-                     width=width, lr=lr, batch_size=batch_size)
+                     width=width, lr=lr, batch_size=batch_size, pixel_dropout=pixel_dropout)
     return checkpoint

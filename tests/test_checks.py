@@ -67,6 +67,11 @@ BAD_VALUES: list[tuple[Change, str]] = [
     (_add_metric("pointing_game", threshold=1.5), "metrics[3].params.threshold: threshold must be a number in [0, 1)"),
     (_add_metric("pointing_game", tolerance=-1), "metrics[3].params.tolerance: tolerance should be greater than or equal to 0, got -1"),
     (_add_metric("pointing_game", relative="yes"), "metrics[3].params.relative: relative should be a valid boolean, got 'yes'"),
+    (_add_metric("randomization", steps=0), "metrics[3].params.steps: steps should be greater than or equal to 1, got 0"),
+    (_add_metric("randomization", blocks="fc"), "metrics[3].params.blocks: blocks 'str' instances are not allowed as a Sequence value, got 'fc'"),
+    (_add_metric("randomization", steps=6), "metrics[3].params.steps: steps (6) exceeds the model's 5 blocks"),
+    (_add_metric("randomization", blocks=["layer3", "head"]),
+     "metrics[3].params.blocks: blocks: unknown layer 'head'"),
 ]
 
 
@@ -121,6 +126,7 @@ def test_a_valid_config_with_every_method_and_metric_is_planned(make_config: Con
         {"name": "average_drop", "params": {"top_percent": 100}},
         {"name": "average_increase"},
         {"name": "pointing_game", "params": {"threshold": 0.3, "relative": False, "tolerance": 0}},
+        {"name": "randomization", "params": {"blocks": ["layer3", "fc"], "steps": 2, "seed": 1}},
     ]
     run_dir = tmp_path / "run"
     plan = plan_run(parse_config(raw), run_dir)

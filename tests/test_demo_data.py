@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from pipeline.demo_data import SHAPE_CLASSES, make_shapes_dataset
 
@@ -64,6 +65,24 @@ def test_ground_truth_is_a_blurred_object_mask(tmp_path: Path) -> None:
         assert gt[0, 0] < 255 and 0 < gt[on_shape].min(), record.path
 
 
+def test_the_majority_scene_draws_several_shapes_and_marks_those_of_the_class(tmp_path: Path) -> None:
+    info = make_shapes_dataset(tmp_path, n_per_class=3, image_size=64, seed=7, scene="majority")
+    counts = []
+    for record in info.records:
+        rgb = np.asarray(Image.open(tmp_path / record.path)).astype(int)
+        gt = np.asarray(Image.open(tmp_path / record.gt)).astype(int)
+        saturated = rgb.max(axis=-1) - rgb.min(axis=-1) > 100  # shapes; background and clutter are muted
+        components, count = ndimage.label(saturated, structure=np.ones((3, 3)))
+        counts.append(count)
+        assert 3 <= count <= 7, record.path
+        assert saturated[np.unravel_index(gt.argmax(), gt.shape)], record.path
+        assert np.all(rgb == np.array(record.colour), axis=-1).sum() > 0, record.path
+        # the class's shapes (3 or 4) carry the ground truth, the others (up to 3) less of it
+        means = sorted((gt[components == i].mean() for i in range(1, count + 1)), reverse=True)
+        assert means[2] > 2 * means[-1] or count == 3, record.path
+    assert max(counts) >= 5
+
+
 def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path: Path) -> None:
     make_shapes_dataset(tmp_path / "a", n_per_class=2, image_size=SIZE, seed=11)
     make_shapes_dataset(tmp_path / "b", n_per_class=2, image_size=SIZE, seed=11)
@@ -85,6 +104,8 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path: Path
         ({"n_per_class": 0}, "n_per_class"),
         ({"image_size": 8}, "image_size"),
         ({"gt_sigma": 0.0}, "gt_sigma"),
+        ({"scene": "crowd"}, "scene"),
+        ({"scene": "majority", "classes": ("circle",)}, "majority scene needs at least 2 classes"),
     ],
 )
 def test_bad_arguments_name_the_parameter(tmp_path: Path, arguments: dict[str, object], named: str) -> None:

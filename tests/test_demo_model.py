@@ -74,6 +74,19 @@ def test_bad_training_arguments(tmp_path: Path) -> None:
         train_shapes_net(tmp_path, tmp_path / "net.pt", epochs=0)
     with pytest.raises(ValueError, match="batch_size"):
         train_shapes_net(tmp_path, tmp_path / "net.pt", batch_size=1)
+    with pytest.raises(ValueError, match="pixel_dropout"):
+        train_shapes_net(tmp_path, tmp_path / "net.pt", pixel_dropout=1.0)
+
+
+def test_pixel_dropout_sets_up_to_that_fraction_of_whole_pixels_to_zero() -> None:
+    batch = torch.rand(200, 3, 16, 16) + 1.0  # no zero anywhere before
+    augmented = demo_model._augment(batch, torch.Generator().manual_seed(0), pixel_dropout=0.25)
+    zero = augmented == 0
+    assert torch.equal(zero.all(dim=1), zero.any(dim=1))  # a pixel is dropped in every channel or none
+    fractions = zero.all(dim=1).float().mean(dim=(1, 2))
+    assert fractions.max() < 0.25 + 0.05 and fractions.min() < 0.02 and 0.09 < fractions.mean() < 0.16
+    plain = demo_model._augment(batch, torch.Generator().manual_seed(0))
+    assert not (plain == 0).any()
 
 
 def test_cache_trains_once_per_parameter_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,4 +106,6 @@ def test_cache_trains_once_per_parameter_set(tmp_path: Path, monkeypatch: pytest
     second = ensure_shapes_checkpoint(tmp_path, **{**small, "epochs": 2})
     assert second != first and second.is_file()
     assert len(list(tmp_path.glob("shapes-data-*"))) == 1
+    majority = ensure_shapes_checkpoint(tmp_path, **small, scene="majority", pixel_dropout=0.25)
+    assert majority not in (first, second) and len(list(tmp_path.glob("shapes-data-*"))) == 2
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

@@ -33,6 +33,7 @@ from .run import Run, View, view_label
 __all__ = [
     "overlay_grid",
     "curve_plot",
+    "randomization_cascade",
     "metric_distributions",
     "metric_heatmap",
     "critical_difference_diagram",
@@ -243,6 +244,40 @@ def curve_plot(
         placement = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "ncols": 2} if legend_below else {}
         ax.legend(fontsize=7, frameon=False, title=band_title if with_bands else "no bands: see facets=True",
                   title_fontsize=7, **placement)
+    return figure
+
+
+def randomization_cascade(run: Run, keys: Sequence[str], methods: Sequence[str | View] | None = None, *,
+                          panel_size: tuple[float, float] = (3.4, 2.8)) -> Figure:
+    """The randomization test's cascade: Spearman correlation between the original and the randomized
+    map after each step (the top 1, 2, ... blocks re-initialized), one line per view; the first panel
+    is the mean over the images with a value, then one panel per image of ``keys``."""
+    if "randomization" not in run.curve_metrics:
+        raise ValueError(f"no randomization curves in {run.results_path}")
+    views = [v for v in run.views(methods) if run.has_curves("randomization", *v)]
+    rows = run.rows(keys=list(keys))
+    figure = _figure(panel_size[0] * (len(keys) + 1), panel_size[1])
+    axes = figure.subplots(1, len(keys) + 1, squeeze=False, sharey=True)[0]
+    for style, view in zip(palette(len(views)), views):
+        curves = run.curves("randomization", *view)
+        colour, line = style
+        kept = curves[~np.isnan(curves).any(axis=1)]
+        steps = np.arange(1, curves.shape[1] + 1)
+        if len(kept):
+            axes[0].plot(steps, kept.mean(axis=0), color=colour, ls=line, lw=1.6, marker="o", ms=3,
+                         label=view_label(*view))
+        for ax, row in zip(axes[1:], rows):
+            ax.plot(steps, curves[row], color=colour, ls=line, lw=1.2, marker="o", ms=2.5)
+    for ax, title in zip(axes, ["mean over images", *(_image_title(run, key) for key in keys)]):
+        ax.set_title(title, fontsize=8)
+        ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.set_ylim(-1.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("Spearman correlation with the original map", fontsize=8)
+    figure.supxlabel("blocks re-initialized from the top", fontsize=9)
+    axes[0].legend(fontsize=7, frameon=False, loc="best")
     return figure
 
 

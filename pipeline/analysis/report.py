@@ -5,7 +5,8 @@ The first page holds the run's overview and config, the summary tables (mean ± 
 confidence interval and mean ± variance with the best mean per column in bold, image
 counts; the means per class and the failures collapsed), the figures of
 :mod:`pipeline.analysis.plots`; it stays a few screens long whatever the number of methods
-(curves get one panel per view above :data:`~pipeline.analysis.plots.MAX_BANDS` views).
+(curves get one panel per view above :data:`~pipeline.analysis.plots.MAX_BANDS` views; the
+randomization test's cascade is drawn for its mean and a few images).
 The second page holds each view's best, typical and worst images. Figures are PNG
 files in ``report/figures/`` (PDF beside them on request), referenced by relative
 paths, so the page opens from disk in any browser, with no server and no script.
@@ -44,6 +45,7 @@ from .plots import (
     metric_distributions,
     metric_heatmap,
     overlay_grid,
+    randomization_cascade,
     save_figure,
 )
 from .run import Run, View, load_run, view_label
@@ -55,6 +57,8 @@ _FIGURES = "figures"
 #: above this many classes the per-class table is left out of the report
 _MAX_CLASS_ROWS = 20
 _MAX_FAILURE_ROWS = 200
+#: images whose randomization cascade the report draws beside the mean
+_CASCADE_IMAGES = 3
 #: figures are shown at this many CSS pixels per inch (the PNG keeps its full resolution for zooming)
 _SCREEN_DPI = 100
 
@@ -253,6 +257,12 @@ def _sections(run: Run, metric: str | None, count: int) -> list[_Section]:
             "curves", "Mean " + " and ".join(metric_title(m) for m in curve_metrics)
                       + " curves with their 95% confidence band; the legend gives the area under the mean curve.",
             lambda: curve_plot(run, curve_metrics, facets=len(views) > MAX_BANDS)))
+    if "randomization" in run.curve_metrics:
+        figures.blocks.append(_Figure(
+            "randomization", "Randomization test (Adebayo et al. 2018): Spearman correlation between each "
+                             "image's map and the map of the model whose top blocks are re-initialized, step by "
+                             "step; a method near 1 ignores the model.",
+            lambda: randomization_cascade(run, sample[:_CASCADE_IMAGES])))
     if run.metric_names:
         figures.blocks.append(_Figure(
             "distributions", "Per-image metric values (box: quartiles and median; points: images).",

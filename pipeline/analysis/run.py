@@ -138,7 +138,7 @@ class Run:
 
     @property
     def curve_metrics(self) -> list[str]:
-        """Metrics whose per-image curves are stored (insertion, deletion)."""
+        """Metrics whose per-image curves are stored (insertion, deletion, randomization)."""
         return list(self._curves)
 
     @property

@@ -2,7 +2,8 @@
 
 Perturbation metrics run the model on changed images (insertion, deletion, Average
 Drop / Increase); ground-truth metrics compare maps with reference maps (PCC, SSIM,
-pointing game). Every function takes batches and returns per-image values on the
+pointing game); the randomization test explains the images again with the scored method on
+copies of the model whose top blocks are re-initialized. Every function takes batches and returns per-image values on the
 model's or the maps' device.
 
 A metric is found by its registered name (the built-ins, and functions decorated with
@@ -38,6 +39,13 @@ from .insertion_deletion import (
     pixel_rank,
 )
 from .pointing_game import check_pointing_parameters, pointing_game, pointing_game_accuracy
+from .randomization import (
+    MethodMaps,
+    check_randomization_blocks,
+    check_randomization_parameters,
+    randomization,
+    spearman,
+)
 from .similarity import pcc, prepare_pair, ssim, ssim_window
 
 __all__ = [
@@ -65,6 +73,10 @@ __all__ = [
     "check_curve_parameters",
     "check_pointing_parameters",
     "ssim_window",
+    "randomization",
+    "spearman",
+    "check_randomization_parameters",
+    "MethodMaps",
 ]
 
 
@@ -85,6 +97,10 @@ class MetricSpec:
     ``group`` gathers metrics into one score shard (by default ``perturbation`` with the
     model, ``groundtruth`` without). ``cost(size, **params)`` (``None``: not declared) is the
     model forwards (and backwards) per image and map, as :class:`~pipeline.cost.Work`.
+    ``check_model(model, **params)`` (``None``: nothing) is the rule the metric applies to its
+    parameters on the model. A metric that ``needs_method`` (it needs the model too) runs
+    the scored method again: ``function(model, images, maps, targets, method, **params)``, where
+    ``method(model, images, targets)`` gives that method's maps on any model.
     """
 
     name: str
@@ -100,6 +116,8 @@ class MetricSpec:
     curve: int | None = None
     scale: float = 1.0
     cost: Callable[..., Work] | None = None
+    needs_method: bool = False
+    check_model: Callable[..., object] | None = None
 
     @property
     def arrow(self) -> str:
@@ -135,12 +153,23 @@ class MetricSpec:
         }
         return {**defaults, **params}
 
+    def check_on_model(self, params: Mapping[str, Any], model: nn.Module) -> None:
+        """Raise ``ValueError`` naming the parameter when ``params`` (defaults for the others) would
+        make the metric fail on ``model``; nothing runs on data."""
+        if self.check_model is not None:
+            self.check_model(model, **self._with_defaults(params))
+
     def call(
         self, model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, gt: Tensor | None,
-        params: Mapping[str, Any],
+        params: Mapping[str, Any], method: MethodMaps | None = None,
     ) -> Any:
-        """The function's result on a batch, given what the metric needs (``gt``: ``[n, H, W]`` or ``None``)."""
+        """The function's result on a batch, given what the metric needs (``gt``: ``[n, H, W]`` or ``None``;
+        ``method``: the scored method, for a metric that needs it)."""
         inputs = (model, images, maps, targets) if self.needs_model else (maps,)
+        if self.needs_method:
+            if method is None:
+                raise ValueError(f"metric {self.name!r} runs the scored method again, and none was given")
+            inputs = (*inputs, method)
         return self.function(*inputs, *((gt,) if self.needs_ground_truth else ()), **params)
 
     def values(self, result: Any) -> Tensor:
@@ -186,6 +215,9 @@ METRICS: dict[str, MetricSpec] = {
         _perturbation("average_increase", "Average Increase", average_drop_increase, True, 1, None, drop_cost,
                       scale=100.0),
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
+        MetricSpec("randomization", "Randomization", randomization, "randomization", True, False, False,
+                   _keyword_parameters(randomization), 0, check_randomization_parameters, curve=1,
+                   needs_method=True, check_model=check_randomization_blocks),
     )
 }
 
@@ -209,6 +241,7 @@ def register_metric(
     check: Callable[..., object] | None = None,
     group: str | None = None,
     cost: Callable[..., Work] | None = None,
+    needs_method: bool = False,
 ) -> Callable[[F], F]:
     """Function decorator: make the function metric ``name`` (see :class:`MetricSpec`; its
     keyword-only arguments are its parameters)."""
@@ -216,10 +249,10 @@ def register_metric(
     def register(function: F) -> F:
         if name in METRICS and METRICS[name].function is not function:
             raise ValueError(f"metric {name!r} is already registered")
-        default_group = "perturbation" if needs_model else "groundtruth"
+        default_group = "perturbation" if needs_model or needs_method else "groundtruth"
         METRICS[name] = MetricSpec(
-            name, title or name, function, group or default_group, needs_model, needs_ground_truth,
-            higher_is_better, _keyword_parameters(function), output, check, curve, scale, cost,
+            name, title or name, function, group or default_group, needs_model or needs_method, needs_ground_truth,
+            higher_is_better, _keyword_parameters(function), output, check, curve, scale, cost, needs_method,
         )
         return function
 

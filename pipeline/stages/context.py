@@ -11,6 +11,7 @@ input shape (:meth:`RunContext.auto_batch_size`).
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 from typing import Sequence
 
@@ -41,7 +42,8 @@ def apply_compute(model: nn.Module, compute: ComputeConfig, device: torch.device
         model = model.to(memory_format=torch.channels_last)
     if compute.precision in _PRECISIONS:
         autocast = torch.autocast(device_type=device.type, dtype=_PRECISIONS[compute.precision])
-        model.forward = autocast(model.forward)  # type: ignore[method-assign]
+        # bound to the model as a method, so a deep copy's forward runs the copy's weights
+        model.forward = types.MethodType(autocast(type(model).forward), model)  # type: ignore[method-assign]
     return model
 
 

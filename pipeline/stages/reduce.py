@@ -14,7 +14,7 @@ moments for the summary, so memory does not grow with the number of images.
     images/map_row [N] int64                     row of each image in the maps (-1: not kept)
     maps/<method>/<layer> [K, H, W] float32      K kept images (``results.maps``), chunked one
                                                  map per chunk; NaN rows for images that failed
-    curves/<metric>/<method>/<layer> [N, T] float32   (insertion, deletion)
+    curves/<metric>/<method>/<layer> [N, T] float32   (insertion, deletion; randomization: one column per step)
     failures/keys [M] str, failures/messages [M] str
 
 ``<method>`` is the method entry's label (its ``id``, default its name) and

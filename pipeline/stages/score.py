@@ -12,25 +12,29 @@ other images of the chunk are scored as usual.
 
 ``batch_size: auto`` of the metrics is resolved on the chunk's images (:mod:`pipeline.batch_size`)
 and recorded in the shard's attributes (``batch_size``, ``batch_size_auto``).
+
+A metric that runs the scored method again (the randomization test) gets it built as the
+explain stage builds it: the entry's parameters and seed, and the shard's layer.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..batch_size import MAX_AUTO_BATCH, is_auto, with_batch_size
-from ..config import MetricConfig
+from ..config import ExperimentConfig, MetricConfig
 from ..data import DataError, load_data_gt
-from ..metrics import METRICS, metric_spec
-from ..planning import Shard
+from ..methods import build_method
+from ..metrics import METRICS, MethodMaps, metric_spec
+from ..planning import NO_LAYER, Shard, method_params
 from ..store import ShardOutput
 from .context import RunContext
 from .merge import merge_chunk
 
-__all__ = ["ScoreStage", "score_maps", "unusable_maps"]
+__all__ = ["ScoreStage", "score_maps", "unusable_maps", "entry_method"]
 
 
 class ScoreStage:
@@ -81,6 +85,8 @@ class ScoreStage:
             output.values = {m.name: np.full(len(loaded), np.nan) for m in metrics}
             return output
         rows = torch.tensor(scored, dtype=torch.long)
+        method = entry_method(context.config, shard.method, layer,
+                              lambda: context.auto_batch_size(images, MAX_AUTO_BATCH)[0])
         values, curves = score_maps(
             context.model,
             images[rows].to(context.device),
@@ -88,10 +94,32 @@ class ScoreStage:
             torch.from_numpy(output.targets[scored]).to(context.device),
             [gt[i] for i in scored],
             metrics,
+            method,
         )
         output.values = {name: _spread(array, scored, len(loaded)) for name, array in values.items()}
         output.curves = {name: _spread(array, scored, len(loaded)) for name, array in curves.items()}
         return output
+
+
+def entry_method(config: ExperimentConfig, label: str, layer: str,
+                 auto_batch: Callable[[], int] | None = None) -> MethodMaps:
+    """``method(model, images, targets)``: the maps of method entry ``label`` (its parameters, the
+    experiment's seed) on ``layer`` (:data:`~pipeline.planning.NO_LAYER` for a method without layers);
+    ``auto_batch()`` gives the batch for ``batch_size: auto`` (required then)."""
+    entry = config.method(label)
+    params = method_params(config, entry)
+    if layer != NO_LAYER:
+        params["layer"] = [layer]
+
+    def method(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+        resolved = params
+        if is_auto(params):
+            if auto_batch is None:
+                raise ValueError(f"method entry {label!r} has batch_size: auto and no batch was chosen")
+            resolved = with_batch_size(params, auto_batch())
+        return build_method(entry.name, model, **resolved).explain(images, targets)
+
+    return method
 
 
 def unusable_maps(maps: np.ndarray) -> list[str]:
@@ -124,10 +152,12 @@ def score_maps(
     targets: Tensor,
     gt: Sequence[Tensor | None],
     metrics: Sequence[MetricConfig],
+    method: MethodMaps | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-image values ``{metric: [n]}`` and curves ``{metric: [n, T]}`` for ``maps`` ``[n, H, W]``.
 
-    Every metric is called as its specification says (:meth:`~pipeline.metrics.MetricSpec.call`);
+    Every metric is called as its specification says (:meth:`~pipeline.metrics.MetricSpec.call`;
+    ``method`` made the maps, for a metric that runs it again);
     one that needs ground truth sees the images that have one, the others get NaN. Metrics of the
     same function and parameters (Average Drop and Increase) share one call.
     """
@@ -146,7 +176,7 @@ def score_maps(
         rows: slice | list[int] = with_gt if spec.needs_ground_truth else slice(None)
         key = (spec.function, repr(sorted(metric.params.items())))
         if key not in results:
-            results[key] = spec.call(model, images[rows], maps[rows], targets[rows], gt_stack, metric.params)
+            results[key] = spec.call(model, images[rows], maps[rows], targets[rows], gt_stack, metric.params, method)
         column[rows] = spec.values(results[key]).double().cpu().numpy()
         curve = spec.curves(results[key])
         if curve is not None:

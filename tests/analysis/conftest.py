@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.config import parse_config
 from pipeline.demo_data import make_shapes_dataset
@@ -63,6 +64,21 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(ShapesNet(num_classes=4, width=4).state_dict(), checkpoint)
     run_dir = base / "run"
     plan_run(parse_config(tiny_config(data_root, checkpoint)), run_dir)
+    failures = run_local(run_dir, progress=False)
+    assert not failures, failures
+    reduce_run(run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def randomization_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared run's data and model with Grad-CAM on ``layer3`` and the ``centre`` baseline, scored
+    by the randomization test in two steps: a finished, reduced run folder."""
+    raw = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]}, {"name": "centre"}]
+    raw["metrics"] = [{"name": "randomization", "params": {"steps": 2}}]
+    run_dir = tmp_path_factory.mktemp("randomization_run") / "run"
+    plan_run(parse_config(raw), run_dir)
     failures = run_local(run_dir, progress=False)
     assert not failures, failures
     reduce_run(run_dir, progress=False)

@@ -23,6 +23,7 @@ from pipeline.analysis import (
     metric_distributions,
     metric_heatmap,
     overlay_grid,
+    randomization_cascade,
     save_figure,
 )
 
@@ -111,6 +112,24 @@ def test_curve_plot_means_and_legend(run: Run, tiny_run: Path) -> None:
     assert len(single.axes) == 1 and len(single.axes[0].get_lines()) == 1
     with pytest.raises(ValueError, match="none has curves"):
         curve_plot(run, ["pcc"])
+
+
+def test_randomization_cascade_draws_the_mean_and_each_image(randomization_run: Path, run: Run) -> None:
+    figure = randomization_cascade(load_run(randomization_run), KEYS)
+    mean_panel, *image_panels = figure.axes
+    assert len(image_panels) == len(KEYS) and mean_panel.get_title() == "mean over images"
+    assert [t.get_text() for t in mean_panel.get_legend().get_texts()] == ["gradcam / layer3", "centre"]
+    for line, name in zip(mean_panel.get_lines(), ("gradcam/layer3", "centre/-")):
+        curves = _stored(randomization_run, f"curves/randomization/{name}")
+        np.testing.assert_allclose(line.get_ydata(), curves[~np.isnan(curves).any(axis=1)].mean(axis=0), rtol=1e-6)
+        np.testing.assert_array_equal(line.get_xdata(), [1, 2])
+    for panel, key in zip(image_panels, KEYS):
+        row = _row(randomization_run, key)
+        drawn = [line.get_ydata() for line in panel.get_lines()]
+        np.testing.assert_allclose(drawn[1], _stored(randomization_run, "curves/randomization/centre/-")[row])
+        np.testing.assert_allclose(drawn[0], _stored(randomization_run, "curves/randomization/gradcam/layer3")[row])
+    with pytest.raises(ValueError, match="no randomization curves"):
+        randomization_cascade(run, KEYS)
 
 
 def test_curve_bands_stay_in_the_unit_interval(tiny_run: Path, tmp_path: Path) -> None:

@@ -228,3 +228,11 @@ def test_a_report_in_a_fresh_process_shows_a_plugin_method_and_a_plugin_metric(
     assert "figures/heatmap_sparsity.png" in page.images
     selection = (run_dir / "report" / "selection.html").read_text(encoding="utf-8")
     assert "abs-plugin" in selection and "Sparsity" in selection
+
+
+def test_report_draws_the_randomization_cascade(randomization_run: Path) -> None:
+    index = write_report(randomization_run, images=2)
+    page = _page(index.parent)
+    assert "figures/randomization.png" in page.images
+    assert "Randomization ↓" in " ".join(page.text)
+    assert (index.parent / "figures" / "randomization.png").is_file()

@@ -93,3 +93,34 @@ def test_check_values_accepts_the_defaults_and_good_values() -> None:
 def test_public_api() -> None:
     for name in metrics.__all__:
         assert hasattr(metrics, name), name
+
+
+def test_randomization_is_a_metric_that_runs_the_scored_method() -> None:
+    spec = METRICS["randomization"]
+    assert (spec.label, spec.group, spec.needs_model, spec.needs_method) == (
+        "Randomization ↓", "randomization", True, True)
+    assert (spec.parameters, spec.output, spec.curve) == (("blocks", "steps", "seed"), 0, 1)
+
+
+def test_a_registered_metric_that_needs_the_method_is_called_with_it() -> None:
+    import torch
+
+    calls = []
+
+    def method_twice(model, images, maps, targets, method, *, factor: float = 1.0):  # type: ignore[no-untyped-def]
+        calls.append(method)
+        return method(model, images, targets).sum(dim=(1, 2)) * factor
+
+    try:
+        metrics.register_metric("test_method_twice", needs_method=True)(method_twice)
+        spec = METRICS["test_method_twice"]
+        assert (spec.needs_model, spec.needs_method, spec.group, spec.parameters) == (
+            True, True, "perturbation", ("factor",))
+        images, maps, targets = torch.ones(2, 3, 4, 4), torch.zeros(2, 4, 4), torch.zeros(2, dtype=torch.long)
+        ones = lambda model, images, targets: torch.ones(len(images), 4, 4)  # noqa: E731
+        values = spec.values(spec.call(torch.nn.Identity(), images, maps, targets, None, {"factor": 2.0}, ones))
+        assert values.tolist() == [32.0, 32.0] and calls == [ones]
+        with pytest.raises(ValueError, match="metric 'test_method_twice' runs the scored method again"):
+            spec.call(torch.nn.Identity(), images, maps, targets, None, {})
+    finally:
+        METRICS.pop("test_method_twice", None)

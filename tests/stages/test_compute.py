@@ -2,6 +2,7 @@
 how bfloat16 changes every method's maps and their Insertion/Deletion AUCs on the demo."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,17 @@ def test_bfloat16_autocasts_only_the_forward_and_keeps_module_names() -> None:
     assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.float32  # outside the forward: float32
     with pytest.raises(ModelError, match="CUDA"):
         apply_compute(small_net(), ComputeConfig(precision="float16"), torch.device("cpu"))
+
+
+def test_a_deep_copy_of_an_autocast_model_runs_its_own_weights() -> None:
+    """The randomization test re-initializes a deep copy: its forward must not call the original's."""
+    model = apply_compute(small_net(), ComputeConfig(precision="bfloat16"), torch.device("cpu"))
+    duplicate = copy.deepcopy(model)
+    with torch.no_grad():
+        duplicate[-1].bias.fill_(100.0)
+        images = torch.rand(2, 3, 8, 8)
+        assert (model(images) < 50).all() and (duplicate(images) > 50).all()
+        assert duplicate(images).dtype == torch.bfloat16
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,33 @@ def test_constant_logits_give_nan_for_constant_maps_and_other_methods_go_on(
     assert len(gradcam) == 2 * len(METRICS) and (gradcam["count"] == 0).all() and (gradcam["n_nan"] == 12).all()
     markdown = (tmp_path / "run" / "summary.md").read_text()
     assert "## NaN values" in markdown
+
+
+def test_randomization_values_do_not_depend_on_the_sharding(make_config: ConfigFactory, tmp_path: Path) -> None:
+    """The randomization shards explain their chunk again on the randomized model: the same values
+    and cascades however the images are split, the centre baseline at 1, Grad-CAM below."""
+    runs = {}
+    for per_shard in (5, 12):
+        raw = make_config()
+        raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]},
+                          {"name": "rise", "params": {"n_masks": 32, "grid_size": 4, "batch_size": 4}},
+                          {"name": "centre"}]
+        raw["metrics"] = [{"name": "randomization", "params": {"steps": 2, "seed": 3}}]
+        raw["sharding"]["images_per_shard"] = per_shard
+        run_dir = tmp_path / str(per_shard)
+        plan = plan_run(parse_config(raw), run_dir)
+        assert {s.metrics for s in plan.stage("score")} == {("randomization",)}
+        assert run_local(run_dir, progress=False) == {}
+        reduce_run(run_dir, progress=False)
+        with h5py.File(run_dir / "results.h5", "r") as f:
+            curves = {name: f[f"curves/randomization/{name}"][()] for name in ("gradcam/layer3", "rise/-", "centre/-")}
+        metrics = pd.read_csv(run_dir / "metrics.csv").set_index(["method", "layer", "key"]).sort_index()
+        runs[per_shard] = metrics["value"], curves
+    (values, curves), (other_values, other_curves) = runs[5], runs[12]
+    pd.testing.assert_series_equal(values, other_values)
+    for name, cascade in curves.items():
+        assert cascade.shape == (12, 2)
+        np.testing.assert_array_equal(cascade, other_curves[name])
+    np.testing.assert_allclose(curves["centre/-"], 1.0)
+    np.testing.assert_array_equal(values.loc["centre"].to_numpy(), curves["centre/-"][:, -1])
+    assert np.nanmean(curves["gradcam/layer3"][:, 0]) < 0.9
