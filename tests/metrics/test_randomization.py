@@ -127,13 +127,14 @@ def test_too_many_steps_name_the_blocks(model: ShapesNet, batch: tuple[Tensor, T
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"blocks": "fc"}, "blocks must be a non-empty list"),
-    ({"blocks": []}, "blocks must be a non-empty list"),
-    ({"steps": 0}, "steps must be a positive integer"),
+    ({"blocks": "fc"}, "blocks 'str' instances are not allowed as a Sequence value, got 'fc'"),
+    ({"blocks": []}, "blocks value should have at least 1 item after validation, not 0, got \\[\\]"),
+    ({"blocks": [""]}, "blocks\\[0\\] string should have at least 1 character, got ''"),
+    ({"steps": 0}, "steps should be greater than or equal to 1, got 0"),
     ({"blocks": ["fc"], "steps": 2}, "steps \\(2\\) exceeds the 1 blocks"),
-    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"seed": -1}, "seed should be greater than or equal to 0, got -1"),
 ])
 def test_parameter_checks_name_the_parameter(params: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         METRICS["randomization"].check_values(params, (32, 32))
-    check_randomization_parameters((32, 32), blocks=None, steps=None, seed=0)
+    check_randomization_parameters((32, 32), blocks=None, steps=None)
