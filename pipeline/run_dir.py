@@ -10,6 +10,8 @@ Layout::
     RUN_DIR/shards/<ab>/<id>.error.json     why the shard's last attempt failed
     RUN_DIR/shards/corrupt/                 shard and checkpoint files found corrupt, kept for
                                             inspection beside a ``.reason.txt``, never read again
+    RUN_DIR/shards/checked.json             size and modification time of each committed shard that
+                                            ``status`` found whole (it opens only new or changed files)
     RUN_DIR/shards/dropped/                 shard and checkpoint files a re-plan (``--update``) no
                                             longer plans, set aside by their names, never read again
     RUN_DIR/results.h5                      the merged results (see pipeline.stages.reduce)
@@ -275,6 +277,11 @@ class RunDir:
         return target
 
     @property
+    def checked(self) -> Path:
+        """``{shard id: [size, mtime_ns]}`` of the committed shards ``status`` found whole."""
+        return self.shards / "checked.json"
+
+    @property
     def dropped(self) -> Path:
         """Where the files of shards a re-plan no longer plans are set aside (never read again)."""
         return self.shards / _DROPPED
@@ -296,7 +303,7 @@ class RunDir:
         :data:`STALE_AFTER_S` from another host); returns what was removed. Every command that
         takes the lock calls it (:meth:`locked`)."""
         removed: list[Path] = []
-        for folder in [self.root, *self._prefix_folders()]:
+        for folder in [self.root, self.shards, *self._prefix_folders()]:
             try:
                 with os.scandir(folder) as entries:
                     for entry in entries:

@@ -9,13 +9,19 @@ error, or its task ended without committing it: cancelled, timed out, killed) or
 for a score shard whose explain shards are not all committed while its task ended
 or an explain shard failed, *waiting on input*; else it is pending.
 
-Imports nothing heavy (no torch, h5py, pandas or submitit): ``xai-pipeline status``
-answers in well under a second even for tens of thousands of shards.
+Every committed shard is checked once (HDF5 header, schema, datasets present) and
+recorded in ``shards/checked.json`` with its size and modification time; later calls
+only stat it. Imports nothing heavy (no torch, pandas or submitit; h5py only to check
+new shards): ``xai-pipeline status`` answers in well under a second even for tens of
+thousands of shards once they have been checked.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,7 @@ from .launching.accounting import (
 )
 from .hdf5_header import header_problems
 from .planning import Plan
-from .run_dir import RunDir
+from .run_dir import RunDir, atomic_write
 
 __all__ = ["RunStatus", "run_status"]
 
@@ -55,8 +61,8 @@ class RunStatus:
     finish_job: dict[str, Any] | None = None
     outcome: dict[str, Any] | None = None
     scheduler_note: str | None = None
-    #: committed shards found corrupt (they count as not done): cut or overwritten files by the
-    #: header check of every status, changed contents too with ``verify``
+    #: committed shards found corrupt (they count as not done): cut, overwritten or missing a
+    #: dataset by the cheap check, changed contents too with ``verify``
     corrupt: dict[str, str] = dataclasses.field(default_factory=dict)
     #: how the input files differ from the plan's fingerprints (``verify`` only)
     inputs_note: str | None = None
@@ -169,6 +175,37 @@ def _cost_note(folder: RunDir, plan: Plan) -> str | None:
     return f"{total.forwards:,d} forwards, {total.backwards:,d} backwards planned{timed}; per method in {folder.cost}"
 
 
+def _corrupt_committed(folder: RunDir, shard_ids: list[str]) -> dict[str, str]:
+    """``{shard id: reason}`` of the committed ``shard_ids`` that are corrupt, by the cheap check of
+    :func:`~pipeline.store.verify_shard` (HDF5 header, schema, every dataset present), made once per
+    file: a shard found whole is recorded with its size and modification time in
+    ``shards/checked.json`` and not opened again while both stay the same."""
+    try:
+        known = json.loads(folder.checked.read_bytes())
+    except (OSError, ValueError):
+        known = {}
+    stamps, fresh = {}, {}
+    for shard_id, path in folder.shard_paths(shard_ids).items():
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # removed since the listing: not committed any more
+            continue
+        stamps[shard_id] = [stat.st_size, stat.st_mtime_ns]
+        if known.get(shard_id) != stamps[shard_id]:
+            fresh[shard_id] = path
+    corrupt = header_problems(fresh)
+    if len(corrupt) < len(fresh):
+        from .store import verify_shard  # h5py, only when there are files to open
+
+        opened = ((i, verify_shard(Path(path), deep=False)) for i, path in fresh.items() if i not in corrupt)
+        corrupt.update({i: reason for i, reason in opened if reason is not None})
+    whole = {i: stamp for i, stamp in stamps.items() if i not in corrupt}
+    if fresh and folder.shards.is_dir():
+        with contextlib.suppress(OSError):  # a read-only run folder: checked again next time
+            atomic_write(folder.checked, json.dumps(whole, separators=(",", ":")))
+    return {i: corrupt[i] for i in shard_ids if i in corrupt}
+
+
 def _inputs_note(folder: RunDir) -> str:
     """How the image and ground-truth files differ from the plan's fingerprints, and what to do."""
     from .data import DataError
@@ -196,9 +233,9 @@ def _pending_reason(state: str | None, submission: Submission, active_jobs: set[
 
 
 def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -> RunStatus:
-    """The run's status; ``scheduler=False`` never asks the scheduler. Every committed shard's HDF5
-    header is checked (:func:`~pipeline.hdf5_header.header_problem`: empty, not HDF5 or truncated);
-    ``verify`` also reads every shard and checks its checksums and digest. A corrupt shard counts
+    """The run's status; ``scheduler=False`` never asks the scheduler. Every committed shard gets the
+    cheap check once (HDF5 header, schema and datasets present; a file that changed since is checked
+    again); ``verify`` reads every shard and checks its checksums and digest. A corrupt shard counts
     as not done."""
     folder = RunDir(run_dir)
     plan = Plan.read(folder.plan)
@@ -212,7 +249,7 @@ def run_status(run_dir: Path, *, scheduler: bool = True, verify: bool = False) -
         corrupt = find_corrupt(folder, sorted(done), deep=True)
         inputs_note = _inputs_note(folder)
     else:
-        corrupt = header_problems(folder.shard_paths(sorted(done)))
+        corrupt = _corrupt_committed(folder, sorted(done))
     done -= set(corrupt)
     open_ids = planned - done
     records = folder.errors(open_ids & files.errors)

@@ -91,6 +91,27 @@ def test_every_status_finds_cut_and_overwritten_shards(run_copy: Path, damage: s
     assert f"corrupt {victim.describe()}: {path}" in status.describe()
 
 
+def test_every_status_finds_a_missing_dataset_and_opens_each_shard_once(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.store as store
+
+    opened: list[Path] = []
+    check = store.verify_shard
+    monkeypatch.setattr(store, "verify_shard", lambda path, deep: opened.append(path) or check(path, deep=deep))
+    plan = run_status(run_copy, scheduler=False).plan
+    assert len(opened) == len(plan.shards)  # the first status checks every committed shard
+    opened.clear()
+    assert run_status(run_copy, scheduler=False).reduced and opened == []  # then only their sizes and times
+    victim = plan.stage("explain")[0]
+    with h5py.File(RunDir(run_copy).shard(victim.id), "a") as f:
+        del f["images/keys"]  # a dataset deleted after the commit (the file's time changes)
+    status = run_status(run_copy, scheduler=False)
+    assert opened == [RunDir(run_copy).shard(victim.id)]
+    assert victim.id not in status.done and "images/keys are missing" in status.corrupt[victim.id]
+    assert victim.id in run_status(run_copy, scheduler=False).corrupt  # a corrupt shard is checked every time
+
+
 def test_a_planned_run_is_all_pending(make_config: ConfigFactory, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     plan = plan_run(parse_config(make_config()), run_dir)

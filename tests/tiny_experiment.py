@@ -185,9 +185,10 @@ one_thread = one_torch_thread
 
 
 def mark_committed(run_dir: Path, *shard_ids: str) -> None:
-    """Put an empty but whole HDF5 file where each shard's committed file goes: committed, as far
-    as launching and status (which check HDF5 headers) can tell."""
+    """Put a whole HDF5 file with an (empty) schema where each shard's committed file goes: committed,
+    as far as launching and status (which open new shard files and check their schema) can tell."""
     for shard_id in shard_ids:
         path = RunDir(run_dir).shard(shard_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        h5py.File(path, "w").close()
+        with h5py.File(path, "w") as f:
+            f.attrs.update(schema="[]", digest="")
