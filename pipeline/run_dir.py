@@ -278,7 +278,7 @@ class RunDir:
 
     @property
     def checked(self) -> Path:
-        """``{shard id: [size, mtime_ns]}`` of the committed shards ``status`` found whole."""
+        """``{shard id: "size:mtime_ns"}`` of the committed shards ``status`` found whole."""
         return self.shards / "checked.json"
 
     @property

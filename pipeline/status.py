@@ -184,13 +184,14 @@ def _corrupt_committed(folder: RunDir, shard_ids: list[str]) -> dict[str, str]:
         known = json.loads(folder.checked.read_bytes())
     except (OSError, ValueError):
         known = {}
-    stamps, fresh = {}, {}
+    stamps: dict[str, str] = {}
+    fresh: dict[str, str] = {}
     for shard_id, path in folder.shard_paths(shard_ids).items():
         try:
             stat = os.stat(path)
         except FileNotFoundError:  # removed since the listing: not committed any more
             continue
-        stamps[shard_id] = [stat.st_size, stat.st_mtime_ns]
+        stamps[shard_id] = f"{stat.st_size}:{stat.st_mtime_ns}"
         if known.get(shard_id) != stamps[shard_id]:
             fresh[shard_id] = path
     corrupt = header_problems(fresh)
