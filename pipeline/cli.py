@@ -19,9 +19,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from .parameters import ParameterInfo
@@ -371,13 +374,31 @@ def _run_folder(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "run_dir", None) or args.out)
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, a local scheduler) stops the command as Ctrl-C does:
+    the progress of the shard in progress is saved and the command says how to continue."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _interrupted(folder: Path) -> int:
     """Say what an interrupted command leaves; the exit status of SIGINT."""
     from .run_dir import RunDir
 
     committed = len(RunDir(folder).committed()) if folder.is_dir() else 0
-    print(f"\ninterrupted: {committed} shard(s) are committed in {folder}; run the same command again to "
-          "continue from there", file=sys.stderr)
+    print(f"\ninterrupted: {committed} shard(s) are committed in {folder} (and the samples done of the shard "
+          "in progress saved); run the same command again to continue from there", file=sys.stderr)
     return 130
 
 
@@ -389,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.writes:
             return args.handler(args)
-        with RunDir(_run_folder(args)).locked():
+        with RunDir(_run_folder(args)).locked(), _terminate_as_interrupt():
             return args.handler(args)
     except KeyboardInterrupt:
         if args.traceback or not args.writes:

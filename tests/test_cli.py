@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -20,6 +22,7 @@ from pipeline.metrics import BUILTIN_METRICS
 from pipeline.planning import Plan
 from pipeline.run_dir import RunDir
 from pipeline.stages import run_shards
+from pipeline.store import read_shard
 from tests.tiny_experiment import ConfigFactory, ImageTree, YamlWriter
 
 OUTPUTS = ["results.h5", "metrics.csv", "summary.csv", "summary.md", "summary.tex", "failures.csv"]
@@ -274,7 +277,35 @@ def test_ctrl_c_says_what_is_committed_and_how_to_continue(
     assert main(["run", str(write_yaml(make_config())), "--out", str(run_dir), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert f"interrupted: 2 shard(s) are committed in {run_dir}; run the same command again" in err
+    assert f"interrupted: 2 shard(s) are committed in {run_dir} (and the samples done" in err
+    assert "run the same command again" in err
+
+
+def test_sigterm_stops_like_ctrl_c_and_saves_the_samples_done(
+    make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path
+) -> None:
+    raw = make_config()
+    raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]},
+                      {"name": "rise", "params": {"n_masks": 20000, "grid_size": 4, "batch_size": 10}}]
+    raw["sharding"] = {"images_per_shard": 40, "samples_per_shard": 20000}
+    config, run_dir = write_yaml(raw), tmp_path / "run"
+    command = [sys.executable, "-m", "pipeline", "run", str(config), "--out", str(run_dir), "--no-progress"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 120
+        while not RunDir(run_dir).committed() and time.monotonic() < deadline:  # Grad-CAM's shard first
+            time.sleep(0.2)
+        time.sleep(3)  # inside RISE's shard, some forward batches done
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err
+    assert f"interrupted: 1 shard(s) are committed in {run_dir} (and the samples done" in err
+    rise = Plan.read(run_dir / "plan.json").stage("explain")[1]
+    saved = read_shard(RunDir(run_dir).checkpoint(rise.id))
+    assert 0 < saved.attrs["next_sample"] < 20000  # the samples done, not lost
+    assert not (run_dir / ".lock").exists()
 
 
 def test_layers_lists_candidate_layers_with_shapes_and_the_default(

@@ -59,6 +59,9 @@ class ExplainStage:
         if isinstance(explainer, SampledExplainer):
             try:
                 return self._accumulate(shard, explainer, chunk.images, targets, output)
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command: keep the samples done
+                self.save_progress()
+                raise
             finally:
                 self._progress = None
         if isinstance(explainer, CamExplainer):
