@@ -97,3 +97,4 @@ def test_the_demo_separates_methods_and_prints_the_comparison_last(
     randomization = means["randomization"]
     assert randomization["centre"] == randomization["random"] == pytest.approx(1.0)  # they ignore the model
     assert randomization["gradcam"] < 0.5, randomization
+    assert (tmp_path / "run" / "warnings.md").read_text() == "## Warnings\n\nNo warnings.\n"  # none fire on the demo
