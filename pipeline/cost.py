@@ -12,7 +12,9 @@ them for a config. Counting them over the plan needs no model and no torch:
   plus the method's work for its images; a sampled method (RISE, LIME) the share
   ``(stop - start) / n_samples`` of it for its sample range;
 - a score shard makes its metrics' work for its images; metrics of the same function
-  and parameters (Average Drop and Increase) share one computation, counted once.
+  and parameters (Average Drop and Increase) share one computation, counted once; the
+  randomization test explains each image once per cascade step with the shard's method
+  and layer (its work per image on that one layer).
 
 The time is an estimate: forwards and backwards times the seconds per row of one timed
 forward (and backward) batch of the real model on the configured device, measured by
@@ -42,8 +44,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from .run_dir import atomic_write
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .config import ExperimentConfig
-    from .planning import Plan
+    from .planning import Plan, Shard
 
 __all__ = ["Work", "UnitCosts", "Throughput", "CostLine", "CostEstimate", "unit_costs", "shard_work",
            "estimate_cost", "read_estimate", "format_duration"]
@@ -80,40 +84,61 @@ class UnitCosts:
     methods: Mapping[str, Work | None]
     metrics: Mapping[str, Work | None]
     shares: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: a metric that explains each image again (the randomization test): how many times
+    reruns: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: a CAM entry's work per image when one of its layers is explained alone (as those metrics do)
+    layers: Mapping[str, Mapping[str, Work | None]] = dataclasses.field(default_factory=dict)
+
+    def explanation(self, label: str, layer: str) -> Work | None:
+        """The work per image of explaining method entry ``label`` on ``layer`` alone."""
+        return self.layers.get(label, {}).get(layer, self.methods.get(label))
 
     def needs_backwards(self) -> bool:
         return any(w is not None and w.backwards for w in [*self.methods.values(), *self.metrics.values()])
 
     def to_json(self) -> dict[str, Any]:
         return {"methods": {k: _pair(w) for k, w in self.methods.items()},
-                "metrics": {k: _pair(w) for k, w in self.metrics.items()}, "shares": dict(self.shares)}
+                "metrics": {k: _pair(w) for k, w in self.metrics.items()}, "shares": dict(self.shares),
+                "reruns": dict(self.reruns),
+                "layers": {k: {layer: _pair(w) for layer, w in v.items()} for k, v in self.layers.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "UnitCosts":
         return cls({k: _work(p) for k, p in data["methods"].items()},
-                   {k: _work(p) for k, p in data["metrics"].items()}, dict(data.get("shares", {})))
+                   {k: _work(p) for k, p in data["metrics"].items()}, dict(data.get("shares", {})),
+                   dict(data.get("reruns", {})),
+                   {k: {layer: _work(p) for layer, p in v.items()} for k, v in data.get("layers", {}).items()})
 
 
 def _declared_defaults(parameters: Mapping[str, inspect.Parameter]) -> dict[str, Any]:
     return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-def unit_costs(config: "ExperimentConfig", channels: Mapping[str, Mapping[str, int]]) -> UnitCosts:
+def unit_costs(config: "ExperimentConfig", channels: Mapping[str, Mapping[str, int]],
+               model: "nn.Module | None" = None) -> UnitCosts:
     """Every method entry's and metric's declared work per image for ``config``; ``channels`` gives
-    the channel count of each layer of each CAM entry (by label), as the pre-flight forward found it."""
+    the channel count of each layer of each CAM entry (by label), as the pre-flight forward found it.
+    A metric that explains each image again (the randomization test) counts that method's work per
+    explanation on ``model`` (undeclared without it)."""
     from .methods import method_class, method_parameters
     from .metrics import metric_spec
     from .planning import method_params
 
     size = config.data.image_size
     methods: dict[str, Work | None] = {}
+    layers: dict[str, dict[str, Work | None]] = {}
     for entry in config.methods:
         params = {**_declared_defaults(method_parameters(entry.name)), **method_params(config, entry)}
+        method, found = method_class(entry.name), channels.get(entry.label, {})
         if entry.layers:
             params["layer"] = list(entry.layers)
-        methods[entry.label] = method_class(entry.name).cost(params, size, channels.get(entry.label, {}))
+            layers[entry.label] = {
+                layer: method.cost({**params, "layer": [layer]}, size, {k: v for k, v in found.items() if k == layer})
+                for layer in entry.layers}
+        methods[entry.label] = method.cost(params, size, found)
     metrics: dict[str, Work | None] = {}
     shares: dict[str, str] = {}
+    reruns: dict[str, int] = {}
     computed: dict[tuple[object, str], str] = {}
     for metric in config.metrics:
         spec = metric_spec(metric.name)
@@ -121,10 +146,16 @@ def unit_costs(config: "ExperimentConfig", channels: Mapping[str, Mapping[str, i
         if key in computed:  # scored in the same call (see pipeline.stages.score.score_maps)
             shares[metric.name] = computed[key]
             metrics[metric.name] = Work()
+        elif spec.needs_method:
+            count = None if model is None else spec.reruns(metric.params, model)
+            declared = count is not None and all(work is not None for work in methods.values())
+            metrics[metric.name] = Work() if declared else None
+            if count is not None:
+                reruns[metric.name] = count
         else:
             computed[key] = metric.name
             metrics[metric.name] = spec.work(metric.params, size)
-    return UnitCosts(methods, metrics, shares)
+    return UnitCosts(methods, metrics, shares, reruns, layers)
 
 
 def _sample_counts(plan: Plan) -> dict[tuple[str, tuple[int, int]], int]:
@@ -150,9 +181,17 @@ def shard_work(plan: Plan, units: UnitCosts) -> dict[str, dict[tuple[str, str], 
                 share = Fraction(shard.samples[1] - shard.samples[0], samples[(shard.method, shard.images)])
             work[shard.id] = {("explain", shard.method): Work(images) + declared.times(images * share)}
         else:
-            work[shard.id] = {("score", name): (units.metrics.get(name) or Work()).times(images)
+            work[shard.id] = {("score", name): _score_work(units, name, shard).times(images)
                               for name in shard.metrics}
     return work
+
+
+def _score_work(units: UnitCosts, metric: str, shard: "Shard") -> Work:
+    """Metric ``metric``'s work per image in score shard ``shard``: its declared work, or for a metric
+    that explains the images again, that many explanations with the shard's method and layer."""
+    if metric in units.reruns:
+        return (units.explanation(shard.method, shard.layers[0]) or Work()).times(units.reruns[metric])
+    return units.metrics.get(metric) or Work()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,7 +123,7 @@ def preflight(config: ExperimentConfig, run_dir: Path, images: ImageSet | None =
         probe_file.unlink()
     except OSError as error:
         raise RunDirError(f"run folder {run_dir} is not writable: {error.strerror}") from None
-    units = unit_costs(config, channels)
+    units = unit_costs(config, channels, model)
     return Preflight(images, units, time_model(model, config, backwards=units.needs_backwards()))
 
 

@@ -69,7 +69,8 @@ ALL_METRICS: list[dict[str, Any]] = [
     {"name": "average_drop", "params": {"batch_size": 5}},
     {"name": "average_increase", "params": {"batch_size": 5}},
     {"name": "pcc"},
-]
+    {"name": "randomization", "params": {"blocks": ["layer3", "fc"], "steps": 1}},  # the head alone: the
+]  # layers' activations stay, so Score-CAM's varying channels and the counts are exact
 
 
 def _counting_config(raw: dict[str, Any], tally: str) -> dict[str, Any]:
@@ -121,9 +122,11 @@ def test_each_method_and_metric_line_counts_its_own_shards(
         assert lines[("explain", label)] == sum((counted[s.id] for s in shards), Work()), label
     score_shards = plan.stage("score")
     perturbation = [s for s in score_shards if "insertion" in s.metrics]
-    assert sum(lines[("score", m["name"])].forwards for m in ALL_METRICS) == sum(
+    assert sum(lines[("score", m["name"])].forwards for m in ALL_METRICS if m["name"] != "randomization") == sum(
         counted[s.id].forwards for s in perturbation)
     assert all(counted[s.id] == Work() for s in score_shards if "pcc" in s.metrics)
+    randomization = [s for s in score_shards if "randomization" in s.metrics]
+    assert lines[("score", "randomization")] == sum((counted[s.id] for s in randomization), Work())
 
 
 def test_the_declared_costs_are_the_formulas_of_the_readme(
@@ -139,9 +142,14 @@ def test_the_declared_costs_are_the_formulas_of_the_readme(
     }
     assert units.metrics == {
         "insertion": Work(math.ceil(pixels / 100) + 1), "deletion": Work(pixels // 256 + 1),
-        "average_drop": Work(2), "average_increase": Work(), "pcc": Work(),
+        "average_drop": Work(2), "average_increase": Work(), "pcc": Work(), "randomization": Work(),
     }
     assert units.shares == {"average_increase": "average_drop"}
+    # the randomization test: one explanation per step, of the shard's method on the shard's layer alone
+    assert units.reruns == {"randomization": 1}
+    assert units.explanation("scorecam", "layer2.0.bn2") == Work(1 + 8)
+    assert units.explanation("scorecam", "layer3.0.bn2") == Work(1 + 16)
+    assert units.explanation("rise", "-") == Work(20)
 
 
 def test_plan_prints_a_line_per_method_and_metric_and_labels_the_time_an_estimate(

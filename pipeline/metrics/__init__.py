@@ -44,6 +44,7 @@ from .randomization import (
     check_randomization_blocks,
     check_randomization_parameters,
     randomization,
+    randomization_explanations,
     spearman,
 )
 from .similarity import pcc, prepare_pair, ssim, ssim_window
@@ -118,6 +119,9 @@ class MetricSpec:
     cost: Callable[..., Work] | None = None
     needs_method: bool = False
     check_model: Callable[..., object] | None = None
+    #: a metric that ``needs_method``: how many times it explains each image again,
+    #: ``explanations(model, **params)`` (``None``: not declared)
+    explanations: Callable[..., int] | None = None
 
     @property
     def arrow(self) -> str:
@@ -158,6 +162,11 @@ class MetricSpec:
         make the metric fail on ``model``; nothing runs on data."""
         if self.check_model is not None:
             self.check_model(model, **self._with_defaults(params))
+
+    def reruns(self, params: Mapping[str, Any], model: nn.Module) -> int | None:
+        """How many times the metric explains each image again with ``params`` on ``model`` (a metric
+        that ``needs_method``; ``None`` when not declared)."""
+        return None if self.explanations is None else self.explanations(model, **self._with_defaults(params))
 
     def call(
         self, model: nn.Module, images: Tensor, maps: Tensor, targets: Tensor, gt: Tensor | None,
@@ -217,7 +226,8 @@ METRICS: dict[str, MetricSpec] = {
         _groundtruth("pointing_game", "Pointing game", pointing_game, check_pointing_parameters),
         MetricSpec("randomization", "Randomization", randomization, "randomization", True, False, False,
                    _keyword_parameters(randomization), 0, check_randomization_parameters, curve=1,
-                   needs_method=True, check_model=check_randomization_blocks),
+                   needs_method=True, check_model=check_randomization_blocks,
+                   explanations=randomization_explanations),
     )
 }
 

@@ -34,6 +34,7 @@ __all__ = [
     "spearman",
     "check_randomization_parameters",
     "check_randomization_blocks",
+    "randomization_explanations",
     "MethodMaps",
 ]
 
@@ -126,6 +127,12 @@ Blocks = Annotated[Sequence[Annotated[str, Param("a module name", min_length=1)]
     "children with parameters)", min_length=1)]
 Steps = Annotated[int | None, Param("blocks re-initialized, from the top (None: every block)", unit="blocks", ge=1)]
 Seed = Annotated[int, Param("seed of the re-initialization (step k uses seed + k - 1)", ge=0, lt=2**63)]
+
+
+def randomization_explanations(model: nn.Module, *, blocks: Sequence[str] | None, steps: int | None,
+                               **_: object) -> int:
+    """The explanations of each image the test makes: one per cascade step."""
+    return steps or len(model_blocks(model, blocks))
 
 
 @validated
