@@ -70,32 +70,9 @@ def timed(device: torch.device, function: Callable[[], object], repeats: int = 1
     return best
 
 
-@torch.no_grad()
-def forward_time(model: nn.Module, images: torch.Tensor, forwards: int, batch_size: int, repeats: int) -> float:
-    """Time of ``forwards`` plain model forwards in batches of ``batch_size`` (same inputs each batch)."""
-    device = images.device
-    batch = images[:1].expand(batch_size, -1, -1, -1).contiguous()
-    full, rest = divmod(forwards, batch_size)
-
-    def run() -> None:
-        for _ in range(full):
-            model(batch)
-        if rest:
-            model(batch[:rest])
-
-    return timed(device, run, repeats)
-
-
-def gradient_time(model: nn.Module, images: torch.Tensor, rows: int, batch_size: int, repeats: int) -> float:
-    """Time of ``rows`` model forwards, each with the backward of its top logit to the input, in
-    batches of ``batch_size`` (same inputs each batch; no parameter gradients are kept)."""
-    device = images.device
-    batch = images[:1].expand(batch_size, -1, -1, -1).contiguous().requires_grad_(True)
-    full, rest = divmod(rows, batch_size)
-
-    def step(inputs: torch.Tensor) -> None:
-        with torch.enable_grad():
-            torch.autograd.grad(model(inputs).amax(dim=1).sum(), inputs)
+def in_batches(step: Callable[[torch.Tensor], object], batch: torch.Tensor, rows: int) -> Callable[[], None]:
+    """A call of ``step`` on ``rows`` rows of ``batch``: whole batches, then the rest."""
+    full, rest = divmod(rows, len(batch))
 
     def run() -> None:
         for _ in range(full):
@@ -103,7 +80,26 @@ def gradient_time(model: nn.Module, images: torch.Tensor, rows: int, batch_size:
         if rest:
             step(batch[:rest])
 
-    return timed(device, run, repeats)
+    return run
+
+
+@torch.no_grad()
+def forward_time(model: nn.Module, images: torch.Tensor, forwards: int, batch_size: int, repeats: int) -> float:
+    """Time of ``forwards`` plain model forwards in batches of ``batch_size`` (same inputs each batch)."""
+    batch = images[:1].expand(batch_size, -1, -1, -1).contiguous()
+    return timed(images.device, in_batches(model, batch, forwards), repeats)
+
+
+def gradient_time(model: nn.Module, images: torch.Tensor, rows: int, batch_size: int, repeats: int) -> float:
+    """Time of ``rows`` model forwards, each with the backward of its top logit to the input, in
+    batches of ``batch_size`` (same inputs each batch; no parameter gradients are kept)."""
+    batch = images[:1].expand(batch_size, -1, -1, -1).contiguous().requires_grad_(True)
+
+    def step(inputs: torch.Tensor) -> None:
+        with torch.enable_grad():
+            torch.autograd.grad(model(inputs).amax(dim=1).sum(), inputs)
+
+    return timed(images.device, in_batches(step, batch, rows), repeats)
 
 
 def work_time(model: nn.Module, images: torch.Tensor, work: Work, batch_size: int, repeats: int) -> float:
