@@ -286,8 +286,8 @@ def test_sigterm_stops_like_ctrl_c_and_saves_the_samples_done(
 ) -> None:
     raw = make_config()
     raw["methods"] = [{"name": "gradcam", "layers": ["layer3"]},
-                      {"name": "rise", "params": {"n_masks": 20000, "grid_size": 4, "batch_size": 10}}]
-    raw["sharding"] = {"images_per_shard": 40, "samples_per_shard": 20000}
+                      {"name": "rise", "params": {"n_masks": 40000, "grid_size": 4, "batch_size": 10}}]
+    raw["sharding"] = {"images_per_shard": 40, "samples_per_shard": 40000}
     config, run_dir = write_yaml(raw), tmp_path / "run"
     command = [sys.executable, "-m", "pipeline", "run", str(config), "--out", str(run_dir), "--no-progress"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -295,7 +295,7 @@ def test_sigterm_stops_like_ctrl_c_and_saves_the_samples_done(
         deadline = time.monotonic() + 120
         while not RunDir(run_dir).committed() and time.monotonic() < deadline:  # Grad-CAM's shard first
             time.sleep(0.2)
-        time.sleep(3)  # inside RISE's shard, some forward batches done
+        time.sleep(8)  # inside RISE's shard, some forward batches done
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=120)
     finally:
@@ -304,7 +304,7 @@ def test_sigterm_stops_like_ctrl_c_and_saves_the_samples_done(
     assert f"interrupted: 1 shard(s) are committed in {run_dir} (and the samples done" in err
     rise = Plan.read(run_dir / "plan.json").stage("explain")[1]
     saved = read_shard(RunDir(run_dir).checkpoint(rise.id))
-    assert 0 < saved.attrs["next_sample"] < 20000  # the samples done, not lost
+    assert 0 < saved.attrs["next_sample"] < 40000  # the samples done, not lost
     assert not (run_dir / ".lock").exists()
 
 
