@@ -127,8 +127,9 @@ def _metric_problems(config: ExperimentConfig, model: nn.Module) -> Iterator[str
     for index, entry in enumerate(config.metrics):
         spec = metric_spec(entry.name)
         try:
-            spec.check_values(with_batch_size(entry.params, 1), config.data.image_size)
-            spec.check_on_model(with_batch_size(entry.params, 1), model)
+            params = with_batch_size(entry.params, 1)
+            spec.check_values(params, config.data.image_size)
+            spec.check_on_model(params, model)
         except (TypeError, ValueError) as error:
             prefix = f"metrics[{index}]"
             paths = {name: f"{prefix}.params.{name}" for name in spec.parameters}

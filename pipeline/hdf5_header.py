@@ -3,22 +3,18 @@
 The superblock at the start of every HDF5 file (format specification, "Superblock",
 versions 0-3) records the end-of-file address: the size the library wrote. A file that
 is empty, not HDF5, or shorter than that address was cut or overwritten after it was
-written. One ``pread`` of 64 bytes and one ``fstat`` per file, with no HDF5 library,
-so ``status`` can check tens of thousands of committed shards in a fraction of a second;
-what this cannot see (a changed byte inside) is left to the checksums of ``--verify``.
+written. One ``pread`` of the superblock and one ``fstat``, with no HDF5 library: the
+cheap check of a shard (:func:`pipeline.store.verify_shard`) names a cut file this way
+before HDF5 opens it; what this cannot see (a changed byte inside) is left to the
+checksums of ``--verify``.
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping
 
-__all__ = ["SIGNATURE", "header_problem", "header_problems"]
+__all__ = ["SIGNATURE", "header_problem"]
 
-#: threads checking files at once: on a parallel file system the latency of each open dominates,
-#: and threads overlap it (on a local disk they neither help nor cost)
-_READERS = 8
 #: the 8 bytes every HDF5 file starts with (no user block in the files the pipeline writes)
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -71,16 +67,3 @@ def header_problem(path: str | Path) -> str | None:
         return f"{path}: truncated ({size} bytes of the {end} written)"
     return None
 
-
-def header_problems(paths: Mapping[str, str | Path]) -> dict[str, str]:
-    """``{key: problem}`` of the files among ``{key: path}`` whose :func:`header_problem` is not None."""
-    items = list(paths.items())
-
-    def check(part: list[tuple[str, str | Path]]) -> dict[str, str]:
-        found = ((key, header_problem(path)) for key, path in part)
-        return {key: problem for key, problem in found if problem is not None}
-
-    with ThreadPoolExecutor(_READERS) as pool:
-        parts = pool.map(check, [items[k::_READERS] for k in range(_READERS)])
-    found = {key: problem for part in parts for key, problem in part.items()}
-    return {key: found[key] for key in paths if key in found}

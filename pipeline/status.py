@@ -35,7 +35,6 @@ from .launching.accounting import (
     latest_tasks,
     read_jobs,
 )
-from .hdf5_header import header_problems
 from .planning import Plan
 from .run_dir import RunDir, atomic_write
 
@@ -194,12 +193,12 @@ def _corrupt_committed(folder: RunDir, shard_ids: list[str]) -> dict[str, str]:
         stamps[shard_id] = f"{stat.st_size}:{stat.st_mtime_ns}"
         if known.get(shard_id) != stamps[shard_id]:
             fresh[shard_id] = path
-    corrupt = header_problems(fresh)
-    if len(corrupt) < len(fresh):
+    corrupt: dict[str, str] = {}
+    if fresh:
         from .store import verify_shard  # h5py, only when there are files to open
 
-        opened = ((i, verify_shard(Path(path), deep=False)) for i, path in fresh.items() if i not in corrupt)
-        corrupt.update({i: reason for i, reason in opened if reason is not None})
+        opened = ((i, verify_shard(Path(path), deep=False)) for i, path in fresh.items())
+        corrupt = {i: reason for i, reason in opened if reason is not None}
     whole = {i: stamp for i, stamp in stamps.items() if i not in corrupt}
     if fresh and folder.shards.is_dir():
         with contextlib.suppress(OSError):  # a read-only run folder: checked again next time

@@ -184,15 +184,22 @@ class _Progress:
         self.bar, self.planned = bar, planned
         self.done = 0
         self.ceiling = 0
+        self._remaining = 0  # the weight of the queue after the shard in progress
+        self._expected = -1  # the length of that queue
 
     def weight(self, shard_id: str) -> int:
         return 1 if self.planned is None else self.planned.get(shard_id, 0)
 
     def start(self, shard: Shard, queued: list[str]) -> None:
-        """Name ``shard`` on the bar; ``queued``: it and the shards after it."""
-        self.bar.total = self.done + sum(self.weight(i) for i in queued)
+        """Name ``shard`` on the bar; ``queued``: it and the shards after it (summed again only when
+        shards were added to the queue, so a run of many shards stays linear)."""
+        if len(queued) != self._expected:
+            self._remaining = sum(self.weight(i) for i in queued)
+        self.bar.total = self.done + self._remaining
         self.ceiling = self.done + self.weight(shard.id)
-        self.bar.set_description(_stage_label(shard), refresh=False)
+        self._remaining -= self.weight(shard.id)
+        self._expected = len(queued) - 1
+        self.bar.set_description(_stage_label(shard))  # shown at once, however short the shard
 
     def forward(self, _module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:
         rows = getattr(inputs[0], "shape", (0,))[0] if inputs and self.planned is not None else 0
