@@ -33,7 +33,7 @@ from pipeline.methods import SampledExplainer, build_method
 from pipeline.methods.lime import lime_samples
 from pipeline.methods.rise import binary_cells, mask_draws
 from pipeline.metrics import deletion, insertion
-from pipeline.stages.context import apply_compute
+from pipeline.models import apply_compute
 
 
 def main() -> None:

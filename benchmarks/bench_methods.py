@@ -13,12 +13,12 @@ device differs). It prints three tables, each ratio beside its target:
   second beside the model doing the work the method declares (:meth:`Explainer.cost`: a
   forward, and a backward of the top logit to the input when the method needs gradients) on
   the same batch; ratio = model images/s over method images/s, target <= 1.1;
-- a whole explain shard (Grad-CAM) and a whole score shard (Insertion + Deletion) of
-  ``--shard-images`` PNG and JPEG files written to a temporary folder, planned and run by the
-  pipeline's own :class:`~pipeline.stages.ShardRunner` (decoding, the explain shard's forward
-  that finds the targets and the HDF5 commit included), in images per second beside the model
-  doing the method's or the metrics' declared work; share = shard images/s over model images/s,
-  target >= 0.80.
+- whole explain shards (Grad-CAM) and whole score shards (Insertion + Deletion) of
+  ``--shard-images`` PNG and JPEG files each, written to a temporary folder, planned and run by
+  the pipeline's own :class:`~pipeline.stages.ShardRunner`, ``--shards`` of each stage in a row
+  as a worker runs them (decoding ahead in loader processes, and the HDF5 commits, included), in
+  images per second beside the model doing the method's or the metrics' declared work; share =
+  shard images/s over model images/s, target >= 0.80.
 
     python benchmarks/bench_methods.py                      # CPU-sized defaults
     python benchmarks/bench_methods.py --size 64 --masks 400 --images 2 --repeats 1   # a quick CPU check
@@ -156,15 +156,16 @@ def write_images(folder: Path, count: int, size: int) -> None:
 
 
 def shard_rows(args: argparse.Namespace, classes: int, step: int) -> list[tuple[str, float, Work, float]]:
-    """``(label, shard seconds, declared work per image, model seconds for that work)`` of one explain
-    shard (Grad-CAM on layer4) and one score shard (Insertion + Deletion), run by the pipeline's
-    shard runner on ``--shard-images`` image files, each best of ``--repeats`` runs."""
-    n = args.shard_images
+    """``(label, seconds per shard, declared work per image, model seconds for that work on a shard's
+    images)`` of explain shards (Grad-CAM on layer4) and score shards (Insertion + Deletion), run by the
+    pipeline's shard runner on ``--shard-images`` image files each: ``--shards`` shards of a stage are
+    scheduled and run in a row, as a worker runs its shards (images decoded ahead), best of ``--repeats``."""
+    n, count = args.shard_images, args.shards
     with tempfile.TemporaryDirectory() as folder:
         names = [f"class{i}" for i in range(classes)]
         images_dir = Path(folder) / "images" / names[0]
         images_dir.mkdir(parents=True)
-        write_images(images_dir, n, args.size)
+        write_images(images_dir, n * count, args.size)
         metric_params = {"step": step, "batch_size": args.batch_size}
         config = parse_config({
             "data": {"root": str(images_dir.parent), "image_size": args.size, "class_names": names},
@@ -181,17 +182,20 @@ def shard_rows(args: argparse.Namespace, classes: int, step: int) -> list[tuple[
             units = unit_costs(context.config, {})
             reference = torch.randn(1, 3, args.size, args.size, device=context.device)
             rows = []
-            for shard in (plan.stage("explain")[0], plan.stage("score")[0]):
-                def run_shard() -> None:
-                    runner.schedule([shard.id])
-                    runner.run(shard.id, force=True)
+            for stage in ("explain", "score"):
+                shards = [shard.id for shard in plan.stage(stage)]
 
-                seconds = timed(context.device, run_shard, args.repeats)
-                if shard.stage == "explain":
-                    label, work, batch = f"explain {shard.method} layer4", units.methods[shard.method], n
+                def run_stage() -> None:
+                    runner.schedule(shards)
+                    for shard_id in shards:
+                        runner.run(shard_id, force=True)
+
+                seconds = timed(context.device, run_stage, args.repeats) / count
+                if stage == "explain":
+                    label, work, batch = "explain gradcam layer4", units.methods["gradcam"], n
                 else:
-                    label, batch = f"score {', '.join(shard.metrics)}", args.batch_size
-                    work = sum((units.metrics[m] for m in shard.metrics), Work())
+                    label, batch = "score insertion, deletion", args.batch_size
+                    work = sum((units.metrics[m] for m in ("insertion", "deletion")), Work())
                 assert work is not None
                 rows.append((label, seconds, work, work_time(context.model, reference, work.times(n), batch,
                                                              args.repeats)))
@@ -209,6 +213,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--shard-images", type=int, default=16,
                         help="images of the CAM batch and of the explain and score shards")
+    parser.add_argument("--shards", type=int, default=8,
+                        help="shards of each stage run in a row, as a worker runs them (images decoded ahead)")
     parser.add_argument("--step", type=int, default=0, help="insertion/deletion pixels per step (default size*size/50)")
     parser.add_argument("--extremal-iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many calls")
@@ -289,8 +295,8 @@ def main() -> None:
         print(f"{name + ' layer4':<22}{args.shard_images / seconds:10.1f}{describe_work(work):>10}"
               f"{args.shard_images / raw:13.1f}{seconds / raw:8.2f}{f'<={TIME_RATIO_TARGET}':>8}", flush=True)
 
-    print(f"\nwhole shards of {args.shard_images} PNG/JPEG files through the shard runner (decoding and commit "
-          f"included); model: the declared work per image at the same batch")
+    print(f"\nwhole shards of {args.shard_images} PNG/JPEG files, {args.shards} of each stage in a row through the "
+          f"shard runner (decoding and commits included); model: the declared work per image at the same batch")
     print(f"{'shard':<30}{'images/s':>10}{'work/img':>10}{'model img/s':>13}{'share':>8}{'target':>8}")
     for label, seconds, work, raw in shard_rows(args, classes, step):
         print(f"{label:<30}{args.shard_images / seconds:10.1f}{describe_work(work):>10}"

@@ -8,8 +8,9 @@ each layer, ...) and each metric too (:meth:`~pipeline.metrics.MetricSpec.work`:
 Insertion ``ceil(H*W / step) + 1`` forwards, Average Drop 2); :func:`unit_costs` collects
 them for a config. Counting them over the plan needs no model and no torch:
 
-- an explain shard of images ``[a, b)`` makes ``b - a`` forwards to find the targets,
-  plus the method's work for its images; a sampled method (RISE, LIME) the share
+- an explain shard of images ``[a, b)`` makes ``b - a`` forwards to find the targets
+  (none for a CAM method under ``target: predicted``: its own forward gives them, see
+  :func:`~pipeline.methods.classifies_in_pass`), plus the method's work for its images; a sampled method (RISE, LIME) the share
   ``(stop - start) / n_samples`` of it for its sample range;
 - a score shard makes its metrics' work for its images; metrics of the same function
   and parameters (Average Drop and Increase) share one computation, counted once; the
@@ -88,6 +89,8 @@ class UnitCosts:
     reruns: Mapping[str, int] = dataclasses.field(default_factory=dict)
     #: a CAM entry's work per image when one of its layers is explained alone (as those metrics do)
     layers: Mapping[str, Mapping[str, Work | None]] = dataclasses.field(default_factory=dict)
+    #: the method entries whose own forward finds the targets: their explain shards make no forward for them
+    own_targets: frozenset[str] = frozenset()
 
     def explanation(self, label: str, layer: str) -> Work | None:
         """The work per image of explaining method entry ``label`` on ``layer`` alone."""
@@ -100,14 +103,16 @@ class UnitCosts:
         return {"methods": {k: _pair(w) for k, w in self.methods.items()},
                 "metrics": {k: _pair(w) for k, w in self.metrics.items()}, "shares": dict(self.shares),
                 "reruns": dict(self.reruns),
-                "layers": {k: {layer: _pair(w) for layer, w in v.items()} for k, v in self.layers.items()}}
+                "layers": {k: {layer: _pair(w) for layer, w in v.items()} for k, v in self.layers.items()},
+                "own_targets": sorted(self.own_targets)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "UnitCosts":
         return cls({k: _work(p) for k, p in data["methods"].items()},
                    {k: _work(p) for k, p in data["metrics"].items()}, dict(data.get("shares", {})),
                    dict(data.get("reruns", {})),
-                   {k: {layer: _work(p) for layer, p in v.items()} for k, v in data.get("layers", {}).items()})
+                   {k: {layer: _work(p) for layer, p in v.items()} for k, v in data.get("layers", {}).items()},
+                   frozenset(data.get("own_targets", ())))
 
 
 def _declared_defaults(parameters: Mapping[str, inspect.Parameter]) -> dict[str, Any]:
@@ -120,7 +125,7 @@ def unit_costs(config: "ExperimentConfig", channels: Mapping[str, Mapping[str, i
     the channel count of each layer of each CAM entry (by label), as the pre-flight forward found it.
     A metric that explains each image again (the randomization test) counts that method's work per
     explanation on ``model`` (undeclared without it)."""
-    from .methods import method_class, method_parameters
+    from .methods import classifies_in_pass, method_class, method_parameters
     from .metrics import metric_spec
     from .planning import method_params
 
@@ -155,7 +160,9 @@ def unit_costs(config: "ExperimentConfig", channels: Mapping[str, Mapping[str, i
         else:
             computed[key] = metric.name
             metrics[metric.name] = spec.work(metric.params, size)
-    return UnitCosts(methods, metrics, shares, reruns, layers)
+    own_targets = frozenset(entry.label for entry in config.methods
+                            if config.target == "predicted" and classifies_in_pass(entry.name))
+    return UnitCosts(methods, metrics, shares, reruns, layers, own_targets)
 
 
 def _sample_counts(plan: Plan) -> dict[tuple[str, tuple[int, int]], int]:
@@ -179,7 +186,8 @@ def shard_work(plan: Plan, units: UnitCosts) -> dict[str, dict[tuple[str, str], 
             share: int | Fraction = 1
             if shard.samples is not None:
                 share = Fraction(shard.samples[1] - shard.samples[0], samples[(shard.method, shard.images)])
-            work[shard.id] = {("explain", shard.method): Work(images) + declared.times(images * share)}
+            targets = Work(0 if shard.method in units.own_targets else images)
+            work[shard.id] = {("explain", shard.method): targets + declared.times(images * share)}
         else:
             work[shard.id] = {("score", name): _score_work(units, name, shard).times(images)
                               for name in shard.metrics}

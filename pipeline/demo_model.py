@@ -17,13 +17,14 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .demo_data import SHAPE_CLASSES, Scene, is_validation_index, make_shapes_dataset
+if TYPE_CHECKING:
+    from .demo_data import Scene
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -96,6 +97,8 @@ def _load_split(data_root: Path, image_size: int, mean: Sequence[float],
                 std: Sequence[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Normalized train/val images and labels from ``data_root/images``, plus the class count."""
     from torchvision import datasets, transforms  # only for training: the model itself needs none
+
+    from .demo_data import is_validation_index
 
     folder = datasets.ImageFolder(
         str(Path(data_root) / "images"),
@@ -257,7 +260,7 @@ def ensure_shapes_checkpoint(
     *,
     n_per_class: int = 400,
     image_size: int = 64,
-    classes: Sequence[str] = SHAPE_CLASSES,
+    classes: Sequence[str] | None = None,
     data_seed: int = 0,
     epochs: int = 20,
     train_seed: int = 0,
@@ -267,7 +270,8 @@ def ensure_shapes_checkpoint(
     scene: Scene = "single",
     pixel_dropout: float = 0.0,
 ) -> Path:
-    """The checkpoint of a :class:`ShapesNet` trained with these parameters (``scene``: see
+    """The checkpoint of a :class:`ShapesNet` trained with these parameters (``classes``: the demo's
+    shapes by default; ``scene``: see
     :func:`~pipeline.demo_data.make_shapes_dataset`; ``pixel_dropout``: see
     :func:`train_shapes_net`), made when missing.
 
@@ -276,7 +280,10 @@ def ensure_shapes_checkpoint(
     depends on; both are written under temporary names and renamed into place, so a
     present file is always complete. Training uses ImageNet mean/std normalization.
     """
+    from .demo_data import SHAPE_CLASSES, make_shapes_dataset  # drawing needs scikit-image; the model does not
+
     cache_dir = Path(cache_dir)
+    classes = SHAPE_CLASSES if classes is None else classes
     data_parameters = {
         "version": _CACHE_VERSION, "n_per_class": n_per_class, "image_size": image_size,
         "classes": list(classes), "seed": data_seed,

@@ -3,7 +3,9 @@
 They say what the tables alone hide: saliency maps that are constant, all zero or not
 finite (counted per method and layer, with the image keys, from the score reasons of
 ``failures.csv``); a metric whose mean is the same for every method and layer; a
-ground-truth metric asked for in a run whose images have no ground-truth map. A method
+ground-truth metric asked for in a run whose images have no ground-truth map; a sampled method
+whose shards of one image chunk were computed on different devices or with different forward
+batches (their sums then agree with a single run only up to float rounding). A method
 all of whose maps are degenerate is named in :attr:`RunWarnings.degenerate_methods`;
 the command line then exits with status 1.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -46,9 +48,11 @@ def _keys(keys: Sequence[str]) -> str:
 
 
 def run_warnings(failures: pd.DataFrame, summary: pd.DataFrame, *, ground_truth_metrics: Sequence[str],
-                 images_with_gt: int) -> RunWarnings:
-    """The warnings of a run from its failures.csv table, its summary (per method and layer) and
-    the ground-truth metrics it asked for."""
+                 images_with_gt: int, mixed_computations: Mapping[str, Sequence[Sequence[str]]] | None = None
+                 ) -> RunWarnings:
+    """The warnings of a run from its failures.csv table, its summary (per method and layer), the
+    ground-truth metrics it asked for and, per sampled method, how each of its chunks computed in more
+    than one way was computed (:attr:`~pipeline.stages.merge.ChunkMaps.computed_with`)."""
     lines: list[str] = []
     scored = summary.groupby(["method", "layer"], sort=False)[["count", "n_nan"]].max().sum(axis=1)
     degenerate = failures[(failures["stage"] == "score") & failures["error"].str.startswith(DEGENERATE_PREFIX)]
@@ -71,6 +75,12 @@ def run_warnings(failures: pd.DataFrame, summary: pd.DataFrame, *, ground_truth_
         for metric in ground_truth_metrics:
             lines.append(f"{metric_title(metric)} needs ground-truth maps, but no image of this run has one "
                          "(set `data.gt_dir`, or a `gt` column of the manifest): its column is empty")
+    for method, chunks in (mixed_computations or {}).items():
+        ways = ", ".join(sorted({way for chunk in chunks for way in chunk}))
+        lines.append(f"{method}: the sample ranges of {len(chunks)} image chunk(s) were computed on different "
+                     f"devices or with different forward batches ({ways}): their maps equal a single run's up to "
+                     "float rounding, not bit for bit (give `batch_size` a number and one device kind to keep them "
+                     "bitwise)")
     methods = [method for method, views in fully.items() if all(views)]
     lines += [f"every saliency map of {method} is degenerate: check the method and its layers" for method in methods]
     return RunWarnings(lines, methods)

@@ -6,21 +6,25 @@ state_dict (or a dict holding one under ``state_dict`` or ``model``), loaded wit
 ``weights_only=True``; a ``module.`` prefix left by DataParallel is removed. A
 checkpoint that does not fit the architecture fails here, naming the file and
 the mismatching keys, before any shard runs.
+
+:func:`apply_compute` applies the config's ``compute`` section to a built model: the forward
+under :func:`torch.autocast` at ``precision`` and the ``channels_last`` layout.
 """
 from __future__ import annotations
 
 import importlib
+import types
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ComputeConfig, ModelConfig
 from .digests import file_digest, json_digest
 from .errors import PipelineError
 
-__all__ = ["ModelError", "build_model", "load_checkpoint", "model_digest", "select_device"]
+__all__ = ["ModelError", "build_model", "load_checkpoint", "model_digest", "select_device", "apply_compute"]
 
 
 class ModelError(PipelineError, ValueError):
@@ -143,3 +147,20 @@ def select_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {name!r} asked for, but CUDA is not available here")
     return device
+
+
+_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_compute(model: nn.Module, compute: ComputeConfig, device: torch.device) -> nn.Module:
+    """``model`` on ``device`` with the layout and forward precision of ``compute`` (module names unchanged)."""
+    if compute.precision == "float16" and device.type != "cuda":
+        raise ModelError("precision float16 needs a CUDA device; use bfloat16 on the CPU")
+    model = model.to(device)
+    if compute.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compute.precision in _PRECISIONS:
+        autocast = torch.autocast(device_type=device.type, dtype=_PRECISIONS[compute.precision])
+        # bound to the model as a method, so a deep copy's forward runs the copy's weights
+        model.forward = types.MethodType(autocast(type(model).forward), model)  # type: ignore[method-assign]
+    return model

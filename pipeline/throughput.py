@@ -18,8 +18,7 @@ from torch import nn
 
 from .config import ExperimentConfig
 from .cost import Throughput
-from .models import ModelError, select_device
-from .stages.context import apply_compute
+from .models import ModelError, apply_compute, select_device
 
 __all__ = ["TIMING_ROWS", "time_model"]
 

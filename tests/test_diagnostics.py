@@ -5,8 +5,12 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.stages.context as context_module
 from pipeline.analysis import write_report
 from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.rundir import plan_run
+from pipeline.stages import ShardRunner, reduce_run, run_shards
 from tests.tiny_experiment import ConfigFactory, FinishedRun, YamlWriter
 
 
@@ -41,3 +45,26 @@ def test_degenerate_maps_constant_metrics_and_missing_ground_truth_are_reported(
 
 def test_a_healthy_run_warns_of_nothing_and_exits_zero(finished_run: FinishedRun) -> None:
     assert (finished_run.run_dir / "warnings.md").read_text() == "## Warnings\n\nNo warnings.\n"
+
+
+def test_sample_ranges_of_one_chunk_computed_with_different_batches_are_reported(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers whose ``batch_size: auto`` chose differently for one chunk: warnings.md says the
+    maps are not bit for bit a single run's."""
+    raw = make_config()
+    raw["methods"] = [{"name": "rise", "params": {"n_masks": 64, "grid_size": 4, "batch_size": "auto"}}]
+    run_dir = tmp_path / "run"
+    plan = plan_run(parse_config(raw), run_dir)
+    first, second = [s for s in plan.stage("explain") if s.images == plan.chunks()[0]]
+    for shard, batch in ((first, 5), (second, 160)):  # one sample, then 32 samples, per image and forward
+        monkeypatch.setattr(context_module, "choose_batch_size", lambda *_args, batch=batch: (batch, "test"))
+        ShardRunner(run_dir).run(shard.id)
+    monkeypatch.undo()
+    assert run_shards(run_dir, [s.id for s in plan.shards], progress=False) == {}
+    result = reduce_run(run_dir, progress=False)
+    lines = [line for line in result.warnings.lines if line.startswith("rise:")]
+    assert lines == [line.removeprefix("- ") for line in (run_dir / "warnings.md").read_text().splitlines()
+                     if line.startswith("- rise:")]
+    assert len(lines) == 1 and "1 image chunk(s)" in lines[0] and "(cpu batch 160, cpu batch 5)" in lines[0]
+    assert "not bit for bit" in lines[0]

@@ -1,6 +1,9 @@
 """pipeline.rundir: planning into a folder, guarding another config's run, pre-flight checks."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,23 @@ from pipeline.rundir import (
 )
 from pipeline.stages import reduce_run
 from pipeline.run_dir import RunDir
-from tests.tiny_experiment import ConfigFactory, ImageTree, one_thread, write_checkpoint
+from tests.tiny_experiment import ConfigFactory, ImageTree, YamlWriter, one_thread, write_checkpoint
 
 MODULES = [name for name, _ in ShapesNet(num_classes=3, width=4).named_modules() if name]
 #: what a bad layer raises today (ValueError) or once the CLI reports it cleanly (RunDirError)
 LAYER_ERRORS = (ValueError, RunDirError)
+
+
+def test_planning_with_the_preflight_loads_no_library_of_the_reduce(
+    make_config: ConfigFactory, write_yaml: YamlWriter, tmp_path: Path
+) -> None:
+    """pandas, pyarrow and SciPy cost a planning process about 140 MiB and a second; it needs none."""
+    config = write_yaml(make_config())
+    code = (f"import sys; from pipeline.cli import main; assert main(['plan', {str(config)!r}, '--out', "
+            f"{str(tmp_path / 'run')!r}]) == 0; loaded = [m for m in ('pandas', 'pyarrow', 'scipy') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert RunDir(tmp_path / "run").cost.is_file()  # the pre-flight ran
 
 
 def test_plan_run_writes_config_plan_and_cost(make_config: ConfigFactory, tmp_path: Path) -> None:

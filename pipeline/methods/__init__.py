@@ -36,6 +36,7 @@ __all__ = [
     "method_class",
     "method_parameters",
     "method_info",
+    "classifies_in_pass",
     "Explainer",
     "CamExplainer",
     "SampledExplainer",
@@ -134,3 +135,11 @@ def build_method(name: str, model: nn.Module | None, **params: Any) -> Explainer
         raise TypeError(f"method {name!r} needs parameter(s): {', '.join(missing)}")
     cls = method_class(name)
     return cls(model, **validate(cls.name, cls.__init__, params))
+
+
+def classifies_in_pass(name: str) -> bool:
+    """True when method ``name`` computes its maps in one pass whose logits it gives
+    (:meth:`CamExplainer.explain_pass`): its explain shards need no forward of their own to
+    find the predicted classes."""
+    cls = method_class(name)
+    return issubclass(cls, CamExplainer) and cls.classifies

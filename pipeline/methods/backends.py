@@ -94,6 +94,7 @@ class _LibraryLayerMethod(CamExplainer):
     ``params`` go to the library class's constructor or to its call, by name."""
 
     library_class: ClassVar[type]
+    classifies = False  # the library runs the model itself
 
     def __init__(self, model: nn.Module, layer: str | Sequence[str], reshape: Reshape = "auto",
                  **params: Any) -> None:

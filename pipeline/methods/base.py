@@ -10,6 +10,8 @@ float32 saliency maps ``[B, H, W]`` on the images' device. Three small bases cov
   gradients) for all of them, turns each output into a ``[B, C, h, w]`` grid
   (:mod:`pipeline.methods.layers`: transformer tokens, channels-last) and upsamples
   each layer's map to the input size; a method only overrides :meth:`CamExplainer.layer_map`.
+  The pass also gives the logits it ran on (:meth:`CamExplainer.explain_pass`): the predicted
+  classes need no forward of their own.
 - :class:`SampledExplainer`: methods that average over random samples (RISE, LIME).
   Sample ``i`` is a pure function of ``(seed, i)``, so a sample range can be computed
   anywhere (:meth:`~SampledExplainer.steps`, :meth:`~SampledExplainer.accumulate`),
@@ -48,6 +50,7 @@ from .layers import Reshape, layer_name, resolve_module, to_grid
 __all__ = [
     "Explainer",
     "CamExplainer",
+    "CamPass",
     "SampledExplainer",
     "Partial",
     "FIXED_POINT_BITS",
@@ -184,17 +187,28 @@ class Explainer(abc.ABC):
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class CamPass:
+    """The maps ``[B, H, W]`` of every layer from one pass, and the logits ``[B, classes]`` of its forward."""
+
+    maps: dict[str, Tensor]
+    logits: Tensor
+
+
 class CamExplainer(Explainer):
     """Template for class-activation-map methods on one or several layers.
 
     Subclasses set :attr:`needs_gradients` and implement :meth:`layer_map`.
     ``layer`` is a module's dotted name (``"layer4"``) or the module itself (``model.layer4``),
-    or a list of them: all are fed by the same forward/backward pass in :meth:`explain_layers`
+    or a list of them: all are fed by the same forward/backward pass in :meth:`explain_pass`
     and named by their dotted names (:attr:`layers`). ``reshape`` is how
     their outputs become grids (:mod:`pipeline.methods.layers`; ``auto`` by default).
     """
 
     needs_gradients: ClassVar[bool] = True
+    #: :meth:`explain_pass` gives the logits of the forward the maps come from (False for a
+    #: subclass that computes its maps otherwise, overriding :meth:`explain_layers`)
+    classifies: ClassVar[bool] = True
 
     @validated
     def __init__(self, model: nn.Module, layer: Layers, reshape: ReshapeRule = "auto") -> None:
@@ -218,11 +232,17 @@ class CamExplainer(Explainer):
     def explain_layers(self, images: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
         """Maps ``[B, H, W]`` for every layer, from one forward (and backward) pass (``targets``
         None: the predicted classes)."""
-        targets = self.resolve_targets(images, targets)
+        return self.explain_pass(images, targets).maps
+
+    def explain_pass(self, images: Tensor, targets: Tensor | None = None) -> CamPass:
+        """The maps of every layer and the logits of the one forward they come from (``targets`` None:
+        the arg-max of those logits, the same classes as a forward without gradients would give)."""
         size = (images.shape[-2], images.shape[-1])
         with capture_outputs(self.model, self.layers) as captured, torch.enable_grad() if self.needs_gradients else torch.no_grad():
             inputs = images.detach().requires_grad_(self.needs_gradients)
             logits = self.model(inputs)
+            if targets is None:
+                targets = logits.detach().argmax(dim=1)
             activations = [captured[name] for name in self.layers]
             for name, act in zip(self.layers, activations):
                 self._grid(name, act, size)
@@ -237,7 +257,7 @@ class CamExplainer(Explainer):
                 grid_grad = None if grad is None else self._grid(name, grad.detach(), size)
                 layer_map = self.layer_map(self._grid(name, act.detach(), size), grid_grad, images, targets)
                 maps[name] = upsample(layer_map.float(), size).float()
-        return maps
+        return CamPass(maps, logits.detach())
 
     def _grid(self, name: str, output: Tensor, size: tuple[int, int]) -> Tensor:
         try:

@@ -25,7 +25,6 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from skimage.segmentation import quickshift, slic
 from torch import Tensor, nn
 
 from ..cost import Work
@@ -148,6 +147,8 @@ class Lime(SampledExplainer):
     def _segment_one(self, image: np.ndarray) -> np.ndarray:
         if callable(self.segmentation):
             return self.segmentation(image)
+        from skimage.segmentation import quickshift, slic  # with SciPy: only where images are segmented
+
         if self.segmentation == "quickshift":
             return quickshift(image, kernel_size=4, max_dist=200, ratio=0.2)
         return slic(image, n_segments=self.n_segments, start_label=0)

@@ -11,7 +11,6 @@ input shape (:meth:`RunContext.auto_batch_size`).
 from __future__ import annotations
 
 import dataclasses
-import types
 from pathlib import Path
 from typing import Sequence
 
@@ -20,40 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from ..batch_size import choose_batch_size
-from ..config import ComputeConfig, ExperimentConfig, load_config
+from ..config import ExperimentConfig, load_config
 from ..data import DataError, ImageRecord, loader_workers
-from ..models import ModelError, build_model, select_device
+from ..models import apply_compute, build_model, select_device
 from ..planning import Plan, Shard
 from ..run_dir import RunDir
 from ..store import ShardOutput
 from .prefetch import ImagePrefetcher
 
-__all__ = ["RunContext", "ChunkImages", "apply_compute"]
-
-_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def apply_compute(model: nn.Module, compute: ComputeConfig, device: torch.device) -> nn.Module:
-    """``model`` on ``device`` with the layout and forward precision of ``compute`` (module names unchanged)."""
-    if compute.precision == "float16" and device.type != "cuda":
-        raise ModelError("precision float16 needs a CUDA device; use bfloat16 on the CPU")
-    model = model.to(device)
-    if compute.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compute.precision in _PRECISIONS:
-        autocast = torch.autocast(device_type=device.type, dtype=_PRECISIONS[compute.precision])
-        # bound to the model as a method, so a deep copy's forward runs the copy's weights
-        model.forward = types.MethodType(autocast(type(model).forward), model)  # type: ignore[method-assign]
-    return model
-
-
-@dataclasses.dataclass
-class ChunkImages:
-    """The images of a shard's chunk that loaded, on the device, with the targets to explain."""
-
-    images: Tensor
-    output: ShardOutput  # keys, labels, targets, predicted, target_prob, failures
-
+__all__ = ["RunContext"]
 
 @dataclasses.dataclass
 class RunContext:
@@ -101,20 +75,20 @@ class RunContext:
             self.batch_choices[key] = choose_batch_size(self.model, images, cap)
         return self.batch_choices[key]
 
-    def load_chunk(self, shard: Shard) -> ChunkImages:
-        """Load ``shard``'s chunk and classify it: targets follow the config's ``target`` rule."""
-        loaded, images, failures = self.load_images(shard)
-        output = self._targets(loaded, images)
-        output.failures = failures
-        return ChunkImages(images, output)
-
     @torch.no_grad()
-    def _targets(self, loaded: list[ImageRecord], images: Tensor) -> ShardOutput:
-        if not loaded:
+    def forward(self, images: Tensor) -> Tensor:
+        """The model's logits on ``images``."""
+        return self.model(images)
+
+    def classify(self, loaded: list[ImageRecord], logits: Tensor | None) -> ShardOutput:
+        """The image table of ``loaded`` from the model's ``logits`` on them (None when nothing loaded):
+        labels, targets (the config's ``target`` rule), predicted classes and each target's softmax probability."""
+        if not loaded or logits is None:
             empty = np.zeros(0, np.int64)
             return ShardOutput([], empty, empty, empty, np.zeros(0, np.float32))
-        probs = torch.softmax(self.model(images).float(), dim=1)
-        predicted = probs.argmax(dim=1)
+        logits = logits.detach()
+        predicted = logits.argmax(dim=1)  # as every method takes the predicted classes
+        probs = torch.softmax(logits.float(), dim=1)
         labels = torch.tensor([r.label for r in loaded], device=self.device)
         targets = predicted if self.config.target == "predicted" else labels
         if int(targets.max()) >= probs.shape[1]:

@@ -1,7 +1,11 @@
 """The explain stage: one method entry on one image chunk (a sample range for sampled methods).
 
-Direct methods (CAM, extremal) store maps. A sampled method (RISE, LIME) walks its
-sample range and keeps its running sums; they are saved to the shard's checkpoint
+Direct methods (CAM, extremal) store maps. The shard's targets follow the config's ``target``
+rule; the predicted classes come from one forward of the chunk, or, for a CAM method under
+``target: predicted``, from the forward of its own pass
+(:meth:`~pipeline.methods.CamExplainer.explain_pass`): the same classes, one forward fewer.
+
+A sampled method (RISE, LIME) walks its sample range and keeps its running sums; they are saved to the shard's checkpoint
 every ``checkpoint_every`` seconds and whenever :meth:`ExplainStage.save_progress`
 is called (e.g. on a scheduler's signal). A later attempt continues from there and
 ends identical to an uninterrupted run. A checkpoint that is corrupt, or whose
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..batch_size import MAX_AUTO_BATCH, is_auto, sampled_batch_size, with_batch_size
-from ..methods import CamExplainer, Partial, SampledExplainer, build_method, method_class
+from ..methods import CamExplainer, Partial, SampledExplainer, build_method, classifies_in_pass, method_class
 from ..planning import NO_LAYER, Shard, method_params
 from ..store import CorruptShardError, ShardOutput, read_shard, write_shard
 from .context import RunContext
@@ -43,36 +47,45 @@ class ExplainStage:
         self._progress: tuple[Shard, ShardOutput, Partial, int] | None = None
 
     def compute(self, shard: Shard) -> ShardOutput:
-        chunk = self.context.load_chunk(shard)
-        output = chunk.output
-        if not output.keys:  # every image failed: commit the failures, the other shards go on
+        context = self.context
+        entry = context.config.method(shard.method)
+        loaded, images, failures = context.load_images(shard)
+        if not loaded:  # every image failed: commit the failures, the other shards go on
+            output = context.classify(loaded, None)
+            output.failures = failures
             return output
-        config = self.context.config
-        entry = config.method(shard.method)
-        params = method_params(config, entry)
+        params = method_params(context.config, entry)
+        attrs: dict[str, Any] = {}
         if is_auto(params):
-            params = self._auto_batch(entry.name, params, chunk.images, output)
+            params, attrs = self._auto_batch(entry.name, params, images)
         if entry.layers:
             params["layer"] = list(entry.layers)
-        explainer = build_method(entry.name, self.context.model, **params)
-        targets = torch.from_numpy(output.targets).to(self.context.device)
+        explainer = build_method(entry.name, context.model, **params)
+        one_pass = context.config.target == "predicted" and classifies_in_pass(entry.name)
+        result = explainer.explain_pass(images) if one_pass else None  # type: ignore[attr-defined]
+        output = context.classify(loaded, context.forward(images) if result is None else result.logits)
+        output.failures, output.attrs = failures, attrs
+        if result is not None:  # the pass's forward gave the predicted classes
+            output.maps = {layer: m.float().cpu().numpy() for layer, m in result.maps.items()}
+            return output
+        targets = torch.from_numpy(output.targets).to(context.device)
         if isinstance(explainer, SampledExplainer):
             try:
-                return self._accumulate(shard, explainer, chunk.images, targets, output)
+                return self._accumulate(shard, explainer, images, targets, output)
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command: keep the samples done
                 self.save_progress()
                 raise
             finally:
                 self._progress = None
         if isinstance(explainer, CamExplainer):
-            maps = explainer.explain_layers(chunk.images, targets)
+            maps = explainer.explain_layers(images, targets)
             output.maps = {layer: m.float().cpu().numpy() for layer, m in maps.items()}
         else:
-            output.maps = {NO_LAYER: explainer.explain(chunk.images, targets).float().cpu().numpy()}
+            output.maps = {NO_LAYER: explainer.explain(images, targets).float().cpu().numpy()}
         return output
 
-    def _auto_batch(self, name: str, params: dict[str, Any], images: Tensor, output: ShardOutput) -> dict[str, Any]:
-        """``params`` with ``batch_size: auto`` resolved for ``images``, recorded in ``output``'s attributes
+    def _auto_batch(self, name: str, params: dict[str, Any], images: Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``params`` with ``batch_size: auto`` resolved for ``images``, and the shard attributes that record it
         (sampled methods: a whole number of images times a divisor of ``samples_per_shard`` samples)."""
         if issubclass(method_class(name), SampledExplainer):
             unit = self.context.config.sharding.samples_per_shard  # the same for every shard of the chunk
@@ -81,8 +94,7 @@ class ExplainStage:
             how += f"; {chosen // min(len(images), chosen)} samples per forward, a divisor of {unit}"
         else:
             chosen, how = self.context.auto_batch_size(images, MAX_AUTO_BATCH)
-        output.attrs.update(batch_size=chosen, batch_size_auto=how)
-        return with_batch_size(params, chosen)
+        return with_batch_size(params, chosen), {"batch_size": chosen, "batch_size_auto": how}
 
     def save_progress(self) -> None:
         """Save the running sums of the sampled shard in progress, if any, from its last whole step."""

@@ -4,6 +4,10 @@ Direct methods (CAM, extremal) store maps; sampled methods (RISE, LIME) store
 partial sums over a sample range. Partials are added in the order of their sample
 ranges and then finalized, so the merged maps do not depend on how the sample range
 was split. Merging needs only the method's parameters, never the model.
+
+Sampled shards of one chunk computed on different devices or with different forward batches
+(``batch_size: auto`` chooses per device) add up to the single run's sums only up to float
+rounding: :attr:`ChunkMaps.computed_with` then names each way they were computed.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ class ChunkMaps:
 
     images: ShardOutput  # keys, labels, targets, predicted, target_prob, failures (no arrays)
     maps: dict[str, np.ndarray]  # layer -> [n, H, W] float32
+    #: for sampled shards computed in more than one way: each device and forward batch, else empty
+    computed_with: list[str] = dataclasses.field(default_factory=list)
 
 
 def _read(run_dir: RunDir, shard: Shard) -> ShardOutput:
@@ -70,4 +76,11 @@ def merge_outputs(config: ExperimentConfig, shards: Sequence[Shard], outputs: Se
         maps = explainer.finalize(merged).float().numpy()
     else:
         maps = np.zeros((0, *config.data.image_size), np.float32)
-    return ChunkMaps(images, {shards[0].layers[0]: maps})
+    ways = sorted({_computed_with(o) for o in outputs})
+    return ChunkMaps(images, {shards[0].layers[0]: maps}, ways if len(ways) > 1 else [])
+
+
+def _computed_with(output: ShardOutput) -> str:
+    """The device and forward batch a sampled shard was computed with (the configured batch when not recorded)."""
+    batch = output.attrs.get("batch_size")
+    return f"{output.attrs.get('device', 'unknown device')}" + ("" if batch is None else f" batch {batch}")

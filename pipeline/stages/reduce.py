@@ -274,6 +274,7 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
     map_row[kept] = np.arange(len(kept))
     failures: dict[str, str] = {}
     nan_reasons: list[tuple[str, ...]] = []  # (key, "score", method, layer, metric, reason)
+    mixed: dict[str, list[list[str]]] = {}  # method -> the ways each of its mixed chunks was computed
     score_shards = _score_order(config, plan)
     expected_rows = sum((s.images[1] - s.images[0]) * len(s.metrics) for s in score_shards)
     rows = None
@@ -292,6 +293,8 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
             groups = list(_explain_groups(plan))
             for shards in tqdm(groups, desc="merge", disable=quiet):
                 merged = merge_outputs(config, shards, [_read(folder, plan, s) for s in shards])
+                if merged.computed_with:
+                    mixed.setdefault(shards[0].method, []).append(merged.computed_with)
                 indices = np.array([row[k] for k in merged.images.keys], dtype=np.int64)
                 failures.update(merged.images.failures)
                 if not len(indices):
@@ -353,7 +356,8 @@ def reduce_run(run_dir: str | Path | RunDir, *, progress: bool | None = None,
             gt_metrics = [m.name for m in config.metrics if METRICS[m.name].needs_ground_truth]
             overall = rows.moments.frame(["method", "layer", "metric"], _summary_order(config, plan, False))
             warnings = run_warnings(table, overall, ground_truth_metrics=gt_metrics,
-                                    images_with_gt=sum(gt is not None for gt in plan.images.gt))
+                                    images_with_gt=sum(gt is not None for gt in plan.images.gt),
+                                    mixed_computations=mixed)
             write_warnings(folder.warnings_md, warnings)
             written = [p for p in folder.outputs() if p != folder.results and p.is_file()]
             f.attrs[TABLES_ATTRIBUTE] = json.dumps({p.name: file_digest(p) for p in written})

@@ -19,8 +19,7 @@ from pipeline.demo_data import make_shapes_dataset
 from pipeline.demo_model import load_shapes_net
 from pipeline.methods import build_method
 from pipeline.metrics import deletion, insertion
-from pipeline.models import ModelError
-from pipeline.stages.context import apply_compute
+from pipeline.models import ModelError, apply_compute
 from tests.tiny_experiment import one_thread
 
 

@@ -103,6 +103,32 @@ def test_an_explain_shard_is_computed_and_committed(
     assert "torch" in json.loads(output.attrs["versions"])
 
 
+@pytest.mark.parametrize("target", ["predicted", "label"])
+def test_a_cam_shard_classifies_its_images_as_every_other_method_does(
+    make_config: ConfigFactory, tmp_path: Path, target: str
+) -> None:
+    """Under ``target: predicted`` a CAM shard's targets come from its own pass: one forward per image,
+    and the image table of a RISE shard of the same chunk, bit for bit."""
+    raw = make_config()
+    raw["target"] = target
+    plan = _plan(raw, tmp_path / "run")
+    runner = ShardRunner(tmp_path / "run")
+    rows: list[int] = []
+    handle = runner.context.model.register_forward_hook(lambda _m, inputs, _o: rows.append(len(inputs[0])))
+    try:
+        (cam,) = _explain(plan, "gradcam")
+        cam_output = read_shard(runner.run(cam.id))
+    finally:
+        handle.remove()
+    assert sum(rows) == 5 * (1 if target == "predicted" else 2)
+    rise = read_shard(runner.run(_explain(plan, "rise")[0].id))
+    assert cam_output.keys == rise.keys
+    for name in ("labels", "targets", "predicted", "target_prob"):
+        assert getattr(cam_output, name).tobytes() == getattr(rise, name).tobytes(), name
+    expected = cam_output.predicted if target == "predicted" else cam_output.labels
+    np.testing.assert_array_equal(cam_output.targets, expected)
+
+
 def test_a_committed_shard_is_skipped(
     make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
