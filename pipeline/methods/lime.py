@@ -1,7 +1,9 @@
 """LIME (Ribeiro et al., 2016) on superpixels.
 
 Each image is segmented once into superpixels (scikit-image quickshift or SLIC on
-the de-normalized RGB image, or a user callable). Sample ``i`` is an on/off vector
+the de-normalized RGB image, or a user callable), the images of a batch in as many threads
+as torch uses (:func:`torch.get_num_threads`): quickshift takes about 0.3 s for a 224 px
+image on one core, as long as a GPU takes for a thousand forwards. Sample ``i`` is an on/off vector
 over the superpixels: sample 0 is all on (the original image, as in LIME); sample
 ``i > 0`` switches superpixel ``k`` on where draw ``k`` of sample ``i`` is below 0.5
 (:func:`lime_samples`, with the counter-based draws of :func:`~pipeline.methods.draws.uniforms`),
@@ -21,6 +23,7 @@ segmentation is the constant ``segments`` (int64 ``[B, H, W]``, labels ``0 .. K_
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -62,7 +65,8 @@ class Lime(SampledExplainer):
 
     - ``segmentation``: ``"quickshift"`` (kernel_size=4, max_dist=200, ratio=0.2, LIME's
       default), ``"slic"`` (``n_segments``) or a callable mapping the de-normalized RGB
-      image ``[H, W, 3]`` (float64 in [0, 1]) to integer labels ``[H, W]``. Images are
+      image ``[H, W, 3]`` (float64 in [0, 1]) to integer labels ``[H, W]`` (called from
+      several threads at once, one image each). Images are
       de-normalized with ``mean`` and ``std`` (ImageNet by default).
     - ``hide_color``: fill of hidden superpixels in normalized space: ``"mean"`` (the
       image's per-channel mean, the default here), ``"segment_mean"`` (each superpixel's
@@ -133,9 +137,11 @@ class Lime(SampledExplainer):
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         rgb = (images.detach().float().cpu() * std + mean).clamp(0.0, 1.0).permute(0, 2, 3, 1).double().numpy()
+        # scikit-image segments without the GIL: on a GPU node the CPU cores segment side by side
+        with ThreadPoolExecutor(max_workers=max(1, min(len(rgb), torch.get_num_threads()))) as pool:
+            segmented = list(pool.map(self._segment_one, rgb))
         labels = []
-        for index, image in enumerate(rgb):
-            raw = np.asarray(self._segment_one(image))
+        for index, (image, raw) in enumerate(zip(rgb, map(np.asarray, segmented))):
             if raw.shape != image.shape[:2]:
                 raise ValueError(
                     f"{self.name}: segmentation of image {index} has shape {raw.shape}, expected {image.shape[:2]}"

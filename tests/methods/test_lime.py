@@ -3,6 +3,8 @@ with a plain weighted least-squares fit (also with feature selection), sharding,
 determinism, segmentation options and the explainer contract."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -242,6 +244,27 @@ def test_segmentation_of_the_denormalized_image(segmentation: str) -> None:
         contiguous = np.unique(direct, return_inverse=True)[1].reshape(direct.shape)
         assert np.array_equal(labels.numpy(), contiguous)
         assert labels.max() >= 3
+
+
+def test_images_are_segmented_side_by_side_in_torch_s_threads() -> None:
+    """Two images meet at a barrier only when two threads segment them at once; each keeps its own labels."""
+    barrier = threading.Barrier(2, timeout=10)
+
+    def halves(rgb: np.ndarray) -> np.ndarray:
+        barrier.wait()
+        labels = np.zeros(rgb.shape[:2], np.int64)
+        labels[:, : 8 if rgb[..., 0].mean() > 0.5 else 24] = 1
+        return labels
+
+    images = quadrant_images()
+    images[1, 0] = (0.1 - MEAN[0, 0]) / STD[0, 0]  # the second image dark in channel 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        segments = Lime(TinyNet(), segmentation=halves).segment(images)
+    finally:
+        torch.set_num_threads(threads)
+    assert segments[0, 0].tolist() == [1] * 8 + [0] * 24 and segments[1, 0].tolist() == [1] * 24 + [0] * 8
 
 
 @pytest.mark.parametrize("segmentation", ["quickshift", "slic"])
