@@ -10,8 +10,9 @@ them for a config. Counting them over the plan needs no model and no torch:
 
 - an explain shard of images ``[a, b)`` makes ``b - a`` forwards to find the targets
   (none for a CAM method under ``target: predicted``: its own forward gives them, see
-  :func:`~pipeline.methods.classifies_in_pass`), plus the method's work for its images; a sampled method (RISE, LIME) the share
-  ``(stop - start) / n_samples`` of it for its sample range;
+  :func:`~pipeline.methods.classifies_in_pass`), plus the method's work for its images;
+  a sampled method (RISE, LIME) the share ``(stop - start) / n_samples`` of it for its
+  sample range;
 - a score shard makes its metrics' work for its images; metrics of the same function
   and parameters (Average Drop and Increase) share one computation, counted once; the
   randomization test explains each image once per cascade step with the shard's method

@@ -1,11 +1,12 @@
 """LIME (Ribeiro et al., 2016) on superpixels.
 
 Each image is segmented once into superpixels (scikit-image quickshift or SLIC on
-the de-normalized RGB image, or a user callable), the images of a batch in as many threads
-as torch uses (:func:`torch.get_num_threads`): quickshift takes about 0.3 s for a 224 px
-image on one core, as long as a GPU takes for a thousand forwards. Sample ``i`` is an on/off vector
-over the superpixels: sample 0 is all on (the original image, as in LIME); sample
-``i > 0`` switches superpixel ``k`` on where draw ``k`` of sample ``i`` is below 0.5
+the de-normalized RGB image, or a user callable), the images of a batch in as many
+threads as torch uses (:func:`torch.get_num_threads`): quickshift takes about 0.3 s for
+a 224 px image on one core, as long as a GPU takes for a thousand forwards.
+
+Sample ``i`` is an on/off vector over the superpixels: sample 0 is all on (the original
+image, as in LIME); sample ``i > 0`` switches superpixel ``k`` on where draw ``k`` of sample ``i`` is below 0.5
 (:func:`lime_samples`, with the counter-based draws of :func:`~pipeline.methods.draws.uniforms`),
 a pure function of ``(seed, i, k)``. A shard's vectors are drawn at once and copied to
 the device once (:meth:`Lime.draw`). Hidden superpixels are filled with ``hide_color``. The model's softmax
@@ -66,8 +67,8 @@ class Lime(SampledExplainer):
     - ``segmentation``: ``"quickshift"`` (kernel_size=4, max_dist=200, ratio=0.2, LIME's
       default), ``"slic"`` (``n_segments``) or a callable mapping the de-normalized RGB
       image ``[H, W, 3]`` (float64 in [0, 1]) to integer labels ``[H, W]`` (called from
-      several threads at once, one image each). Images are
-      de-normalized with ``mean`` and ``std`` (ImageNet by default).
+      several threads at once, one image each). Images are de-normalized with ``mean``
+      and ``std`` (ImageNet by default).
     - ``hide_color``: fill of hidden superpixels in normalized space: ``"mean"`` (the
       image's per-channel mean, the default here), ``"segment_mean"`` (each superpixel's
       own per-channel mean, what the lime package does with ``hide_color=None``) or a

@@ -29,6 +29,7 @@ from .prefetch import ImagePrefetcher
 
 __all__ = ["RunContext"]
 
+
 @dataclasses.dataclass
 class RunContext:
     """A run folder's config, plan and model, on one device."""

@@ -5,12 +5,12 @@ rule; the predicted classes come from one forward of the chunk, or, for a CAM me
 ``target: predicted``, from the forward of its own pass
 (:meth:`~pipeline.methods.CamExplainer.explain_pass`): the same classes, one forward fewer.
 
-A sampled method (RISE, LIME) walks its sample range and keeps its running sums; they are saved to the shard's checkpoint
-every ``checkpoint_every`` seconds and whenever :meth:`ExplainStage.save_progress`
-is called (e.g. on a scheduler's signal). A later attempt continues from there and
-ends identical to an uninterrupted run. A checkpoint that is corrupt, or whose
-``next_sample`` disagrees with the sample count of its sums, is moved to
-``shards/corrupt/`` and the shard starts afresh.
+A sampled method (RISE, LIME) walks its sample range and keeps its running sums; they
+are saved to the shard's checkpoint every ``checkpoint_every`` seconds and whenever
+:meth:`ExplainStage.save_progress` is called (e.g. on a scheduler's signal). A later
+attempt continues from there and ends identical to an uninterrupted run. A checkpoint
+that is corrupt, or whose ``next_sample`` disagrees with the sample count of its sums,
+is moved to ``shards/corrupt/`` and the shard starts afresh.
 
 ``batch_size: auto`` is resolved on the chunk's images (:mod:`pipeline.batch_size`) and the
 batch used recorded in the shard's attributes (``batch_size``, ``batch_size_auto``).
@@ -62,7 +62,7 @@ class ExplainStage:
             params["layer"] = list(entry.layers)
         explainer = build_method(entry.name, context.model, **params)
         one_pass = context.config.target == "predicted" and classifies_in_pass(entry.name)
-        result = explainer.explain_pass(images) if one_pass else None  # type: ignore[attr-defined]
+        result = explainer.explain_pass(images) if one_pass and isinstance(explainer, CamExplainer) else None
         output = context.classify(loaded, context.forward(images) if result is None else result.logits)
         output.failures, output.attrs = failures, attrs
         if result is not None:  # the pass's forward gave the predicted classes
