@@ -1,6 +1,8 @@
 """On a CUDA device (every test skips without one): every built-in method and metric gives the CPU's
 result within a stated tolerance, RISE's partial sums are bitwise the same however the samples are
-split on the device, prefetched images arrive pinned, and a run of the demo config completes there.
+split on the device, a CAM method's pass gives the logits of a forward without gradients bit for bit (an
+explain shard takes its predicted classes from there), prefetched images arrive pinned, and a run of the
+demo config completes there.
 
 Tolerance: TF32 is switched off, so the device differs from the CPU only by the order of float32
 sums: maps and metric values agree within ``atol=1e-4, rtol=1e-3`` (maps lie in [0, 1]); Extremal
@@ -14,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from pipeline.config import DataConfig, parse_config
+from pipeline.config import ComputeConfig, DataConfig, parse_config
 from pipeline.data import discover_images
 from pipeline.demo import IMAGE_SIZE as DEMO_SIZE, demo_config
 from pipeline.demo_data import make_shapes_dataset
@@ -22,6 +24,7 @@ from pipeline.demo_model import ensure_shapes_checkpoint
 from pipeline.launching import run_local
 from pipeline.methods import METHODS, SampledExplainer, build_method
 from pipeline.metrics import BUILTIN_METRICS, metric_spec
+from pipeline.models import apply_compute
 from pipeline.rundir import plan_run
 from pipeline.run_dir import RunDir
 from pipeline.stages import reduce_run
@@ -93,6 +96,17 @@ def test_partial_sums_on_the_device_are_bitwise_the_same_however_split(name: str
         for key, value in single.sums.items():
             assert value.device.type == "cuda" and torch.equal(merged.sums[key], value), key
         assert torch.equal(method.finalize(merged), method.finalize(single))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["gradcam", "fem", "scorecam"])
+def test_a_cam_pass_gives_the_logits_of_a_forward_without_gradients(name: str, precision: str) -> None:
+    """A CAM explain shard's predicted classes come from its own pass (see tests/methods/test_cam_common.py)."""
+    model = apply_compute(make_tiny_cam_net(), ComputeConfig(precision=precision), torch.device("cuda"))
+    images = seeded_batch(3, [1, 4, 0])[0].cuda()
+    with torch.no_grad():
+        plain = model(images)
+    assert torch.equal(build_method(name, model, layer=LAYER).explain_pass(images).logits, plain)  # type: ignore[attr-defined]
 
 
 def test_prefetched_images_are_pinned_for_the_copy(image_tree: ImageTree) -> None:

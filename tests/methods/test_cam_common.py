@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.config import ComputeConfig
 from pipeline.methods import CamExplainer, build_method, method_class, method_parameters
+from pipeline.models import apply_compute
 from tests.methods.helpers import make_tiny_cam_net, seeded_batch
 
 CAM_METHODS = ["gradcam", "abscam-init", "abscam-final", "fem", "scorecam"]
@@ -46,6 +48,21 @@ def test_deterministic(name: str) -> None:
     first = method.explain(images, targets)
     assert torch.equal(first, method.explain(images, targets))
     assert torch.equal(first, build_method(name, make_tiny_cam_net(), layer=LAYER).explain(images, targets))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", CAM_METHODS)
+def test_the_pass_gives_the_logits_of_a_forward_without_gradients(name: str, precision: str) -> None:
+    """An explain shard takes a CAM method's predicted classes from its pass: the logits must be those
+    of the forward without gradients every other method's shard classifies with, bit for bit."""
+    model = apply_compute(make_tiny_cam_net(), ComputeConfig(precision=precision), torch.device("cpu"))
+    images, _ = make_batch()
+    with torch.no_grad():
+        plain = model(images)
+    result = build_method(name, model, layer=[LAYER, "features.1"]).explain_pass(images)  # type: ignore[attr-defined]
+    assert torch.equal(result.logits, plain) and not result.logits.requires_grad
+    assert all(torch.equal(m, e) for m, e in zip(result.maps.values(), build_method(
+        name, model, layer=[LAYER, "features.1"]).explain_layers(images, plain.argmax(dim=1)).values()))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
