@@ -335,8 +335,15 @@ class SampledExplainer(Explainer):
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         return self.finalize(self.accumulate(images, targets, 0, self.n_samples))
 
-    def prepare(self, images: Tensor) -> dict[str, Tensor]:
-        """Per-image constants every sample range of ``images`` needs (none by default)."""
+    def host_constants(self, images: Tensor) -> dict[str, Tensor]:
+        """The part of :meth:`prepare`'s constants computed on the host from the images alone, without
+        the model (none by default; LIME's segmentation): loader processes compute it ahead of the
+        shard, beside decoding (:mod:`pipeline.stages.prefetch`), and give it to :meth:`prepare`."""
+        return {}
+
+    def prepare(self, images: Tensor, host: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Per-image constants every sample range of ``images`` needs (none by default), from
+        :meth:`host_constants` when ``host`` gives them."""
         return {}
 
     def draw(self, start: int, stop: int, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -16,7 +16,8 @@ regression with an unpenalized intercept (the same fit as scikit-learn's
 painted with its coefficient.
 
 The segmentation and the fill of hidden pixels are computed once per range of samples
-(:meth:`Lime.prepare`). Partials hold the weighted normal-equation sums per image,
+(:meth:`Lime.prepare`); in a run the segmentation is computed ahead by the loader processes
+that decode the images (:meth:`Lime.host_constants`), while the device works on the shard before. Partials hold the weighted normal-equation sums per image,
 padded to the largest number of superpixels in the batch, as int64 fixed point
 (:func:`~pipeline.methods.base.to_fixed`): ``sum_w`` ``[B]``, ``sum_wx`` ``[B, K]``,
 ``sum_wy`` ``[B]``, ``sum_wxx`` ``[B, K, K]`` and ``sum_wxy`` ``[B, K]``; the
@@ -177,9 +178,13 @@ class Lime(SampledExplainer):
         color = torch.tensor(self.hide_color, dtype=images.dtype, device=images.device)
         return color.view(1, -1, 1, 1).expand_as(images)
 
-    def prepare(self, images: Tensor) -> dict[str, Tensor]:
-        """``segments`` (:meth:`segment`) and ``fill`` (:meth:`fill`) of ``images``."""
-        segments = self.segment(images)
+    def host_constants(self, images: Tensor) -> dict[str, Tensor]:
+        """``segments`` (:meth:`segment`): computed on the host whatever the images' device."""
+        return {"segments": self.segment(images)}
+
+    def prepare(self, images: Tensor, host: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``segments`` (from ``host``, else :meth:`segment`) and ``fill`` (:meth:`fill`) of ``images``."""
+        segments = (self.host_constants(images) if host is None else host)["segments"].to(images.device)
         return {"segments": segments, "fill": self.fill(images, segments)}
 
     def draw(self, start: int, stop: int, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -22,10 +22,10 @@ from ..batch_size import choose_batch_size
 from ..config import ExperimentConfig, load_config
 from ..data import DataError, ImageRecord, loader_workers
 from ..models import apply_compute, build_model, select_device
-from ..planning import Plan, Shard
+from ..planning import Plan, Shard, method_params
 from ..run_dir import RunDir
 from ..store import ShardOutput
-from .prefetch import ImagePrefetcher
+from .prefetch import ImagePrefetcher, LoadedImages
 
 __all__ = ["RunContext"]
 
@@ -57,16 +57,22 @@ class RunContext:
         return list(self.plan.records[shard.images[0] : shard.images[1]])
 
     def schedule(self, shards: Sequence[Shard]) -> None:
-        """Decode the images of ``shards`` ahead, in this order: the order they will be computed in."""
-        self.prefetcher.schedule([(shard.id, self.records(shard)) for shard in shards])
+        """Decode the images of ``shards`` ahead, in this order: the order they will be computed in (with
+        the host constants of sampled methods' shards, see :mod:`pipeline.stages.prefetch`)."""
+        methods = {}
+        for shard in shards:
+            if shard.stage == "explain" and shard.samples is not None:
+                entry = self.config.method(shard.method)
+                methods[shard.id] = (entry.name, method_params(self.config, entry))
+        self.prefetcher.schedule([(shard.id, self.records(shard)) for shard in shards], methods=methods)
 
-    def load_images(self, shard: Shard) -> tuple[list[ImageRecord], Tensor, dict[str, str]]:
-        """The images of ``shard``'s chunk that load, on the device, and the failures (as
-        :func:`~pipeline.data.load_batch`)."""
+    def load_images(self, shard: Shard) -> LoadedImages:
+        """The images of ``shard``'s chunk that load, on the device, with the failures (as
+        :func:`~pipeline.data.load_batch`) and the host constants computed ahead (on the host)."""
         chunk = self.prefetcher.take(shard.id, self.records(shard))
         memory_format = torch.channels_last if self.config.compute.channels_last else torch.contiguous_format
         images = chunk.images.to(self.device, non_blocking=True, memory_format=memory_format)
-        return chunk.records, images, chunk.failures
+        return dataclasses.replace(chunk, images=images)
 
     def auto_batch_size(self, images: Tensor, cap: int) -> tuple[int, str]:
         """The forward batch for ``batch_size: auto`` on ``images`` (at most ``cap``), and how it was chosen:

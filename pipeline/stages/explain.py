@@ -49,10 +49,11 @@ class ExplainStage:
     def compute(self, shard: Shard) -> ShardOutput:
         context = self.context
         entry = context.config.method(shard.method)
-        loaded, images, failures = context.load_images(shard)
+        chunk = context.load_images(shard)
+        loaded, images = chunk.records, chunk.images
         if not loaded:  # every image failed: commit the failures, the other shards go on
             output = context.classify(loaded, None)
-            output.failures = failures
+            output.failures = chunk.failures
             return output
         params = method_params(context.config, entry)
         attrs: dict[str, Any] = {}
@@ -64,14 +65,15 @@ class ExplainStage:
         one_pass = context.config.target == "predicted" and classifies_in_pass(entry.name)
         result = explainer.explain_pass(images) if one_pass and isinstance(explainer, CamExplainer) else None
         output = context.classify(loaded, context.forward(images) if result is None else result.logits)
-        output.failures, output.attrs = failures, attrs
+        output.failures, output.attrs = chunk.failures, attrs
         if result is not None:  # the pass's forward gave the predicted classes
             output.maps = {layer: m.float().cpu().numpy() for layer, m in result.maps.items()}
             return output
         targets = torch.from_numpy(output.targets).to(context.device)
         if isinstance(explainer, SampledExplainer):
+            constants = explainer.prepare(images, chunk.host) if chunk.host else None
             try:
-                return self._accumulate(shard, explainer, images, targets, output)
+                return self._accumulate(shard, explainer, images, targets, output, constants)
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command: keep the samples done
                 self.save_progress()
                 raise
@@ -107,10 +109,11 @@ class ExplainStage:
         write_shard(self.context.run_dir.checkpoint(shard.id), saved)
 
     def _accumulate(
-        self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput
+        self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput,
+        constants: dict[str, Tensor] | None,
     ) -> ShardOutput:
         start, stop = shard.samples  # type: ignore[misc]
-        steps = self._steps(shard, explainer, images, targets, output)
+        steps = self._steps(shard, explainer, images, targets, output, constants)
         last_save = time.monotonic()
         total: Partial | None = None
         for total, position in steps:
@@ -122,10 +125,12 @@ class ExplainStage:
         return with_partial(output, total)
 
     def _steps(
-        self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput
+        self, shard: Shard, explainer: SampledExplainer, images: Tensor, targets: Tensor, output: ShardOutput,
+        constants: dict[str, Tensor] | None,
     ) -> Iterator[tuple[Partial, int]]:
-        """The method's steps over the shard's samples, continuing from the shard's checkpoint when it
-        holds progress on the same images (another checkpoint is removed)."""
+        """The method's steps over the shard's samples (with ``constants`` from :meth:`~SampledExplainer.prepare`
+        when given), continuing from the shard's checkpoint when it holds progress on the same images
+        (another checkpoint is removed)."""
         start, stop = shard.samples  # type: ignore[misc]
         path = self.context.run_dir.checkpoint(shard.id)
         if path.is_file():
@@ -134,7 +139,7 @@ class ExplainStage:
             except CorruptShardError as error:
                 target = self.context.run_dir.quarantine(path, error.reason)
                 logger.warning("corrupt checkpoint moved to %s, the shard starts afresh: %s", target, error.reason)
-                return explainer.steps(images, targets, start, stop)
+                return explainer.steps(images, targets, start, stop, constants=constants)
             if saved.keys == output.keys:
                 device = self.context.device
                 partial = Partial(
@@ -143,11 +148,11 @@ class ExplainStage:
                 )
                 try:
                     return explainer.steps(images, targets, start, stop, resume=partial,
-                                           position=int(saved.attrs["next_sample"]))
+                                           position=int(saved.attrs["next_sample"]), constants=constants)
                 except ValueError:  # progress of another method, layout or version: start afresh
                     pass
             path.unlink()
-        return explainer.steps(images, targets, start, stop)
+        return explainer.steps(images, targets, start, stop, constants=constants)
 
 
 def read_progress(path: Path, start: int) -> ShardOutput:

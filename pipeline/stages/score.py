@@ -51,13 +51,13 @@ class ScoreStage:
         if not output.keys:
             return output
         layer = shard.layers[0]
-        chunk, chunk_images, failures = context.load_images(shard)
-        lost = [failures[key] for key in output.keys if key in failures]
+        chunk = context.load_images(shard)
+        lost = [chunk.failures[key] for key in output.keys if key in chunk.failures]
         if lost:
             raise DataError(f"images that were explained can no longer be read: {'; '.join(lost)}")
-        row_of = {record.key: row for row, record in enumerate(chunk)}
-        loaded = [chunk[row_of[key]] for key in output.keys]
-        images = chunk_images[torch.tensor([row_of[key] for key in output.keys], device=chunk_images.device)]
+        row_of = {record.key: row for row, record in enumerate(chunk.records)}
+        loaded = [chunk.records[row_of[key]] for key in output.keys]
+        images = chunk.images[torch.tensor([row_of[key] for key in output.keys], device=chunk.images.device)]
         metrics = [m for m in context.config.metrics if m.name in shard.metrics]
         if any(is_auto(m.params) for m in metrics):
             chosen, how = context.auto_batch_size(images, MAX_AUTO_BATCH)

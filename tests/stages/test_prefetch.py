@@ -2,6 +2,7 @@
 of the scheduled order, and a run whose maps and sums do not depend on the number of workers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -12,6 +13,7 @@ import torch
 from pipeline.config import DataConfig, parse_config
 from pipeline.data import ImageRecord, discover_images, load_batch
 from pipeline.launching import run_local
+from pipeline.methods.lime import Lime
 from pipeline.rundir import plan_run
 from pipeline.run_dir import RunDir
 from pipeline.stages import prefetch
@@ -61,6 +63,23 @@ def test_shards_taken_in_the_scheduled_order_were_all_decoded_ahead(
     assert decoded_here == []
 
 
+def test_host_constants_come_with_the_chunk_and_a_failing_method_leaves_them_to_the_shard(
+    tree_copy: ImageTree
+) -> None:
+    data, chunks = _chunks(tree_copy)
+    lime = {"n_samples": 8, "segmentation": "slic", "n_segments": 4, "batch_size": "auto"}
+    prefetcher = ImagePrefetcher(data, 2)
+    prefetcher.schedule([("lime", chunks[0]), ("broken", chunks[1]), ("plain", chunks[2])],
+                        methods={"lime": ("lime", lime), "broken": ("lime", {**lime, "n_segments": -3})})
+    taken = prefetcher.take("lime", chunks[0])
+    expected = Lime(None, **{**lime, "batch_size": 1}).segment(taken.images)
+    assert taken.host.keys() == {"segments"} and torch.equal(taken.host["segments"], expected)
+    broken, plain = prefetcher.take("broken", chunks[1]), prefetcher.take("plain", chunks[2])
+    assert broken.host == {} and plain.host == {}
+    assert torch.equal(broken.images, load_batch(chunks[1], data)[1])
+    prefetcher.close()
+
+
 def test_a_schedule_replaces_the_previous_one(tree_copy: ImageTree) -> None:
     data, chunks = _chunks(tree_copy)
     prefetcher = ImagePrefetcher(data, 2)
@@ -84,15 +103,33 @@ def _outputs(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     return outputs
 
 
-def test_a_run_is_bitwise_the_same_with_0_and_2_loader_workers(make_config: ConfigFactory, tmp_path: Path) -> None:
-    """Grad-CAM maps, RISE's fixed-point sums and every metric: equal bit for bit."""
+def test_a_run_is_bitwise_the_same_with_0_and_2_loader_workers(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Grad-CAM maps, RISE's and LIME's fixed-point sums and every metric: equal bit for bit; with
+    workers, LIME's segmentation is computed in them, never in the process that runs the shards."""
+    log = tmp_path / "segmented-by"
+    original = Lime.segment
+
+    def segment(self: Lime, images: torch.Tensor) -> torch.Tensor:
+        with log.open("a") as handle:  # the workers are forked: a file reaches this process
+            handle.write(f"{os.getpid()}\n")
+        return original(self, images)
+
+    monkeypatch.setattr(Lime, "segment", segment)
     outputs = []
     for workers in (0, 2):
         raw = make_config()
+        raw["methods"].append(
+            {"name": "lime", "params": {"n_samples": 24, "segmentation": "slic", "n_segments": 8, "batch_size": 10}})
         raw["compute"] = {"loader_workers": workers}
         run_dir = tmp_path / f"workers{workers}"
-        plan_run(parse_config(raw), run_dir)
+        plan = plan_run(parse_config(raw), run_dir)
+        log.unlink(missing_ok=True)
         assert run_local(run_dir, progress=False) == {}
+        pids = log.read_text().split()
+        assert len(pids) == len([s for s in plan.stage("explain") if s.method == "lime"])
+        assert all((pid == str(os.getpid())) == (workers == 0) for pid in pids), (workers, pids)
         outputs.append(_outputs(run_dir))
     zero, two = outputs
     assert zero.keys() == two.keys() and len(zero) > 0
