@@ -184,7 +184,8 @@ class Lime(SampledExplainer):
 
     def prepare(self, images: Tensor, host: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """``segments`` (from ``host``, else :meth:`segment`) and ``fill`` (:meth:`fill`) of ``images``."""
-        segments = (self.host_constants(images) if host is None else host)["segments"].to(images.device)
+        host = self.host_constants(images) if host is None else host
+        segments = host["segments"].to(images.device, non_blocking=True)  # pinned when a loader made it
         return {"segments": segments, "fill": self.fill(images, segments)}
 
     def draw(self, start: int, stop: int, images: Tensor, constants: dict[str, Tensor]) -> dict[str, Tensor]:
