@@ -17,11 +17,12 @@ painted with its coefficient.
 
 The segmentation and the fill of hidden pixels are computed once per range of samples
 (:meth:`Lime.prepare`); in a run the segmentation is computed ahead by the loader processes
-that decode the images (:meth:`Lime.host_constants`), while the device works on the shard before. Partials hold the weighted normal-equation sums per image,
-padded to the largest number of superpixels in the batch, as int64 fixed point
-(:func:`~pipeline.methods.base.to_fixed`): ``sum_w`` ``[B]``, ``sum_wx`` ``[B, K]``,
-``sum_wy`` ``[B]``, ``sum_wxx`` ``[B, K, K]`` and ``sum_wxy`` ``[B, K]``; the
-segmentation is the constant ``segments`` (int64 ``[B, H, W]``, labels ``0 .. K_b - 1``).
+that decode the images (:meth:`Lime.host_constants`), while the device works on the shard
+before. Partials hold the weighted normal-equation sums per image, padded to the largest
+number of superpixels in the batch, as int64 fixed point (:func:`~pipeline.methods.base.to_fixed`):
+``sum_w`` ``[B]``, ``sum_wx`` ``[B, K]``, ``sum_wy`` ``[B]``, ``sum_wxx`` ``[B, K, K]`` and
+``sum_wxy`` ``[B, K]``; the segmentation is the constant ``segments`` (int64 ``[B, H, W]``,
+labels ``0 .. K_b - 1``).
 """
 from __future__ import annotations
 
