@@ -107,8 +107,8 @@ def test_an_explain_shard_is_computed_and_committed(
 def test_a_cam_shard_classifies_its_images_as_every_other_method_does(
     make_config: ConfigFactory, tmp_path: Path, target: str
 ) -> None:
-    """Under ``target: predicted`` a CAM shard's targets come from its own pass: one forward per image,
-    and the image table of a RISE shard of the same chunk, bit for bit."""
+    """Under ``target: predicted`` a CAM shard's targets come from its own pass (one forward per image;
+    two under ``label``); either way its image table is a RISE shard's of the same chunk, bit for bit."""
     raw = make_config()
     raw["target"] = target
     plan = _plan(raw, tmp_path / "run")
