@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..batch_size import MAX_AUTO_BATCH, is_auto, sampled_batch_size, with_batch_size
-from ..methods import CamExplainer, Partial, SampledExplainer, build_method, classifies_in_pass, method_class
+from ..methods import CamExplainer, Partial, SampledExplainer, build_method, method_class
 from ..planning import NO_LAYER, Shard, method_params
 from ..store import CorruptShardError, ShardOutput, read_shard, write_shard
 from .context import RunContext
@@ -62,13 +62,11 @@ class ExplainStage:
         if entry.layers:
             params["layer"] = list(entry.layers)
         explainer = build_method(entry.name, context.model, **params)
-        one_pass = context.config.target == "predicted" and classifies_in_pass(entry.name)
-        result = explainer.explain_pass(images) if one_pass and isinstance(explainer, CamExplainer) else None
+        one_pass = (context.config.target == "predicted" and isinstance(explainer, CamExplainer)
+                    and explainer.classifies)
+        result = explainer.explain_pass(images) if one_pass else None  # its forward gives the predicted classes
         output = context.classify(loaded, context.forward(images) if result is None else result.logits)
         output.failures, output.attrs = chunk.failures, attrs
-        if result is not None:  # the pass's forward gave the predicted classes
-            output.maps = {layer: m.float().cpu().numpy() for layer, m in result.maps.items()}
-            return output
         targets = torch.from_numpy(output.targets).to(context.device)
         if isinstance(explainer, SampledExplainer):
             constants = explainer.prepare(images, chunk.host) if chunk.host else None
@@ -79,11 +77,13 @@ class ExplainStage:
                 raise
             finally:
                 self._progress = None
-        if isinstance(explainer, CamExplainer):
+        if result is not None:
+            maps = result.maps
+        elif isinstance(explainer, CamExplainer):
             maps = explainer.explain_layers(images, targets)
-            output.maps = {layer: m.float().cpu().numpy() for layer, m in maps.items()}
         else:
-            output.maps = {NO_LAYER: explainer.explain(images, targets).float().cpu().numpy()}
+            maps = {NO_LAYER: explainer.explain(images, targets)}
+        output.maps = {layer: m.float().cpu().numpy() for layer, m in maps.items()}
         return output
 
     def _auto_batch(self, name: str, params: dict[str, Any], images: Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
